@@ -1,0 +1,19 @@
+"""pd_kernels: GPU kernels for planned-diffusion language-model inference.
+
+Ops (each a ``torch.library`` op in the ``pd_kernels::`` namespace, with torch / Triton / CUDA backends):
+
+* :func:`paged_kv_write` - write new keys/values into the paged KV cache (:class:`PagedKVCache`).
+
+Backends: see :mod:`pd_kernels._backend` (``backend=``, :func:`use_backend`, :func:`set_backend`,
+``PD_KERNELS_BACKEND``).
+"""
+from ._backend import BackendUnavailable, current_backend, set_backend, use_backend
+from .ops import paged_kv_write
+from .paged_cache import OutOfPages, PagedKVCache
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable", "current_backend", "set_backend", "use_backend",
+    "paged_kv_write", "PagedKVCache", "OutOfPages",
+]

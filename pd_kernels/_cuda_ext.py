@@ -1,0 +1,104 @@
+"""The CUDA extension: sources in ``csrc/``, built ahead of time or just in time on first use.
+
+``csrc/*.cu`` hold the kernels and plain-C launchers (no torch headers: CI compile-checks them with
+nvcc alone); ``csrc/bindings/*.cpp`` declare the ``pd_kernels::*_cuda`` schemas once
+(``TORCH_LIBRARY``) and register their CUDA implementations (``TORCH_LIBRARY_IMPL``).
+
+Loading order: a prebuilt ``pd_kernels._C`` (``PD_KERNELS_BUILD_CUDA=1 pip install ...``), else a JIT
+build with ``torch.utils.cpp_extension.load`` + ninja into a cache directory. Knobs (environment):
+
+* ``PD_KERNELS_CUDA_ARCH``  - arch list for the JIT build, default ``9.0a`` (e.g. ``"8.0;9.0a"``);
+* ``PD_KERNELS_BUILD_JOBS`` - parallel compile jobs (sets ``MAX_JOBS``);
+* ``PD_KERNELS_BUILD_VERBOSE=1`` - show the compiler output;
+* ``PD_KERNELS_CACHE_DIR``  - build directory (default ``~/.cache/pd_kernels/<torch version>``);
+* ``PD_KERNELS_NO_JIT=1``   - never build; the cuda backend is then unavailable without a prebuilt.
+
+Importing ``pd_kernels`` never touches any of this; the first call that resolves to the cuda backend does.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import threading
+
+import torch
+
+_lock = threading.Lock()
+_loaded = False
+_problem: str | None = None
+_tried = False
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+def sources() -> list[str]:
+    return sorted(glob.glob(os.path.join(CSRC, "*.cu"))) + sorted(
+        glob.glob(os.path.join(CSRC, "bindings", "*.cpp")))
+
+
+def _arch_flags() -> list[str]:
+    flags = []
+    for arch in os.environ.get("PD_KERNELS_CUDA_ARCH", "9.0a").replace(",", ";").split(";"):
+        arch = arch.strip()
+        if not arch:
+            continue
+        num = arch.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    return flags
+
+
+def _build() -> None:
+    try:
+        import pd_kernels._C  # noqa: F401  (ahead-of-time build)
+        return
+    except ImportError:
+        pass
+    if os.environ.get("PD_KERNELS_NO_JIT", "0") not in ("", "0"):
+        raise RuntimeError("no prebuilt pd_kernels._C and PD_KERNELS_NO_JIT is set")
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("CUDA toolkit not found (set CUDA_HOME=/usr/local/cuda) to JIT-build csrc/")
+    if os.environ.get("PD_KERNELS_BUILD_JOBS"):
+        os.environ["MAX_JOBS"] = os.environ["PD_KERNELS_BUILD_JOBS"]
+    build_dir = os.environ.get("PD_KERNELS_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "pd_kernels", torch.__version__.replace("+", "_"))
+    os.makedirs(build_dir, exist_ok=True)
+    cpp_extension.load(
+        name="pd_kernels_cuda",
+        sources=sources(),
+        extra_include_paths=[CSRC],
+        extra_cflags=["-O3", "-std=c++17"],
+        extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *_arch_flags()],
+        build_directory=build_dir,
+        is_python_module=False,
+        verbose=os.environ.get("PD_KERNELS_BUILD_VERBOSE", "0") not in ("", "0"),
+    )
+
+
+def load_problem() -> str | None:
+    """Load the extension once; return ``None`` when it is usable, else why it is not."""
+    global _loaded, _problem, _tried
+    if _tried:
+        return _problem
+    with _lock:
+        if _tried:
+            return _problem
+        if not torch.cuda.is_available():
+            _problem = "no CUDA device is available to torch"
+        elif torch.version.cuda is None:
+            _problem = "this torch build has no CUDA support"
+        else:
+            try:
+                _build()
+                from . import ops  # noqa: F401  (fakes for the C++ ops)
+                ops._register_cuda_fakes()
+                _loaded = True
+            except Exception as e:  # the message is what the user needs to see
+                _problem = f"building/loading the CUDA extension failed: {type(e).__name__}: {e}"
+        _tried = True
+        return _problem
+
+
+def is_available() -> bool:
+    return load_problem() is None

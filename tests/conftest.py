@@ -1,0 +1,67 @@
+"""Test setup: on a machine without a GPU, Triton kernels run in the interpreter on CPU tensors.
+
+``TRITON_INTERPRET=1`` must be set before the first ``@triton.jit`` runs, hence here, before anything
+imports pd_kernels. Fixtures:
+
+* ``device``  - ``"cuda"`` when a GPU is present, else ``"cpu"`` (Triton then runs interpreted);
+* ``poison``  - ``poison(t)`` fills a float output with NaN (ints with a sentinel) before a kernel writes;
+* marker ``gpu`` - tests that need a real GPU are skipped, with the reason, where there is none.
+"""
+import os
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_GPU = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_GPU = False
+
+if not _HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".inductor_cache"))
+
+import torch  # noqa: E402
+
+HAS_GPU = _HAS_GPU
+DEVICE = "cuda" if HAS_GPU else "cpu"
+INT_POISON = -(2**31) + 7
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running test")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none present (Triton runs in the interpreter here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    else:
+        t.fill_(INT_POISON)
+    return t
+
+
+@pytest.fixture
+def poison():
+    return poison_
+
+
+def triton_dtypes():
+    """Dtypes the Triton kernels are tested in here: bf16 math is wrong in the interpreter."""
+    return [torch.float32, torch.float16, torch.bfloat16] if HAS_GPU else [torch.float32, torch.float16]
