@@ -20,6 +20,9 @@ def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
 
         paged_kv_write_triton(k, v, k_cache, v_cache, slot_mapping)
     elif backend == "cuda":
+        # the CUDA kernel is a byte copy: cast first when the new K/V come in another dtype
+        if k.dtype != k_cache.dtype:
+            k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
         torch.ops.pd_kernels.paged_kv_write_cuda(k, v, k_cache, v_cache, slot_mapping)
     elif backend == "torch":
         paged_kv_write_ref(k, v, k_cache, v_cache, slot_mapping)
