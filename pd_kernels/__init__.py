@@ -3,12 +3,16 @@
 Ops (each a ``torch.library`` op in the ``pd_kernels::`` namespace, with torch / Triton / CUDA backends):
 
 * :func:`paged_kv_write` - write new keys/values into the paged KV cache (:class:`PagedKVCache`).
+* :func:`span_attention` - block-sparse span-isolated attention over the paged KV cache, driven by a
+  :class:`SpanLayout` built from one :class:`SeqQueries` per sequence.
 
 Backends: see :mod:`pd_kernels._backend` (``backend=``, :func:`use_backend`, :func:`set_backend`,
 ``PD_KERNELS_BACKEND``).
 """
 from ._backend import BackendUnavailable, current_backend, set_backend, use_backend
 from .ops import paged_kv_write
+from .ops import span_attention
+from .layout import SeqQueries, SpanLayout
 from .paged_cache import OutOfPages, PagedKVCache
 
 __version__ = "0.1.0"
@@ -16,4 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable", "current_backend", "set_backend", "use_backend",
     "paged_kv_write", "PagedKVCache", "OutOfPages",
+    "span_attention", "SpanLayout", "SeqQueries",
 ]

@@ -24,5 +24,6 @@ def _register_cuda_fakes() -> None:
 
 
 from .kv_cache import paged_kv_write  # noqa: E402
+from .span_attention import span_attention  # noqa: E402
 
-__all__ = ["paged_kv_write"]
+__all__ = ["paged_kv_write", "span_attention"]

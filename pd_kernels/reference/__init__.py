@@ -1,4 +1,6 @@
 """Plain-torch references: the semantics of every op, used by tests, benchmarks and the CPU path."""
 from .kv_cache import gather_pages, paged_kv_write_ref, slots_for_positions
+from .span_attention import span_attention_ref, span_attention_ref_tensors
 
-__all__ = ["gather_pages", "paged_kv_write_ref", "slots_for_positions"]
+__all__ = ["gather_pages", "paged_kv_write_ref", "slots_for_positions",
+           "span_attention_ref", "span_attention_ref_tensors"]
