@@ -1,0 +1,94 @@
+"""Parsing a plan (SPEC sections 2-3): ``<promise>-<topic> topic words N </topic>`` entries -> span lengths.
+
+Outcomes of malformed plans (never an exception, never a bad kernel launch); each is recorded as a
+message in the returned ``errors`` list (and in the request's stats):
+
+* an entry with no digit token between ``<promise>`` and ``</topic>``: the entry is dropped;
+* an entry announcing 0: dropped (a span needs at least one mask);
+* an entry with no ``</topic>`` (unterminated, e.g. the plan was cut by ``max_new_tokens``): dropped;
+* a span longer than ``max_span_len``: clamped to ``max_span_len``;
+* more than ``max_spans`` entries: the extra ones are dropped.
+
+A plan with no usable entry opens no span; the decoder then treats the round's AR tokens as the answer
+(finish reason ``"no_plan"``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ControlTags
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    number: int       # N as written in the plan
+    length: int       # masks of the span (N * length_scale, clamped)
+    start: int        # index of the entry's <promise> token in the parsed token list
+
+
+def parse_plan(tokens: list[int], tags: ControlTags, *, length_scale: int = 10, max_span_len: int = 400,
+               max_spans: int = 16) -> tuple[list[PlanEntry], list[str]]:
+    """Entries of a plan (the AR tokens written since the last ``<sync/>``, terminator excluded).
+
+    The first digit token inside an entry and the one right after it, if it is a digit too, give N
+    (the reference convention). Returns ``(entries, errors)``.
+    """
+    digit = {t: i for i, t in enumerate(tags.digits)}
+    entries: list[PlanEntry] = []
+    errors: list[str] = []
+    i, n = 0, len(tokens)
+    while i < n:
+        if tokens[i] != tags.promise:
+            i += 1
+            continue
+        start = i
+        j = i + 1
+        while j < n and tokens[j] != tags.topic_close and tokens[j] != tags.promise:
+            j += 1
+        if j >= n or tokens[j] != tags.topic_close:
+            errors.append(f"plan entry at {start} has no </topic>: dropped")
+            i = j
+            continue
+        number = None
+        for k in range(start + 1, j):
+            if tokens[k] in digit:
+                number = digit[tokens[k]]
+                if k + 1 < j and tokens[k + 1] in digit:
+                    number = number * 10 + digit[tokens[k + 1]]
+                break
+        i = j + 1
+        if number is None:
+            errors.append(f"plan entry at {start} has no number: dropped")
+            continue
+        if number == 0:
+            errors.append(f"plan entry at {start} announces 0 tokens: dropped")
+            continue
+        length = number * length_scale
+        if length > max_span_len:
+            errors.append(f"plan entry at {start} asks for {length} tokens: clamped to max_span_len={max_span_len}")
+            length = max_span_len
+        if len(entries) == max_spans:
+            errors.append(f"plan entry at {start} exceeds max_spans={max_spans}: dropped")
+            continue
+        entries.append(PlanEntry(number, length, start))
+    return entries, errors
+
+
+def make_plan(tags: ControlTags, numbers: list[int], *, topic_tokens: list[list[int]] | None = None,
+              terminator: str = "eos") -> list[int]:
+    """Build plan tokens (for forced plans in tests, benchmarks and the demo): one entry per number,
+    ``<promise> topic... digits </topic>``, then the terminator (``"eos"``, ``"sync"`` or ``None``)."""
+    out: list[int] = []
+    for k, num in enumerate(numbers):
+        out.append(tags.promise)
+        if topic_tokens is not None:
+            out.extend(topic_tokens[k])
+        out.extend(tags.digits[int(c)] for c in str(num))
+        out.append(tags.topic_close)
+    if terminator == "eos":
+        out.append(tags.eos)
+    elif terminator == "sync":
+        out.append(tags.sync)
+    elif terminator is not None:
+        raise ValueError(f"terminator must be 'eos', 'sync' or None, got {terminator!r}")
+    return out
