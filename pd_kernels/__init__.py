@@ -12,8 +12,10 @@ Backends: see :mod:`pd_kernels._backend` (``backend=``, :func:`use_backend`, :fu
 from ._backend import BackendUnavailable, current_backend, set_backend, use_backend
 from .ops import paged_kv_write
 from .ops import span_attention
+from .ops import SpanState, commit_spans, token_confidence
 from .layout import SeqQueries, SpanLayout
 from .paged_cache import OutOfPages, PagedKVCache
+from .decoder import ControlTags, DecodeConfig, Decoder, generate
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,6 @@ __all__ = [
     "BackendUnavailable", "current_backend", "set_backend", "use_backend",
     "paged_kv_write", "PagedKVCache", "OutOfPages",
     "span_attention", "SpanLayout", "SeqQueries",
+    "token_confidence", "commit_spans", "SpanState",
+    "ControlTags", "DecodeConfig", "Decoder", "generate",
 ]

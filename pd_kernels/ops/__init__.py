@@ -25,5 +25,6 @@ def _register_cuda_fakes() -> None:
 
 from .kv_cache import paged_kv_write  # noqa: E402
 from .span_attention import span_attention  # noqa: E402
+from .unmask import SpanState, commit_spans, token_confidence  # noqa: E402
 
-__all__ = ["paged_kv_write", "span_attention"]
+__all__ = ["paged_kv_write", "span_attention", "token_confidence", "commit_spans", "SpanState"]

@@ -1,0 +1,379 @@
+"""Triton kernels for token choice and span commits (SPEC section 5).
+
+Row pass (``_row_kernel``): program (row, split) streams its slice of the row once, in chunks of
+``BLOCK_V`` logits, keeping an online state: top-1 value/index, top-2 value, ``s = sum exp(y - m)``
+(m = running max = top-1), ``w = sum exp(y - m) (y - m)`` (for sum p log p), a NaN flag, and for
+sampling the best Gumbel key with its index and logit. With one split the program writes the token and
+confidence; with several (few rows: the grid must still cover the SMs), each program writes its partial
+state and ``_merge_kernel`` (one program per row) combines them exactly as the chunks are combined.
+
+Commit (``_commit_kernel``): one program per span scans the rows three times: count the span's masked
+rows (m), rank each of them against all others (O(m^2) compares, m <= a few hundred), decide from the
+policy, and only then write the tokens (a decision flag per row is kept in a scratch buffer so the
+mask test never sees this step's own writes). ``_all_done_kernel`` then folds ``masks_left``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_KINDS = {"prob": 0, "margin": 1, "neg_entropy": 2}
+_POLICIES = {"threshold": 0, "schedule": 1, "pd_threshold": 2}
+
+
+@triton.jit
+def _mix32(h, k):
+    # murmur3 round on uint32 (products wrap mod 2^32); mirrored in reference/unmask.py and csrc/unmask.cu
+    k = k * 0xCC9E2D51
+    k = (k << 15) | (k >> 17)
+    k = k * 0x1B873593
+    h = h ^ k
+    h = (h << 13) | (h >> 19)
+    return h * 5 + 0xE6546B64
+
+
+@triton.jit
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit(do_not_specialize=["stride", "V", "n_sup", "seed_lo", "seed_hi", "off_lo", "off_hi", "inv_t",
+                               "chunks_per_split", "n_split"])
+def _row_kernel(
+    x_ptr, stride, V,
+    sup_ptr, n_sup,
+    off_ptr, seed_lo, seed_hi, off_lo, off_hi, inv_t,
+    tok_ptr, conf_ptr, fpart_ptr, ipart_ptr,
+    chunks_per_split, n_split,
+    KIND: tl.constexpr, SAMPLE: tl.constexpr, HAS_OFF_T: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    sp = tl.program_id(1)
+    p_row = x_ptr + row.to(tl.int64) * stride
+    o = tl.arange(0, BLOCK_V)
+    NEG_INF = float("-inf")
+
+    if SAMPLE:
+        if HAS_OFF_T:
+            off = tl.load(off_ptr)
+            o_lo = (off & 0xFFFFFFFF).to(tl.uint32)
+            o_hi = ((off >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        else:
+            o_lo = off_lo.to(tl.uint32, bitcast=True)
+            o_hi = off_hi.to(tl.uint32, bitcast=True)
+        h_row = seed_lo.to(tl.uint32, bitcast=True)
+        h_row = _mix32(h_row, seed_hi.to(tl.uint32, bitcast=True))
+        h_row = _mix32(h_row, o_lo)
+        h_row = _mix32(h_row, o_hi)
+        h_row = _mix32(h_row, row.to(tl.uint32))
+
+    # online state (scalars); indices use V as "none yet"
+    t1 = tl.full([], NEG_INF, tl.float32)
+    t2 = tl.full([], NEG_INF, tl.float32)
+    i1 = tl.full([], 0, tl.int32) + V
+    s = tl.full([], 0.0, tl.float32)
+    w = tl.full([], 0.0, tl.float32)
+    nan = tl.full([], 0, tl.int32)
+    bk = tl.full([], NEG_INF, tl.float32)
+    bi = tl.full([], 0, tl.int32) + V
+    by = tl.full([], NEG_INF, tl.float32)
+
+    c_lo = sp * chunks_per_split
+    c_hi = tl.minimum(c_lo + chunks_per_split, tl.cdiv(V, BLOCK_V))
+    for c in range(c_lo, c_hi):
+        cols = c * BLOCK_V + o
+        inb = cols < V
+        # fp32 right after the load: every reduction below runs in fp32
+        x = tl.load(p_row + cols, mask=inb, other=NEG_INF).to(tl.float32)
+        isn = x != x
+        nan = tl.maximum(nan, tl.max(isn.to(tl.int32), axis=0))
+        sel = inb
+        for q in range(n_sup):
+            sel = sel & (cols != tl.load(sup_ptr + q).to(tl.int32))
+        y = tl.where(sel & (x == x), x, NEG_INF)
+        if SAMPLE:
+            y = y * inv_t
+        # chunk top-1 (first index among equals, selectable only) and top-2 (a duplicate max counts)
+        cmax = tl.max(y, axis=0)
+        carg = tl.min(tl.where(sel & (y == cmax), cols, V), axis=0)
+        c2 = tl.max(tl.where(cols == carg, NEG_INF, y), axis=0)
+        take = (cmax > t1) | ((cmax == t1) & (carg < i1))
+        t2 = tl.where(take, tl.maximum(t1, c2), tl.maximum(t2, cmax))
+        i1 = tl.where(take, carg, i1)
+        m_new = tl.maximum(t1, cmax)
+        # rescale the running sums to the new max; an empty state (t1 = -inf) contributes 0, not NaN
+        alpha = tl.where(t1 == NEG_INF, 0.0, tl.exp(t1 - m_new))
+        p = tl.where(y == NEG_INF, 0.0, tl.exp(y - m_new))
+        if KIND == 2:
+            shift = tl.where(t1 == NEG_INF, 0.0, t1 - m_new)
+            w = alpha * (w + shift * s) + tl.sum(tl.where(p == 0.0, 0.0, p * (y - m_new)), axis=0)
+        s = alpha * s + tl.sum(p, axis=0)
+        t1 = m_new
+        if SAMPLE:
+            hh = _fmix32(_mix32(h_row, cols.to(tl.uint32)))
+            u = ((hh >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            g = -tl.log(-tl.log(u))
+            key = tl.where(sel, y + g, NEG_INF)
+            ck = tl.max(key, axis=0)
+            ci = tl.min(tl.where(sel & (key == ck), cols, V), axis=0)
+            cy = tl.max(tl.where(cols == ci, y, NEG_INF), axis=0)
+            tb = (ck > bk) | ((ck == bk) & (ci < bi))
+            bk = tl.where(tb, ck, bk)
+            bi = tl.where(tb, ci, bi)
+            by = tl.where(tb, cy, by)
+
+    if SPLIT:
+        pf = fpart_ptr + (row * n_split + sp).to(tl.int64) * 6
+        tl.store(pf + 0, t1)
+        tl.store(pf + 1, t2)
+        tl.store(pf + 2, s)
+        tl.store(pf + 3, w)
+        tl.store(pf + 4, bk)
+        tl.store(pf + 5, by)
+        pi = ipart_ptr + (row * n_split + sp).to(tl.int64) * 3
+        tl.store(pi + 0, i1)
+        tl.store(pi + 1, bi)
+        tl.store(pi + 2, nan)
+    else:
+        _finish(tok_ptr, conf_ptr, row, t1, t2, i1, s, w, nan, bi, by, KIND, SAMPLE)
+
+
+@triton.jit
+def _finish(tok_ptr, conf_ptr, row, t1, t2, i1, s, w, nan, bi, by, KIND: tl.constexpr, SAMPLE: tl.constexpr):
+    if SAMPLE:
+        tok = bi
+        ytok = by
+    else:
+        tok = i1
+        ytok = t1
+    if KIND == 0:
+        c = tl.exp(ytok - t1) / s
+    elif KIND == 1:
+        c = (1.0 - tl.exp(t2 - t1)) / s
+    else:
+        c = w / s - tl.log(s)
+    ok = (t1 > float("-inf")) & (t1 < float("inf")) & (nan == 0)
+    c = tl.where(ok, c, float("nan"))
+    tl.store(tok_ptr + row, tok.to(tl.int64))
+    tl.store(conf_ptr + row, c)
+
+
+@triton.jit(do_not_specialize=["n_split", "V"])
+def _merge_kernel(tok_ptr, conf_ptr, fpart_ptr, ipart_ptr, n_split, V,
+                  KIND: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)
+    o = tl.arange(0, BLOCK_S)
+    ms = o < n_split
+    NEG_INF = float("-inf")
+    pf = fpart_ptr + (row * n_split + o).to(tl.int64) * 6
+    pi = ipart_ptr + (row * n_split + o).to(tl.int64) * 3
+    t1s = tl.load(pf + 0, mask=ms, other=NEG_INF)
+    t2s = tl.load(pf + 1, mask=ms, other=NEG_INF)
+    ss = tl.load(pf + 2, mask=ms, other=0.0)
+    ws = tl.load(pf + 3, mask=ms, other=0.0)
+    i1s = tl.load(pi + 0, mask=ms, other=V)
+    nans = tl.load(pi + 2, mask=ms, other=0)
+    # splits are combined with the same rules as chunks (first index among equal maxima, etc.)
+    t1 = tl.max(t1s, axis=0)
+    i1 = tl.min(tl.where(t1s == t1, i1s, V), axis=0)
+    t2 = tl.maximum(tl.max(t2s, axis=0), tl.max(tl.where(i1s == i1, NEG_INF, t1s), axis=0))
+    alpha = tl.where(t1s == NEG_INF, 0.0, tl.exp(t1s - t1))
+    s = tl.sum(alpha * ss, axis=0)
+    w = 0.0
+    if KIND == 2:
+        shift = tl.where(t1s == NEG_INF, 0.0, t1s - t1)
+        w = tl.sum(alpha * (ws + shift * ss), axis=0)
+    nan = tl.max(nans, axis=0)
+    bi = i1
+    by = t1
+    if SAMPLE:
+        bks = tl.load(pf + 4, mask=ms, other=NEG_INF)
+        bys = tl.load(pf + 5, mask=ms, other=NEG_INF)
+        bis = tl.load(pi + 1, mask=ms, other=V)
+        bk = tl.max(bks, axis=0)
+        bi = tl.min(tl.where(bks == bk, bis, V), axis=0)
+        by = tl.max(tl.where(bis == bi, bys, NEG_INF), axis=0)
+    _finish(tok_ptr, conf_ptr, row, t1, t2, i1, s, w, nan, bi, by, KIND, SAMPLE)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: a small target keeps CPU tests fast and still exercises the split path
+
+
+def _split_plan(N: int, V: int, block_v: int, device: torch.device, num_splits: int | None):
+    n_chunks = triton.cdiv(V, block_v)
+    if num_splits is None:
+        # aim at >= 2 programs per SM; never split below ~4 chunks per program (the merge has a cost)
+        target = 2 * _num_sms(device)
+        num_splits = max(1, min(triton.cdiv(target, max(N, 1)), n_chunks // 4 if device.type == "cuda" else n_chunks))
+    num_splits = max(1, min(num_splits, n_chunks))
+    cps = triton.cdiv(n_chunks, num_splits)
+    num_splits = triton.cdiv(n_chunks, cps)  # no empty split
+    return num_splits, cps
+
+
+def token_confidence_triton(logits: torch.Tensor, token: torch.Tensor, conf: torch.Tensor,
+                            suppress_ids: torch.Tensor | None, offset_t: torch.Tensor | None, seed: int,
+                            offset: int, kind: str, temperature: float, *, num_splits: int | None = None,
+                            block_v: int | None = None) -> None:
+    """Shapes as :func:`pd_kernels.token_confidence` (validated there). ``token``/``conf`` are written."""
+    N, V = logits.shape
+    if N == 0:
+        return
+    dev = logits.device
+    if block_v is None:
+        block_v = 4096 if V >= 4096 else max(16, triton.next_power_of_2(V))
+    n_split, cps = _split_plan(N, V, block_v, dev, num_splits)
+    sample = temperature > 0
+    inv_t = 1.0 / temperature if sample else 1.0
+    n_sup = 0 if suppress_ids is None else suppress_ids.numel()
+    sup = suppress_ids if n_sup else token  # any valid pointer when unused
+    off_t = offset_t if offset_t is not None else token
+
+    def s32(v: int) -> int:  # low/high 32-bit words as signed int32 (a fixed kernel arg type)
+        v &= 0xFFFFFFFF
+        return v - (1 << 32) if v >= (1 << 31) else v
+
+    split = n_split > 1
+    if split:
+        fpart = torch.empty((N, n_split, 6), dtype=torch.float32, device=dev)
+        ipart = torch.empty((N, n_split, 3), dtype=torch.int32, device=dev)
+    else:
+        fpart, ipart = conf, token  # unused
+    nw = 8 if block_v >= 4096 else 4
+    _row_kernel[(N, n_split)](
+        logits, logits.stride(0), V, sup, n_sup, off_t,
+        s32(seed), s32(seed >> 32), s32(offset), s32(offset >> 32), inv_t,
+        token, conf, fpart, ipart, cps, n_split,
+        KIND=_KINDS[kind], SAMPLE=sample, HAS_OFF_T=offset_t is not None, SPLIT=split, BLOCK_V=block_v,
+        num_warps=nw,
+    )
+    if split:
+        _merge_kernel[(N,)](token, conf, fpart, ipart, n_split, V, KIND=_KINDS[kind], SAMPLE=sample,
+                            BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=1)
+
+
+@triton.jit(do_not_specialize=["N", "mask_id", "tau"])
+def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, span_ptr, seq_ptr, flag_ptr,
+                   ml_ptr, step_ptr, ns_ptr, def_ptr, committed_ptr,
+                   N, mask_id, tau,
+                   POLICY: tl.constexpr, BLOCK: tl.constexpr):
+    j = tl.program_id(0)
+    o = tl.arange(0, BLOCK)
+    NEG_INF = float("-inf")
+    # pass 0: m = masked rows of span j
+    m = tl.full([], 0, tl.int32)
+    for b in range(0, N, BLOCK):
+        r = b + o
+        inb = r < N
+        sp = tl.load(span_ptr + r, mask=inb, other=-1)
+        mine = inb & (sp == j)
+        dst = tl.load(dst_ptr + r, mask=mine, other=0)
+        cur = tl.load(seq_ptr + dst, mask=mine, other=0)
+        m += tl.sum((mine & (cur == mask_id)).to(tl.int32), axis=0)
+
+    cnt = tl.full([], 0, tl.int32)
+    if m > 0:
+        k = tl.load(step_ptr + j)
+        steps = tl.load(ns_ptr + j)
+        dfr = tl.load(def_ptr + j)
+        if POLICY == 1:
+            # floor(999 m / (1000 steps - 999 k)) = floor(m (1 - s/t)) for linspace(1, 1e-3, steps + 1)
+            den = tl.maximum(1000 * steps - 999 * k, 1)
+            n = tl.minimum(tl.maximum((999 * m) // den, 1), m)
+            budget = tl.where(k >= steps - 1, m, n)
+        elif POLICY == 2:
+            per = tl.where(k < steps, m // tl.maximum(steps - k, 1), 0)
+            budget = tl.minimum(m, tl.maximum(per, 1) + dfr)
+        else:
+            budget = m
+        # pass 1: rank every masked row of span j; decide; remember the decision
+        for bi in range(0, N, BLOCK):
+            ri = bi + o
+            inb_i = ri < N
+            sp_i = tl.load(span_ptr + ri, mask=inb_i, other=-1)
+            mine_i = inb_i & (sp_i == j)
+            dst_i = tl.load(dst_ptr + ri, mask=mine_i, other=0)
+            cur_i = tl.load(seq_ptr + dst_i, mask=mine_i, other=0)
+            val_i = mine_i & (cur_i == mask_id)
+            c_i = tl.load(conf_ptr + ri, mask=mine_i, other=0.0)
+            key_i = tl.where(c_i == c_i, c_i, NEG_INF)  # NaN ranks as -inf
+            rank = tl.zeros([BLOCK], dtype=tl.int32)
+            for bj in range(0, N, BLOCK):
+                rj = bj + o
+                inb_j = rj < N
+                sp_j = tl.load(span_ptr + rj, mask=inb_j, other=-1)
+                mine_j = inb_j & (sp_j == j)
+                dst_j = tl.load(dst_ptr + rj, mask=mine_j, other=0)
+                cur_j = tl.load(seq_ptr + dst_j, mask=mine_j, other=0)
+                val_j = mine_j & (cur_j == mask_id)
+                c_j = tl.load(conf_ptr + rj, mask=mine_j, other=0.0)
+                key_j = tl.where(c_j == c_j, c_j, NEG_INF)
+                beats = (key_j[None, :] > key_i[:, None]) | (
+                    (key_j[None, :] == key_i[:, None]) & (dst_j[None, :] < dst_i[:, None]))
+                beats = beats & val_j[None, :]
+                rank += tl.sum(beats.to(tl.int32), axis=1)
+            passes = c_i >= tau  # NaN never passes
+            if POLICY == 0:
+                take = val_i & ((rank == 0) | passes)
+            elif POLICY == 1:
+                take = val_i & (rank < budget)
+            else:
+                take = val_i & ((rank == 0) | ((rank < budget) & passes))
+            tl.store(flag_ptr + ri, take.to(tl.int8), mask=mine_i)
+            cnt += tl.sum(take.to(tl.int32), axis=0)
+        # pass 2: write the committed tokens (only now: pass 1 must see the masks of this step)
+        for b in range(0, N, BLOCK):
+            r = b + o
+            inb = r < N
+            sp = tl.load(span_ptr + r, mask=inb, other=-1)
+            mine = inb & (sp == j)
+            f = tl.load(flag_ptr + r, mask=mine, other=0)
+            wr = mine & (f != 0)
+            dst = tl.load(dst_ptr + r, mask=wr, other=0)
+            tk = tl.load(tok_ptr + r, mask=wr, other=0)
+            tl.store(seq_ptr + dst, tk, mask=wr)
+        tl.store(ml_ptr + j, m - cnt)
+        tl.store(step_ptr + j, k + 1)
+        if POLICY == 2:
+            tl.store(def_ptr + j, budget - cnt)
+        else:
+            tl.store(def_ptr + j, tl.full([], 0, tl.int32))
+    tl.store(committed_ptr + j, cnt)
+
+
+@triton.jit(do_not_specialize=["S"])
+def _all_done_kernel(ml_ptr, done_ptr, S, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    left = tl.full([], 0, tl.int32)
+    for b in range(0, S, BLOCK):
+        r = b + o
+        v = tl.load(ml_ptr + r, mask=r < S, other=0)
+        left = tl.maximum(left, tl.max((v != 0).to(tl.int32), axis=0))
+    tl.store(done_ptr, left == 0)
+
+
+def commit_spans_triton(token, conf, row_dst, row_span, tokens, masks_left, step, num_steps, deferred,
+                        committed, all_done, policy: str, tau: float, mask_id: int) -> None:
+    """Shapes as :func:`pd_kernels.commit_spans` (validated there). Mutates tokens, the state, outputs."""
+    N = token.shape[0]
+    S = masks_left.shape[0]
+    if S == 0:
+        all_done.fill_(True)
+        return
+    flags = torch.empty((max(N, 1),), dtype=torch.int8, device=token.device)
+    block = min(128, max(16, triton.next_power_of_2(max(N, 1))))
+    _commit_kernel[(S,)](
+        token, conf, row_dst, row_span, tokens, flags, masks_left, step, num_steps, deferred, committed,
+        N, mask_id, tau, POLICY=_POLICIES[policy], BLOCK=block, num_warps=4,
+    )
+    _all_done_kernel[(1,)](masks_left, all_done, S, BLOCK=min(1024, max(16, triton.next_power_of_2(S))),
+                           num_warps=1)

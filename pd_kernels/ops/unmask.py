@@ -1,0 +1,242 @@
+"""``pd_kernels::token_confidence`` and ``pd_kernels::commit_spans``: choose a token per masked position
+and commit some of them per span, on the device, with no host sync (SPEC section 5).
+
+A diffusion step is::
+
+    token, conf = token_confidence(logits[mask_rows], confidence="prob")      # one read of the logits
+    committed, all_done = commit_spans(token, conf, row_dst, row_span, seq, state, policy="pd_threshold")
+
+Semantics, tie rules and edge cases (NaN, -inf, suppressed ids) are those of
+:mod:`pd_kernels.reference.unmask`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from .._checks import FLOAT_DTYPES, check, check_tensor
+from ..reference.unmask import (CONFIDENCE_KINDS, POLICIES, SpanState, commit_spans_ref, token_confidence_ref,
+                                top_p_filter)
+from . import cuda_fake
+
+OP_TC = "token_confidence"
+OP_COMMIT = "commit_spans"
+_backend.register_op_backends(OP_TC, ("torch", "triton", "cuda"))
+_backend.register_op_backends(OP_COMMIT, ("torch", "triton", "cuda"))
+
+_KIND_ID = {k: i for i, k in enumerate(CONFIDENCE_KINDS)}
+_POLICY_ID = {p: i for i, p in enumerate(POLICIES)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# token_confidence
+# ---------------------------------------------------------------------------------------------------
+@torch.library.custom_op("pd_kernels::token_confidence", mutates_args=("token", "conf"))
+def _token_confidence_op(logits: torch.Tensor, token: torch.Tensor, conf: torch.Tensor,
+                         suppress_ids: Optional[torch.Tensor], offset_t: Optional[torch.Tensor], seed: int,
+                         offset: int, kind: str, temperature: float, backend: str) -> None:
+    if backend == "triton":
+        from .triton.unmask import token_confidence_triton
+
+        token_confidence_triton(logits, token, conf, suppress_ids, offset_t, seed, offset, kind, temperature)
+    elif backend == "cuda":
+        torch.ops.pd_kernels.token_confidence_cuda(logits, token, conf, suppress_ids, offset_t, seed, offset,
+                                                   _KIND_ID[kind], temperature)
+    elif backend == "torch":
+        off = int(offset_t.reshape(-1)[0]) if offset_t is not None else offset  # host read: reference only
+        t, c = token_confidence_ref(logits, kind, temperature, seed, off, suppress_ids)
+        token.copy_(t)
+        conf.copy_(c)
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+
+
+@_token_confidence_op.register_fake
+def _(logits, token, conf, suppress_ids, offset_t, seed, offset, kind, temperature, backend):
+    return None
+
+
+@cuda_fake("pd_kernels::token_confidence_cuda")
+def _(logits, token, conf, suppress_ids, offset_t, seed, offset, kind, temperature):
+    return None
+
+
+def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperature: float = 0.0, seed: int = 0,
+                     offset: int | torch.Tensor = 0, suppress_ids: torch.Tensor | None = None,
+                     top_p: float = 1.0, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token and confidence for each row of logits, in one pass over the vocabulary.
+
+    Args:
+        logits: ``[N, V]`` fp16/bf16/fp32; unit stride over V, any row stride (e.g. ``logits[rows]``
+            views, or rows of a larger ``[T, V]`` buffer taken with slicing). V up to 2^31 - 1.
+        confidence: ``"prob"`` = p(token); ``"margin"`` = p(top1) - p(top2); ``"neg_entropy"`` =
+            sum p log p (higher = more confident, as for the other two).
+        temperature: 0 = argmax, ties to the lowest index (as ``torch.argmax``); > 0 = Gumbel-max sample
+            from ``softmax(z / T)`` and every confidence kind is taken under ``softmax(z / T)``.
+        seed, offset: counter-based random numbers: the noise of (row, col) is a hash of
+            (seed, offset, row, col), so the same (seed, offset) gives the same tokens. ``offset`` may be
+            an int64 device tensor with one element, read on the device (a captured CUDA graph advances
+            it in place, e.g. ``offset.add_(1)``).
+        suppress_ids: int32/int64 ``[S]`` ids that are never chosen (their logit is treated as -inf
+            before everything, e.g. MASK inside a span). Out-of-range ids are ignored.
+        top_p: nucleus filter (< 1). **Not fused**: a torch pre-pass (sort + cumsum, an fp32 copy of the
+            rows, :func:`pd_kernels.reference.unmask.top_p_filter`) runs before the fused pass. It also
+            changes the confidence at temperature 0, as in the PD reference.
+        out: optional ``(token int64 [N], conf float32 [N])`` written in place (CUDA graphs).
+        backend: ``"torch" | "triton" | "cuda" | "auto"``.
+
+    Returns:
+        ``token`` int64 ``[N]`` and ``conf`` float32 ``[N]``.
+
+    Edge cases: NaN logits are never chosen and make the row's confidence NaN; a row with no finite
+    maximum (all -inf / suppressed, or a +inf logit) gets confidence NaN.
+    """
+    check_tensor(logits, "logits", dim=2, dtypes=FLOAT_DTYPES)
+    check(confidence in CONFIDENCE_KINDS, f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
+    check(temperature >= 0 and temperature == temperature, f"temperature must be >= 0, got {temperature}")
+    check(0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}")
+    N, V = logits.shape
+    check(V >= 1, "logits must have at least one column")
+    check(V < 2**31 - 1, f"vocabulary too large ({V})")
+    dev = logits.device
+    check(isinstance(seed, int) and 0 <= seed < 2**63, f"seed must be an int in [0, 2^63), got {seed!r}")
+    offset_t = None
+    if isinstance(offset, torch.Tensor):
+        check_tensor(offset, "offset", dtypes=(torch.int64,), device=dev)
+        check(offset.numel() == 1, f"offset tensor must have one element, got shape {tuple(offset.shape)}")
+        offset_t, offset = offset.reshape(1), 0
+    else:
+        check(isinstance(offset, int) and 0 <= offset < 2**63, f"offset must be an int in [0, 2^63), got {offset!r}")
+    if suppress_ids is not None:
+        check_tensor(suppress_ids, "suppress_ids", dim=1, dtypes=(torch.int32, torch.int64), device=dev)
+        if suppress_ids.numel() == 0:
+            suppress_ids = None
+        elif suppress_ids.stride(0) != 1:
+            suppress_ids = suppress_ids.contiguous()
+    if out is None:
+        token = torch.empty(N, dtype=torch.int64, device=dev)
+        conf = torch.empty(N, dtype=torch.float32, device=dev)
+    else:
+        token, conf = out
+        check_tensor(token, "out[0] (token)", dim=1, dtypes=(torch.int64,), device=dev)
+        check_tensor(conf, "out[1] (conf)", dim=1, dtypes=(torch.float32,), device=dev)
+        check(token.shape[0] == N and conf.shape[0] == N, f"out tensors must have {N} entries")
+        check(token.is_contiguous() and conf.is_contiguous(), "out tensors must be contiguous")
+    if N == 0:
+        return token, conf
+    if top_p < 1.0:
+        z = logits
+        if suppress_ids is not None:
+            keep = torch.ones(V, dtype=torch.bool, device=dev)
+            sup = suppress_ids.long()
+            keep[sup[(sup >= 0) & (sup < V)]] = False
+            z = logits.float().masked_fill(~keep, float("-inf"))
+        logits = top_p_filter(z, top_p, temperature)
+    b = _backend.resolve(OP_TC, backend, dev)
+    torch.ops.pd_kernels.token_confidence(logits, token, conf, suppress_ids, offset_t, seed, offset, confidence,
+                                          float(temperature), b)
+    return token, conf
+
+
+# ---------------------------------------------------------------------------------------------------
+# commit_spans
+# ---------------------------------------------------------------------------------------------------
+@torch.library.custom_op("pd_kernels::commit_spans",
+                         mutates_args=("tokens", "masks_left", "step", "deferred", "committed", "all_done"))
+def _commit_spans_op(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor, row_span: torch.Tensor,
+                     tokens: torch.Tensor, masks_left: torch.Tensor, step: torch.Tensor, num_steps: torch.Tensor,
+                     deferred: torch.Tensor, committed: torch.Tensor, all_done: torch.Tensor, policy: str,
+                     tau: float, mask_id: int, backend: str) -> None:
+    if backend == "triton":
+        from .triton.unmask import commit_spans_triton
+
+        commit_spans_triton(token, conf, row_dst, row_span, tokens, masks_left, step, num_steps, deferred,
+                            committed, all_done, policy, tau, mask_id)
+    elif backend == "cuda":
+        torch.ops.pd_kernels.commit_spans_cuda(token, conf, row_dst, row_span, tokens, masks_left, step,
+                                               num_steps, deferred, committed, all_done, _POLICY_ID[policy],
+                                               tau, mask_id)
+    elif backend == "torch":
+        st = SpanState(masks_left, step, num_steps, deferred)
+        c, d = commit_spans_ref(token, conf, row_dst, row_span, tokens, st, policy, tau, mask_id)
+        committed.copy_(c)
+        all_done.copy_(d)
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+
+
+@_commit_spans_op.register_fake
+def _(token, conf, row_dst, row_span, tokens, masks_left, step, num_steps, deferred, committed, all_done, policy,
+      tau, mask_id, backend):
+    return None
+
+
+@cuda_fake("pd_kernels::commit_spans_cuda")
+def _(token, conf, row_dst, row_span, tokens, masks_left, step, num_steps, deferred, committed, all_done, policy,
+      tau, mask_id):
+    return None
+
+
+def commit_spans(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor, row_span: torch.Tensor,
+                 tokens: torch.Tensor, state: SpanState, *, policy: str = "threshold", tau: float = 0.9,
+                 mask_id: int = 151666, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit chosen tokens per span in place and advance the span counters (SPEC section 5).
+
+    Args:
+        token: int64 ``[N]``, conf: float32 ``[N]`` - one row per candidate position (from
+            :func:`token_confidence`).
+        row_dst: int64 ``[N]``, flat index of the row's position in ``tokens`` (distinct entries).
+        row_span: int32 ``[N]``, span id of the row in ``[0, S)`` (rows of a span may be anywhere).
+        tokens: int64 buffer of any shape (contiguous), mutated: committed positions get their token. A row
+            whose ``tokens[row_dst]`` is not ``mask_id`` is ignored (already committed).
+        state: :class:`SpanState` with S spans; ``masks_left``, ``step``, ``deferred`` are updated for the
+            spans that had masked rows; spans without rows are untouched.
+        policy: ``"threshold"`` (top-1 + every conf >= tau), ``"schedule"`` (top-k with the linspace rule,
+            all on the last step), ``"pd_threshold"`` (budget + top-1 + tau + deferral).
+        tau: confidence threshold (compared in fp32).
+        mask_id: the MASK token id.
+        out: optional ``(committed int32 [S], all_done bool [1])`` written in place.
+
+    Returns:
+        ``committed`` int32 ``[S]`` (this call) and ``all_done`` bool ``[1]`` (device; True when every
+        span of the state has ``masks_left == 0``). No host sync.
+    """
+    check(policy in POLICIES, f"policy must be one of {POLICIES}, got {policy!r}")
+    check(isinstance(state, SpanState), f"state must be a SpanState, got {type(state).__name__}")
+    dev = tokens.device
+    check_tensor(token, "token", dim=1, dtypes=(torch.int64,), device=dev)
+    N = token.shape[0]
+    check_tensor(conf, "conf", dim=1, dtypes=(torch.float32,), device=dev)
+    check_tensor(row_dst, "row_dst", dim=1, dtypes=(torch.int64,), device=dev)
+    check_tensor(row_span, "row_span", dim=1, dtypes=(torch.int32,), device=dev)
+    for name, t in (("conf", conf), ("row_dst", row_dst), ("row_span", row_span)):
+        check(t.shape[0] == N, f"{name} has {t.shape[0]} entries, token has {N}")
+    check_tensor(tokens, "tokens", dtypes=(torch.int64,), last_contig=False)
+    check(tokens.is_contiguous(), "tokens must be contiguous (row_dst indexes its flat storage)")
+    check(isinstance(mask_id, int) and -2**31 <= mask_id < 2**31, f"mask_id must be an int32 value, got {mask_id!r}")
+    check(tau == tau, "tau must not be NaN")
+    S = state.num_spans
+    for name in ("masks_left", "step", "num_steps", "deferred"):
+        t = getattr(state, name)
+        check_tensor(t, f"state.{name}", dim=1, dtypes=(torch.int32,), device=dev)
+        check(t.shape[0] == S and t.is_contiguous(), f"state.{name} must be contiguous with {S} entries")
+    # contiguity of the row tensors: tiny, copy only when needed
+    token, conf, row_dst, row_span = (t if t.is_contiguous() else t.contiguous()
+                                      for t in (token, conf, row_dst, row_span))
+    if out is None:
+        committed = torch.empty(S, dtype=torch.int32, device=dev)
+        all_done = torch.empty(1, dtype=torch.bool, device=dev)
+    else:
+        committed, all_done = out
+        check_tensor(committed, "out[0] (committed)", dim=1, dtypes=(torch.int32,), device=dev)
+        check_tensor(all_done, "out[1] (all_done)", dim=1, dtypes=(torch.bool,), device=dev)
+        check(committed.shape[0] == S and all_done.shape[0] == 1, f"out must be ([{S}], [1])")
+    b = _backend.resolve(OP_COMMIT, backend, dev)
+    torch.ops.pd_kernels.commit_spans(token, conf, row_dst, row_span, tokens, state.masks_left, state.step,
+                                      state.num_steps, state.deferred, committed, all_done, policy, float(tau),
+                                      mask_id, b)
+    return committed, all_done
