@@ -1,0 +1,407 @@
+"""span_attention (SPEC section 4): Triton kernel vs the torch reference (fp64 truth) and, independently, vs
+FlexAttention with a mask_mod written from the SPEC table; SpanLayout; errors; opcheck.
+
+Caches start as NaN and only the sequences' tokens are written, so a kernel that reads a key it should
+not see, or a slot past a sequence, turns its output into NaN; outputs are NaN-poisoned before the
+kernel runs, so a row it never writes fails too.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import pd_kernels as pk
+from pd_kernels.layout import TILE_A, TILE_B, TILE_C, TILE_CAUSAL, TILE_NROWS, TILE_ROW0, TILE_SEQ
+from pd_kernels.reference import span_attention_ref
+
+from conftest import triton_dtypes
+
+# lengths around the kernel's key block (64) and the query tiles (128 // G tokens: 128, 32, 18)
+EDGE_LENS = [1, 2, 17, 18, 19, 31, 32, 33, 63, 64, 65, 127, 128, 129]
+
+
+# ---- building cases ------------------------------------------------------------------------------------
+def random_seq(rng, *, small=False):
+    """A random sequence description (kind, params) and its cache length."""
+    kind = rng.choice(["spans", "spans", "spans", "prefill", "decode"])
+    if kind == "spans":
+        prefix = int(rng.integers(0, 90 if small else 301))
+        n = int(rng.integers(0, 4 if small else 9))
+        lens = [int(rng.choice(EDGE_LENS)) if rng.random() < 0.5 else int(rng.integers(1, 60 if small else 201))
+                for _ in range(n)]
+        active = [bool(x) for x in rng.random(n) < 0.7]
+        mode = str(rng.choice(["pd", "pd-da"]))
+        return dict(kind="spans", prefix=prefix, lens=lens, active=active, mode=mode), prefix + sum(lens)
+    if kind == "prefill":
+        start = int(rng.integers(0, 40))
+        length = int(rng.integers(1, 60 if small else 150))
+        return dict(kind="causal", start=start, length=length), start + length
+    start = int(rng.integers(0, 120 if small else 400))
+    return dict(kind="causal", start=start, length=1), start + 1
+
+
+def to_seq_queries(d):
+    if d["kind"] == "causal":
+        return pk.SeqQueries.causal(d["start"], d["length"])
+    return pk.SeqQueries.spans(d["prefix"], d["lens"], d["active"], d["mode"])
+
+
+def make_cache(seq_lens, Hkv, D, page_size, dtype, rng, device="cpu", spare_pages=3):
+    """Paged caches with the sequences' pages in shuffled order; unwritten slots are NaN."""
+    pages_per = [-(-n // page_size) for n in seq_lens]
+    P = sum(pages_per) + spare_pages
+    order = rng.permutation(P)
+    max_pages = max(pages_per + [1]) + 1
+    bt = torch.full((len(seq_lens), max_pages), P - 1, dtype=torch.int32)   # unused entries: a valid page
+    k_cache = torch.full((P, page_size, Hkv, D), float("nan"), dtype=dtype)
+    v_cache = torch.full((P, page_size, Hkv, D), float("nan"), dtype=dtype)
+    i = 0
+    for b, n in enumerate(seq_lens):
+        pages = order[i:i + pages_per[b]]
+        i += pages_per[b]
+        bt[b, :len(pages)] = torch.as_tensor(pages, dtype=torch.int32)
+        pos = torch.arange(n)
+        pg, off = torch.as_tensor(pages, dtype=torch.long)[pos // page_size], pos % page_size
+        k_cache[pg, off] = torch.randn(n, Hkv, D).to(dtype)
+        v_cache[pg, off] = torch.randn(n, Hkv, D).to(dtype)
+    return k_cache.to(device), v_cache.to(device), bt.to(device)
+
+
+def make_case(seed, *, G, D, page_size, dtype, Hkv=1, nseq=None, small=False, force_mode=None, device="cpu"):
+    rng = np.random.default_rng(seed)
+    nseq = nseq or int(rng.integers(1, 7))
+    descs, lens = zip(*[random_seq(rng, small=small) for _ in range(nseq)])
+    descs = list(descs)
+    if force_mode:
+        for d in descs:
+            if d["kind"] == "spans":
+                d["mode"] = force_mode
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], device)
+    k_cache, v_cache, bt = make_cache(lens, Hkv, D, page_size, dtype, rng, device)
+    torch.manual_seed(seed)
+    q = torch.randn(layout.num_queries, Hkv * G, D).to(dtype).to(device)
+    return descs, layout, q, k_cache, v_cache, bt
+
+
+# ---- independent oracles -------------------------------------------------------------------------------
+def spec_visible(d, L):
+    """bool [n_queries, L] straight from the SPEC section 4 table, and the query positions."""
+    key = torch.arange(L)
+    if d["kind"] == "causal":
+        qpos = torch.arange(d["start"], d["start"] + d["length"])
+        return key[None, :] <= qpos[:, None], qpos
+    seg = torch.full((L,), -1)
+    starts = [d["prefix"] + sum(d["lens"][:j]) for j in range(len(d["lens"]))]
+    for j, (s, n) in enumerate(zip(starts, d["lens"])):
+        seg[s:s + n] = j
+    qpos = torch.cat([torch.arange(s, s + n) for s, n, a in zip(starts, d["lens"], d["active"]) if a]
+                     + [torch.zeros(0, dtype=torch.long)])
+    if d["mode"] == "pd":
+        vis = (key[None, :] < d["prefix"]) | ((seg[None, :] == seg[qpos][:, None]) & (seg[None, :] >= 0))
+    else:
+        vis = (key[None, :] < d["prefix"] + sum(d["lens"])).expand(len(qpos), -1)
+    return vis, qpos
+
+
+def dense_kv(cache, bt_row, L):
+    pos = torch.arange(L)
+    page_size = cache.shape[1]
+    return cache[bt_row.long()[pos // page_size], pos % page_size]
+
+
+def torch_in_dtype(descs, layout, q, k_cache, v_cache, bt, scale):
+    """The same computation done by plain torch in q's dtype (scores and P@V in that dtype, softmax fp32):
+    the error yardstick for the kernel."""
+    out = torch.zeros_like(q)
+    G = q.shape[1] // k_cache.shape[2]
+    row = 0
+    for b, d in enumerate(descs):
+        L = max(layout.kv_lens[b], 1)
+        vis, qpos = spec_visible(d, L)
+        n = len(qpos)
+        if n == 0:
+            continue
+        k = dense_kv(k_cache, bt[b], L).repeat_interleave(G, 1)
+        v = dense_kv(v_cache, bt[b], L).repeat_interleave(G, 1)
+        s = torch.einsum("nhd,lhd->hnl", q[row:row + n], k).float() * scale
+        p = torch.softmax(s.masked_fill(~vis[None], float("-inf")), -1).to(q.dtype)
+        out[row:row + n] = torch.einsum("hnl,lhd->nhd", p, v)
+        row += n
+    return out
+
+
+def check_against_truth(o, descs, layout, q, k_cache, v_cache, bt):
+    """Kernel error vs the fp64 reference within 2x the error of torch doing it in the same dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    truth = span_attention_ref(q.double(), k_cache.double(), v_cache.double(), bt, layout)
+    lowp = torch_in_dtype(descs, layout, q, k_cache, v_cache, bt, scale)
+    assert not o.isnan().any(), f"NaN in {int(o.isnan().any(-1).any(-1).sum())} query rows"
+    err = (o.double() - truth).abs().max().item()
+    err_lowp = (lowp.double() - truth).abs().max().item()
+    tol = 2 * err_lowp + (1e-6 if q.dtype == torch.float32 else 1e-4)
+    assert err <= tol, f"max error {err:.3g} > {tol:.3g} (torch in {q.dtype}: {err_lowp:.3g})"
+
+
+def run_kernel(q, k_cache, v_cache, bt, layout, poison, **kw):
+    out = poison(torch.empty_like(q))
+    res = pk.span_attention(q, k_cache, v_cache, bt, layout, out=out, backend="triton", **kw)
+    assert res is out
+    return out
+
+
+# ---- kernel vs reference -------------------------------------------------------------------------------
+CASES = [(seed, G, D, dtype, ps)
+         for i, (G, D, dtype) in enumerate([(g, d, t) for g in (1, 4, 7) for d in (64, 128) for t in triton_dtypes()])
+         for seed, ps in [(100 + i, 16 if i % 2 else 64)]]
+
+
+@pytest.mark.parametrize("seed,G,D,dtype,page_size", CASES,
+                         ids=[f"s{s}-G{g}-D{d}-{str(t)[6:]}-ps{p}" for s, g, d, t, p in CASES])
+def test_random_layouts_vs_reference(seed, G, D, dtype, page_size, poison):
+    Hkv = 2 if G == 1 else 1
+    descs, layout, q, kc, vc, bt = make_case(seed, G=G, D=D, page_size=page_size, dtype=dtype, Hkv=Hkv)
+    o = run_kernel(q, kc, vc, bt, layout, poison)
+    check_against_truth(o, descs, layout, q, kc, vc, bt)
+
+
+@pytest.mark.parametrize("mode", ["pd", "pd-da"])
+def test_pd_vs_pd_da(mode, poison):
+    """Same spans, both modes: each matches its own truth, and they differ (spans do / don't see each other)."""
+    dtype = torch.float32
+    rng = np.random.default_rng(7)
+    lens = [19, 1, 64, 33]
+    descs = [dict(kind="spans", prefix=45, lens=lens, active=[True, True, False, True], mode=m)
+             for m in ("pd", "pd-da")]
+    kc, vc, bt = make_cache([45 + sum(lens)], 1, 64, 16, dtype, rng)
+    outs = {}
+    for d in descs:
+        layout = pk.SpanLayout.build([to_seq_queries(d)], "cpu")
+        q = torch.randn(layout.num_queries, 4, 64, generator=torch.Generator().manual_seed(1))
+        outs[d["mode"]] = run_kernel(q, kc, vc, bt, layout, poison)
+        if d["mode"] == mode:
+            check_against_truth(outs[mode], [d], layout, q, kc, vc, bt)
+    assert (outs["pd"] - outs["pd-da"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", triton_dtypes(), ids=str)
+def test_causal_prefill_and_decode(dtype, poison):
+    """Causal chunks (prefill from 0 and from a cached start, lengths around the tile sizes) and one-token
+    decode steps in one batch, page size 16."""
+    descs = [dict(kind="causal", start=0, length=33), dict(kind="causal", start=70, length=18),
+             dict(kind="causal", start=200, length=1), dict(kind="causal", start=0, length=1),
+             dict(kind="causal", start=63, length=1)]
+    rng = np.random.default_rng(3)
+    kc, vc, bt = make_cache([d["start"] + d["length"] for d in descs], 1, 64, 16, dtype, rng)
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu")
+    q = torch.randn(layout.num_queries, 7, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    o = run_kernel(q, kc, vc, bt, layout, poison)
+    check_against_truth(o, descs, layout, q, kc, vc, bt)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
+def test_decode_split_keys(num_splits, poison):
+    """Decode shape (one query per sequence, long keys): split-K partial results merged by log-sum-exp."""
+    descs = [dict(kind="causal", start=s, length=1) for s in (300, 5, 129)]
+    descs.append(dict(kind="spans", prefix=130, lens=[20, 7], active=[False, True], mode="pd"))
+    rng = np.random.default_rng(11)
+    kc, vc, bt = make_cache([301, 6, 130, 157], 2, 64, 64, torch.float32, rng)
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu")
+    q = torch.randn(layout.num_queries, 8, 64, generator=torch.Generator().manual_seed(4))
+    o = run_kernel(q, kc, vc, bt, layout, poison, num_splits=num_splits)
+    check_against_truth(o, descs, layout, q, kc, vc, bt)
+
+
+def test_padding_rows_are_zero_and_strided_q(poison):
+    """pad_to: padded rows output 0; q may be a strided view (e.g. a slice of a fused QKV projection)."""
+    descs = [dict(kind="spans", prefix=10, lens=[5, 9], active=[True, True], mode="pd"),
+             dict(kind="causal", start=3, length=4)]
+    rng = np.random.default_rng(5)
+    kc, vc, bt = make_cache([24, 7], 1, 64, 16, torch.float32, rng)
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu", pad_to=40)
+    assert layout.num_queries == 40 and layout.num_real_queries == 18
+    qkv = torch.randn(40, 4 + 2, 64)
+    q = qkv[:, :4]
+    assert not q.is_contiguous()
+    for splits in (1, 2):
+        o = run_kernel(q, kc, vc, bt, layout, poison, num_splits=splits)
+        assert (o[18:] == 0).all()
+        check_against_truth(o[:18].contiguous(), descs, pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu"),
+                            q[:18].contiguous(), kc, vc, bt)
+
+
+def test_torch_backend_matches_reference():
+    descs, layout, q, kc, vc, bt = make_case(21, G=4, D=64, page_size=16, dtype=torch.float32, small=True)
+    o = pk.span_attention(q, kc, vc, bt, layout, backend="torch")
+    torch.testing.assert_close(o, span_attention_ref(q, kc, vc, bt, layout), rtol=0, atol=0)
+    check_against_truth(o, descs, layout, q, kc, vc, bt)
+
+
+# ---- independent oracle: FlexAttention with a SPEC mask_mod ---------------------------------------------
+@pytest.mark.parametrize("seed", [31, 32, 33])
+def test_vs_flex_attention(seed, poison):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    G, D, Hkv = 4, 64, 1
+    descs, layout, q, kc, vc, bt = make_case(seed, G=G, D=D, page_size=16, dtype=torch.float32, Hkv=Hkv,
+                                             nseq=3, small=True, force_mode=["pd", "pd-da", None][seed % 3])
+    o = run_kernel(q, kc, vc, bt, layout, poison)
+    row = 0
+    for b, d in enumerate(descs):
+        L = max(layout.kv_lens[b], 1)
+        vis, qpos = spec_visible(d, L)
+        n = len(qpos)
+        if n == 0:
+            continue
+        # the mask_mod: SPEC section 4, from the sequence's own parameters
+        if d["kind"] == "causal":
+            def mask_mod(bb, h, qi, kv, qpos=qpos):
+                return kv <= qpos[qi]
+        elif d["mode"] == "pd":
+            seg = torch.full((L,), -1)
+            for j, n_j in enumerate(d["lens"]):
+                s = d["prefix"] + sum(d["lens"][:j])
+                seg[s:s + n_j] = j
+
+            def mask_mod(bb, h, qi, kv, qpos=qpos, seg=seg, prefix=d["prefix"]):
+                return (kv < prefix) | (seg[kv] == seg[qpos[qi]])
+        else:
+            def mask_mod(bb, h, qi, kv, end=d["prefix"] + sum(d["lens"])):
+                return kv < end
+        bm = create_block_mask(mask_mod, None, None, n, L, device="cpu")
+        k = dense_kv(kc, bt[b], L).permute(1, 0, 2)[None]
+        v = dense_kv(vc, bt[b], L).permute(1, 0, 2)[None]
+        ref = flex_attention(q[row:row + n].permute(1, 0, 2)[None], k, v, block_mask=bm, enable_gqa=True)
+        torch.testing.assert_close(o[row:row + n], ref[0].permute(1, 0, 2), rtol=1e-4, atol=2e-5)
+        row += n
+
+
+# ---- layout --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+def test_layout_matches_spec_and_tiles_are_exact(seed):
+    rng = np.random.default_rng(seed)
+    descs = [random_seq(rng)[0] for _ in range(int(rng.integers(1, 7)))]
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu", pad_to=None)
+    mask = layout.to_dense_mask()
+    assert mask.shape == (layout.num_queries, layout.max_kv)
+    row = 0
+    for b, d in enumerate(descs):
+        vis, qpos = spec_visible(d, max(layout.max_kv, 1))
+        n = len(qpos)
+        assert (layout.q_pos[row:row + n] == qpos).all() and (layout.q_seq[row:row + n] == b).all()
+        assert layout.kv_lens[b] == (int(qpos.max()) + 1 if d["kind"] == "causal" else
+                                     int(vis.nonzero()[:, 1].max()) + 1 if n else 0)
+        assert torch.equal(mask[row:row + n], vis[:, :layout.max_kv])
+        row += n
+    assert row == layout.num_queries
+    # tiles: every row in exactly one tile of its sequence; the tile's key ranges are exactly the union of
+    # what its rows see (nothing invisible is loaded, nothing visible skipped)
+    for T in (1, 9, 32):
+        tiles = layout.tiles_host(T)
+        covered = np.zeros(layout.num_queries, dtype=int)
+        for t in tiles:
+            r0, n = t[TILE_ROW0], t[TILE_NROWS]
+            assert 1 <= n <= T
+            covered[r0:r0 + n] += 1
+            assert (layout.q_seq[r0:r0 + n] == t[TILE_SEQ]).all()
+            key = torch.arange(layout.max_kv)
+            in_ranges = (key < t[TILE_A]) | ((key >= t[TILE_B]) & (key < t[TILE_C]))
+            union = mask[r0:r0 + n].any(0)
+            assert torch.equal(in_ranges, union)
+            if t[TILE_CAUSAL]:
+                lim = layout.q_pos[r0:r0 + n, None] + 1
+                assert torch.equal(mask[r0:r0 + n], in_ranges[None] & (key[None] < lim))
+            else:
+                assert torch.equal(mask[r0:r0 + n], in_ranges[None].expand(n, -1))
+        assert (covered == 1).all()
+
+
+def test_layout_padding_and_empty():
+    lay = pk.SpanLayout.build([pk.SeqQueries.spans(12, []), pk.SeqQueries.spans(5, [3, 4], [False, False]),
+                               pk.SeqQueries.causal(0, 2)], "cpu", pad_to=6)
+    assert lay.num_queries == 6 and lay.num_seqs == 3 and lay.kv_lens == [0, 0, 2]
+    assert lay.q_seq.tolist() == [2, 2, -1, -1, -1, -1] and lay.q_pos.tolist() == [0, 1, 0, 0, 0, 0]
+    assert lay.q_pos.dtype == torch.int32 and lay.q_seq.dtype == torch.int32
+    assert not lay.to_dense_mask()[2:].any()
+    empty = pk.SpanLayout.build([], "cpu")
+    assert empty.num_queries == 0 and empty.max_kv == 0
+
+
+def test_layout_build_is_cheap():
+    """Host cost of a typical step's layout (performance is not asserted; this only checks it runs and
+    prints nothing). The benchmark reports SpanLayout.build vs create_block_mask."""
+    seqs = [pk.SeqQueries.spans(512, [80] * 8, [j % 3 != 0 for j in range(8)], "pd") for _ in range(8)]
+    lay = pk.SpanLayout.build(seqs, "cpu")
+    assert lay.tiles(18).shape[0] > 0 and lay.tiles(18) is lay.tiles(18)
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+def test_bad_layouts_raise():
+    with pytest.raises(ValueError, match="span lengths must be >= 1"):
+        pk.SeqQueries.spans(10, [4, 0, 3])
+    with pytest.raises(ValueError, match="span lengths must be >= 1"):
+        pk.SeqQueries.spans(10, [4, -3])
+    with pytest.raises(ValueError, match="active flags"):
+        pk.SeqQueries.spans(10, [4, 5], [True])
+    with pytest.raises(ValueError, match="mode"):
+        pk.SeqQueries.spans(10, [4], mode="dense")
+    with pytest.raises(ValueError, match="prefix >= 0"):
+        pk.SeqQueries.spans(-1, [4])
+    with pytest.raises(ValueError, match="start >= 0"):
+        pk.SeqQueries.causal(-2, 3)
+    with pytest.raises(TypeError, match="int"):
+        pk.SeqQueries.causal(1.5, 3)
+    with pytest.raises(ValueError, match="pad_to"):
+        pk.SpanLayout.build([pk.SeqQueries.causal(0, 5)], "cpu", pad_to=3)
+    with pytest.raises(TypeError, match="SeqQueries"):
+        pk.SpanLayout.build([(0, 5)], "cpu")
+
+
+def test_bad_inputs_raise():
+    rng = np.random.default_rng(0)
+    kc, vc, bt = make_cache([40, 20], 2, 64, 16, torch.float32, rng)
+    lay = pk.SpanLayout.build([pk.SeqQueries.spans(20, [10, 10]), pk.SeqQueries.causal(0, 20)], "cpu")
+    q = torch.randn(lay.num_queries, 8, 64)
+    with pytest.raises(ValueError, match="block_table has 1 rows but the layout has 2"):
+        pk.span_attention(q, kc, vc, bt[:1], lay, backend="torch")
+    big = pk.SpanLayout.build([pk.SeqQueries.spans(20, [10, 300]), pk.SeqQueries.causal(0, 20)], "cpu")
+    with pytest.raises(ValueError, match="past the cache"):
+        pk.span_attention(torch.randn(big.num_queries, 8, 64), kc, vc, bt, big, backend="torch")
+    with pytest.raises(ValueError, match="query rows"):
+        pk.span_attention(q[:-1], kc, vc, bt, lay, backend="torch")
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        pk.span_attention(torch.randn(lay.num_queries, 3, 64), kc, vc, bt, lay, backend="torch")
+    with pytest.raises(ValueError, match="share a dtype"):
+        pk.span_attention(q.half(), kc, vc, bt, lay, backend="torch")
+    with pytest.raises(ValueError, match="out shape"):
+        pk.span_attention(q, kc, vc, bt, lay, out=torch.empty(3, 8, 64), backend="torch")
+    with pytest.raises(pk.BackendUnavailable):
+        pk.span_attention(q, kc, vc, bt, lay, backend="cuda")
+
+
+# ---- registration --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    from pd_kernels.ops.triton.span_attention import choose_block_m
+
+    rng = np.random.default_rng(1)
+    kc, vc, bt = make_cache([30, 9], 1, 64, 16, torch.float32, rng, spare_pages=1)
+    kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)   # opcheck compares repeated runs
+    lay = pk.SpanLayout.build([pk.SeqQueries.spans(12, [7, 11], mode="pd"), pk.SeqQueries.causal(5, 4)], "cpu")
+    q = torch.randn(lay.num_queries, 4, 64)
+    bm = choose_block_m(lay.max_segment, 4)
+    tiles = lay.tiles(bm // 4)
+    out = torch.zeros_like(q)
+    torch.library.opcheck(torch.ops.pd_kernels.span_attention.default,
+                          (q, kc, vc, bt, lay.q_pos, lay.q_seq, lay.q_kv, tiles, out, 0.125, bm, 1, backend))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G,D", [(1, 64), (4, 128), (7, 128)])
+def test_bf16_gpu(G, D, poison):
+    for seed in (300, 301):
+        descs, layout, q, kc, vc, bt = make_case(seed, G=G, D=D, page_size=16, dtype=torch.bfloat16, Hkv=4,
+                                                 device="cuda")
+        o = run_kernel(q, kc, vc, bt, layout, poison)
+        check_against_truth(o.cpu(), descs, pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu"),
+                            q.cpu(), kc.cpu(), vc.cpu(), bt.cpu())
