@@ -1,0 +1,231 @@
+"""Span attention: Triton block-sparse paged kernel vs FlexAttention vs dense-mask SDPA vs unmasked SDPA.
+
+Implementations, same queries, same keys, same visibility (SPEC section 4), one process:
+
+* ``triton``    - :func:`pd_kernels.span_attention` on the paged cache (layout prebuilt, not timed);
+* ``flex``      - ``torch.compile(flex_attention)`` over the step's sequences packed into one batch row
+                  (keys gathered dense once, untimed: flex has no paged cache), ``mask_mod`` from the layout;
+                  its ``create_block_mask`` time is reported as ``mask_build_ms`` (timed separately);
+* ``sdpa-mask`` - what the reference PD code does: per sequence padded batch, a dense bool mask, K/V
+                  repeated to Hq heads (``repeat_kv``, inside the timing), ``F.scaled_dot_product_attention``;
+* ``sdpa-nomask`` - SDPA without a mask over the same padded tokens (all the work, best dense kernel).
+
+TFLOP/s counts only visible query-key pairs: ``4 * D * Hq * sum(mask)``. ``layout_build_ms`` is
+``SpanLayout.build`` + the tile table (host numpy + one copy), to compare with ``mask_build_ms``.
+Summary lines give triton vs flex and vs sdpa-mask speedups and the PD / PD-DA time ratio.
+
+    python benchmarks/bench_attention.py --quick --out benchmarks/results/attention_h100_quick.json
+    python benchmarks/bench_attention.py --out benchmarks/results/attention_h100.json     # full sweep
+    python benchmarks/bench_attention.py --smoke          # CPU: checks the script only (interpreter)
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any @triton.jit runs
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pd_kernels as pk  # noqa: E402
+from benchmarks._harness import Bench, parser, time_fn  # noqa: E402
+
+# SPEC section 8 workload: median 2 spans, mean 3.1, p90 6; ~81 tokens a span; prompts tens to hundreds
+FULL = dict(spans=[1, 2, 4, 8, 16], span_len=[32, 80, 160], prefix=[128, 512, 2048], batch=[1, 8])
+QUICK = dict(spans=[2, 8], span_len=[80], prefix=[512, 2048], batch=[1, 8])
+SMOKE = dict(spans=[2], span_len=[5, 17], prefix=[9], batch=[1, 2])
+
+
+def make_inputs(seqs, Hq, Hkv, D, page_size, dtype, dev, gen):
+    """Layout, q, a paged cache holding every sequence (pages interleaved across sequences), block table."""
+    layout = pk.SpanLayout.build(seqs, dev)
+    lens = [_seq_len(s) for s in seqs]
+    pages_per = [-(-n // page_size) for n in lens]
+    P = sum(pages_per) + 1
+    perm = torch.randperm(P, generator=gen)
+    bt = torch.zeros(len(seqs), max(pages_per), dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(pages_per):
+        bt[b, :n] = perm[i:i + n].to(torch.int32)
+        i += n
+    kc = torch.randn(P, page_size, Hkv, D, generator=gen).to(dtype).to(dev)
+    vc = torch.randn(P, page_size, Hkv, D, generator=gen).to(dtype).to(dev)
+    q = torch.randn(layout.num_queries, Hq, D, generator=gen).to(dtype).to(dev)
+    return layout, q, kc, vc, bt.to(dev), lens
+
+
+def _seq_len(s: pk.SeqQueries) -> int:
+    return s.start + s.length if s.kind == "causal" else s.prefix + sum(s.span_lens)
+
+
+def dense_kv(cache, bt, lens):
+    """Per-sequence dense keys, padded: [B, Hkv, Lmax, D] (untimed setup for the dense peers)."""
+    B, Lmax = len(lens), max(lens)
+    ps = cache.shape[1]
+    out = cache.new_zeros(B, Lmax, cache.shape[2], cache.shape[3])
+    for b, n in enumerate(lens):
+        pos = torch.arange(n, device=cache.device)
+        out[b, :n] = cache[bt[b].long()[pos // ps], pos % ps]
+    return out.transpose(1, 2).contiguous()
+
+
+def padded_queries(layout, q, lens):
+    """[B, Hq, Tmax, D] queries and the [B, 1, Tmax, Lmax] bool mask (padding rows see key 0: no NaN)."""
+    seq = layout.q_seq.long().cpu()
+    B = layout.num_seqs
+    counts = torch.bincount(seq[seq >= 0], minlength=B)
+    Tmax = max(int(counts.max()), 1)
+    Lmax = max(lens)
+    qp = q.new_zeros(B, Tmax, q.shape[1], q.shape[2])
+    mask = torch.zeros(B, 1, Tmax, Lmax, dtype=torch.bool, device=q.device)
+    dm = layout.to_dense_mask()
+    row = 0
+    for b in range(B):
+        n = int(counts[b])
+        qp[b, :n] = q[row:row + n]
+        mask[b, 0, :n, :dm.shape[1]] = dm[row:row + n, :Lmax]
+        mask[b, 0, n:, 0] = True
+        row += n
+    return qp.transpose(1, 2).contiguous(), mask
+
+
+def sdpa_reference_style(qp, kd, vd, mask, G):
+    """The reference PD code's attention: repeat_kv (materialised) + dense bool mask + SDPA."""
+    k = kd.repeat_interleave(G, dim=1)
+    v = vd.repeat_interleave(G, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(qp, k, v, attn_mask=mask)
+
+
+def flex_setup(layout, lens, kd, vd, compiled):
+    """Packed flex inputs: all sequences' keys concatenated in one row; mask_mod from the layout tensors."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev = kd.device
+    B, Hkv, _, D = kd.shape
+    kv_seq = torch.cat([torch.full((n,), b, dtype=torch.int32, device=dev) for b, n in enumerate(lens)])
+    kv_pos = torch.cat([torch.arange(n, dtype=torch.int32, device=dev) for n in lens])
+    k = torch.cat([kd[b, :, :n] for b, n in enumerate(lens)], dim=1)[None]
+    v = torch.cat([vd[b, :, :n] for b, n in enumerate(lens)], dim=1)[None]
+    q_seq, qa, qb, qc = layout.q_seq, layout.q_kv[:, 0].contiguous(), layout.q_kv[:, 1].contiguous(), \
+        layout.q_kv[:, 2].contiguous()
+
+    def mask_mod(b, h, qi, kv):
+        p = kv_pos[kv]
+        return (q_seq[qi] == kv_seq[kv]) & ((p < qa[qi]) | ((p >= qb[qi]) & (p < qc[qi])))
+
+    cbm = torch.compile(create_block_mask) if compiled and dev.type == "cuda" else create_block_mask
+    build = lambda: cbm(mask_mod, None, None, layout.num_queries, k.shape[2], device=dev)  # noqa: E731
+    fa = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return build, fa, k, v
+
+
+def run_point(bench, label, seqs, cfg, args, gen):
+    Hq, Hkv, D, dtype, dev = cfg["Hq"], cfg["Hkv"], cfg["D"], cfg["dtype"], bench.device
+    G = Hq // Hkv
+    layout, q, kc, vc, bt, lens = make_inputs(seqs, Hq, Hkv, D, args.page_size, dtype, dev, gen)
+    pairs = int(layout.to_dense_mask().sum())
+    flops = 4.0 * D * Hq * pairs
+    base = dict(case=label, Tq=layout.num_queries, keys=sum(lens), pairs=pairs)
+
+    # layout build (host + one copy), as the decoder pays it each step
+    def build_layout():
+        lay = pk.SpanLayout.build(seqs, dev)
+        from pd_kernels.ops.triton.span_attention import choose_block_m
+        lay.tiles(choose_block_m(lay.max_segment, G) // G)
+        return lay
+    t_layout = time_fn(build_layout, bench, reps=min(args.reps, 20))
+    out = torch.empty_like(q)
+    t = time_fn(lambda: pk.span_attention(q, kc, vc, bt, layout, out=out, backend="triton"), bench)
+    bench.row(impl="triton", timing=t, flops=flops, layout_build_ms=round(t_layout.median_ms, 4), **base)
+
+    kd, vd = dense_kv(kc, bt, lens), dense_kv(vc, bt, lens)
+    if not args.no_flex:
+        try:
+            build, fa, k, v = flex_setup(layout, lens, kd, vd, compiled=not args.smoke)
+            bm = build()
+            t_mask = time_fn(build, bench, reps=min(args.reps, 10), warmup=1)
+            qf = q.transpose(0, 1)[None]
+            t = time_fn(lambda: fa(qf, k, v, block_mask=bm, enable_gqa=True), bench)
+            bench.row(impl="flex" if not args.smoke else "flex-eager", timing=t, flops=flops,
+                      mask_build_ms=round(t_mask.median_ms, 4), **base)
+        except Exception as e:  # keep the sweep going; the error is in the JSON
+            bench.row(impl="flex", timing=None, error=f"{type(e).__name__}: {str(e)[:200]}", **base)
+    qp, mask = padded_queries(layout, q, lens)
+    t = time_fn(lambda: sdpa_reference_style(qp, kd, vd, mask, G), bench)
+    bench.row(impl="sdpa-mask", timing=t, flops=flops, **base)
+    kr, vr = kd.repeat_interleave(G, dim=1), vd.repeat_interleave(G, dim=1)
+    t = time_fn(lambda: torch.nn.functional.scaled_dot_product_attention(qp, kr, vr), bench)
+    bench.row(impl="sdpa-nomask", timing=t, flops=flops, **base)
+
+
+def cases(grid, smoke):
+    """(label, seqs) points: span rounds in PD and PD-DA, plus decode and prefill shapes."""
+    out = []
+    for S, Ls, Pf, B, mode in itertools.product(grid["spans"], grid["span_len"], grid["prefix"], grid["batch"],
+                                                ("pd", "pd-da")):
+        out.append((f"{mode} B{B} S{S}x{Ls} P{Pf}", [pk.SeqQueries.spans(Pf, [Ls] * S, mode=mode)] * B))
+    for B, ctx in ([(1, 40), (2, 70)] if smoke else [(1, 512), (1, 4096), (8, 512), (8, 4096), (64, 1024)]):
+        out.append((f"decode B{B} ctx{ctx}", [pk.SeqQueries.causal(ctx - 1, 1)] * B))
+    for B, n in ([(1, 30)] if smoke else [(1, 512), (1, 2048), (8, 512)]):
+        out.append((f"prefill B{B} n{n}", [pk.SeqQueries.causal(0, n)] * B))
+    return out
+
+
+def summarize(bench):
+    rows = [r for r in bench.rows if r.get("median_ms") is not None]
+    by = {(r["case"], r["impl"]): r for r in rows}
+    lines = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        tr = by.get((case, "triton"))
+        if tr is None:
+            continue
+        parts = [f"{case}: triton {tr['median_ms']:.4g} ms"]
+        for peer in ("flex", "flex-eager", "sdpa-mask", "sdpa-nomask"):
+            p = by.get((case, peer))
+            if p:
+                parts.append(f"{p['median_ms'] / tr['median_ms']:.2f}x vs {peer}")
+        if case.startswith("pd "):
+            da = by.get((case.replace("pd ", "pd-da ", 1), "triton"))
+            if da:
+                parts.append(f"PD/PD-DA time {tr['median_ms'] / da['median_ms']:.2f}")
+        lines.append(", ".join(parts))
+    print("\n".join(lines))
+    speedups = [by[(c, "flex")]["median_ms"] / by[(c, "triton")]["median_ms"]
+                for c in dict.fromkeys(r["case"] for r in rows) if (c, "flex") in by and (c, "triton") in by]
+    if speedups:
+        g = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+        print(f"triton vs compiled flex: geomean {g:.2f}x, min {min(speedups):.2f}x over {len(speedups)} points")
+
+
+def main():
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a small subset of the sweep (for a GPU session)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (long compiles)")
+    args = p.parse_args()
+    bench = Bench("attention", args)
+    gen = torch.Generator().manual_seed(0)
+    if args.smoke:
+        cfg = dict(Hq=4, Hkv=1, D=64, dtype=torch.float32)
+        grid = SMOKE
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_attention needs a CUDA GPU (use --smoke on CPU)")
+        cfg = dict(Hq=28, Hkv=4, D=128, dtype=torch.bfloat16)
+        grid = QUICK if args.quick else FULL
+    t0 = time.perf_counter()
+    for label, seqs in cases(grid, args.smoke):
+        run_point(bench, label, seqs, cfg, args, gen)
+    bench.finish()
+    summarize(bench)
+    print(f"total {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
