@@ -78,11 +78,14 @@ def rng_row_state(seed: int, offset: int, row):
 
 
 def uniform01(seed: int, offset: int, num_rows: int, num_cols: int, device=None) -> torch.Tensor:
-    """fp32 ``[num_rows, num_cols]`` uniforms in (0, 1): ``((hash >> 8) + 0.5) / 2^24`` (24 exact bits)."""
+    """fp32 ``[num_rows, num_cols]`` uniforms in (0, 1): ``((hash >> 9) + 0.5) / 2^23``.
+
+    23 bits so that ``+ 0.5`` stays exact in fp32 (24 significant bits): u is never 0 or 1, so the
+    Gumbel noise is always finite."""
     rows = torch.arange(num_rows, dtype=torch.int64, device=device)
     cols = torch.arange(num_cols, dtype=torch.int64, device=device)
     h = _fmix32(_mix32(rng_row_state(seed, offset, rows)[:, None], cols[None, :]))
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 def gumbel_noise(seed: int, offset: int, num_rows: int, num_cols: int, device=None) -> torch.Tensor:

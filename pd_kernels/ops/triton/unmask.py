@@ -117,7 +117,7 @@ def _row_kernel(
         t1 = m_new
         if SAMPLE:
             hh = _fmix32(_mix32(h_row, cols.to(tl.uint32)))
-            u = ((hh >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            u = ((hh >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # never 0 or 1
             g = -tl.log(-tl.log(u))
             key = tl.where(sel, y + g, NEG_INF)
             ck = tl.max(key, axis=0)

@@ -1,0 +1,138 @@
+// torch glue for csrc/unmask.cu: checks, workspaces, then the plain-C launchers on the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <optional>
+
+#include "unmask.h"
+
+namespace {
+
+void token_confidence_cuda(const at::Tensor& logits, const at::Tensor& token, const at::Tensor& conf,
+                           const std::optional<at::Tensor>& suppress_ids, const std::optional<at::Tensor>& offset_t,
+                           int64_t seed, int64_t offset, int64_t kind, double temperature) {
+  TORCH_CHECK(logits.is_cuda() && token.is_cuda() && conf.is_cuda(),
+              "token_confidence_cuda: logits, token and conf must be CUDA tensors");
+  TORCH_CHECK(logits.dim() == 2, "token_confidence_cuda: logits must be [N, V]");
+  TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1, "token_confidence_cuda: logits need a unit stride over V");
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "token_confidence_cuda: logits must be float32, float16 or bfloat16");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V >= 1 && V < 0x7fffffff, "token_confidence_cuda: vocabulary size out of range");
+  TORCH_CHECK(token.scalar_type() == at::kLong && token.dim() == 1 && token.size(0) == N && token.is_contiguous(),
+              "token_confidence_cuda: token must be contiguous int64 [N]");
+  TORCH_CHECK(conf.scalar_type() == at::kFloat && conf.dim() == 1 && conf.size(0) == N && conf.is_contiguous(),
+              "token_confidence_cuda: conf must be contiguous float32 [N]");
+  TORCH_CHECK(kind >= 0 && kind <= 2, "token_confidence_cuda: kind must be 0 (prob), 1 (margin) or 2 (neg_entropy)");
+  TORCH_CHECK(temperature >= 0, "token_confidence_cuda: temperature must be >= 0");
+  TORCH_CHECK(seed >= 0 && offset >= 0, "token_confidence_cuda: seed and offset must be >= 0");
+  at::Tensor sup;
+  if (suppress_ids.has_value() && suppress_ids->numel() > 0) {
+    TORCH_CHECK(suppress_ids->is_cuda() && suppress_ids->device() == logits.device() && suppress_ids->dim() == 1,
+                "token_confidence_cuda: suppress_ids must be a 1-D tensor on the logits' device");
+    TORCH_CHECK(suppress_ids->scalar_type() == at::kLong || suppress_ids->scalar_type() == at::kInt,
+                "token_confidence_cuda: suppress_ids must be int32 or int64");
+    sup = suppress_ids->to(at::kLong).contiguous();  // a few ids: a tiny copy at most
+  }
+  if (offset_t.has_value()) {
+    TORCH_CHECK(offset_t->is_cuda() && offset_t->device() == logits.device() &&
+                    offset_t->scalar_type() == at::kLong && offset_t->numel() == 1,
+                "token_confidence_cuda: offset_t must be an int64 CUDA tensor with one element");
+  }
+  if (N == 0) return;
+
+  const c10::cuda::CUDAGuard guard(logits.device());
+  int num_sms = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, logits.device().index()) ==
+                  cudaSuccess, "token_confidence_cuda: cannot query the SM count");
+  pdk::TokenConfidenceParams p{};
+  p.logits = logits.data_ptr();
+  p.num_rows = N;
+  p.vocab = V;
+  p.stride = logits.stride(0);
+  p.dtype = dt == at::kFloat ? 0 : (dt == at::kHalf ? 1 : 2);
+  p.suppress = sup.defined() ? sup.data_ptr<int64_t>() : nullptr;
+  p.num_suppress = sup.defined() ? sup.numel() : 0;
+  p.offset_t = offset_t.has_value() ? offset_t->data_ptr<int64_t>() : nullptr;
+  p.seed = static_cast<uint64_t>(seed);
+  p.offset = static_cast<uint64_t>(offset);
+  p.kind = static_cast<int>(kind);
+  p.temperature = static_cast<float>(temperature);
+  p.token = token.data_ptr<int64_t>();
+  p.conf = conf.data_ptr<float>();
+  p.num_splits = pdk::token_confidence_num_splits(N, V, num_sms);
+  at::Tensor fpart, ipart;
+  if (p.num_splits > 1) {
+    fpart = at::empty({N, p.num_splits, 6}, logits.options().dtype(at::kFloat));
+    ipart = at::empty({N, p.num_splits, 3}, logits.options().dtype(at::kInt));
+    p.fpart = fpart.data_ptr<float>();
+    p.ipart = ipart.data_ptr<int32_t>();
+  }
+  const cudaError_t err = pdk::token_confidence(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "token_confidence_cuda: launch failed: ", cudaGetErrorString(err));
+}
+
+void commit_spans_cuda(const at::Tensor& token, const at::Tensor& conf, const at::Tensor& row_dst,
+                       const at::Tensor& row_span, const at::Tensor& tokens, const at::Tensor& masks_left,
+                       const at::Tensor& step, const at::Tensor& num_steps, const at::Tensor& deferred,
+                       const at::Tensor& committed, const at::Tensor& all_done, int64_t policy, double tau,
+                       int64_t mask_id) {
+  const at::Tensor* all[] = {&token, &conf, &row_dst, &row_span, &tokens, &masks_left,
+                             &step, &num_steps, &deferred, &committed, &all_done};
+  for (const at::Tensor* t : all) {
+    TORCH_CHECK(t->is_cuda() && t->device() == tokens.device(),
+                "commit_spans_cuda: every tensor must be on the same CUDA device");
+    TORCH_CHECK(t->is_contiguous(), "commit_spans_cuda: every tensor must be contiguous");
+  }
+  const int64_t N = token.numel();
+  TORCH_CHECK(token.scalar_type() == at::kLong && token.dim() == 1, "commit_spans_cuda: token must be int64 [N]");
+  TORCH_CHECK(conf.scalar_type() == at::kFloat && conf.dim() == 1 && conf.size(0) == N,
+              "commit_spans_cuda: conf must be float32 [N]");
+  TORCH_CHECK(row_dst.scalar_type() == at::kLong && row_dst.dim() == 1 && row_dst.size(0) == N,
+              "commit_spans_cuda: row_dst must be int64 [N]");
+  TORCH_CHECK(row_span.scalar_type() == at::kInt && row_span.dim() == 1 && row_span.size(0) == N,
+              "commit_spans_cuda: row_span must be int32 [N]");
+  TORCH_CHECK(tokens.scalar_type() == at::kLong, "commit_spans_cuda: tokens must be int64");
+  const int64_t S = masks_left.numel();
+  for (const at::Tensor* t : {&masks_left, &step, &num_steps, &deferred, &committed}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) == S,
+                "commit_spans_cuda: state tensors and committed must be int32 [S]");
+  }
+  TORCH_CHECK(all_done.scalar_type() == at::kBool && all_done.numel() == 1, "commit_spans_cuda: all_done must be bool [1]");
+  TORCH_CHECK(policy >= 0 && policy <= 2, "commit_spans_cuda: policy must be 0, 1 or 2");
+
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  at::Tensor flags = at::empty({N > 0 ? N : 1}, token.options().dtype(at::kChar));
+  pdk::CommitSpansParams p{};
+  p.token = token.data_ptr<int64_t>();
+  p.conf = conf.data_ptr<float>();
+  p.row_dst = row_dst.data_ptr<int64_t>();
+  p.row_span = row_span.data_ptr<int32_t>();
+  p.num_rows = N;
+  p.tokens = tokens.data_ptr<int64_t>();
+  p.masks_left = masks_left.data_ptr<int32_t>();
+  p.step = step.data_ptr<int32_t>();
+  p.num_steps = num_steps.data_ptr<int32_t>();
+  p.deferred = deferred.data_ptr<int32_t>();
+  p.num_spans = S;
+  p.committed = committed.data_ptr<int32_t>();
+  p.all_done = all_done.data_ptr<bool>();
+  p.flags = flags.data_ptr<int8_t>();
+  p.policy = static_cast<int>(policy);
+  p.tau = static_cast<float>(tau);
+  p.mask_id = mask_id;
+  const cudaError_t err = pdk::commit_spans(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "commit_spans_cuda: launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pd_kernels, CUDA, m) {
+  m.impl("token_confidence_cuda", &token_confidence_cuda);
+  m.impl("commit_spans_cuda", &commit_spans_cuda);
+}

@@ -1,0 +1,63 @@
+// Token choice and span commits (SPEC section 5): plain-C++ launcher interface (no torch headers; see
+// csrc/bindings/unmask.cpp). Semantics: pd_kernels/reference/unmask.py.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace pdk {
+
+// Row pass: token and confidence per row of logits, one read of the row.
+//   logits:   [N, V] elements of dtype `dtype` (0 fp32, 1 fp16, 2 bf16); row stride `stride` (elements),
+//             unit stride over V
+//   suppress: int64 [num_suppress] ids never chosen (nullptr if none)
+//   offset_t: int64 [1] device offset (nullptr: use `offset`)
+//   kind:     0 prob, 1 margin, 2 neg_entropy;  temperature 0 = argmax, > 0 = Gumbel-max sampling
+//   token:    int64 [N] out;  conf: float32 [N] out
+//   fpart/ipart: workspace of float32 [N, num_splits, 6] and int32 [N, num_splits, 3] when num_splits > 1
+struct TokenConfidenceParams {
+  const void* logits;
+  int64_t num_rows, vocab, stride;
+  int dtype;
+  const int64_t* suppress;
+  int64_t num_suppress;
+  const int64_t* offset_t;
+  uint64_t seed, offset;
+  int kind;
+  float temperature;
+  int64_t* token;
+  float* conf;
+  float* fpart;
+  int32_t* ipart;
+  int num_splits;
+};
+
+// How many programs split each row's V for this N (so the binding can size the workspace).
+int token_confidence_num_splits(int64_t num_rows, int64_t vocab, int num_sms);
+
+cudaError_t token_confidence(const TokenConfidenceParams& p, cudaStream_t stream);
+
+// Commit: one block per span; updates tokens and the span state in place, writes committed[S] and
+// all_done[1] (bool stored as one byte).
+struct CommitSpansParams {
+  const int64_t* token;
+  const float* conf;
+  const int64_t* row_dst;
+  const int32_t* row_span;
+  int64_t num_rows;
+  int64_t* tokens;
+  int32_t* masks_left;
+  int32_t* step;
+  const int32_t* num_steps;
+  int32_t* deferred;
+  int64_t num_spans;
+  int32_t* committed;
+  bool* all_done;
+  int8_t* flags;  // workspace int8 [num_rows]
+  int policy;     // 0 threshold, 1 schedule, 2 pd_threshold
+  float tau;
+  int64_t mask_id;
+};
+
+cudaError_t commit_spans(const CommitSpansParams& p, cudaStream_t stream);
+
+}  // namespace pdk
