@@ -1,0 +1,201 @@
+"""The decoder loop against the independent plain-torch reference decoder (tests/reference_decoder.py).
+
+Tiny random-weight Qwen2 in fp32 on CPU, forced multi-span multi-round plans, greedy: the kernel path
+(torch backend for the full matrix, Triton in the interpreter for representative cases) must produce
+exactly the reference's tokens. Plus the documented outcomes of malformed plans and limits.
+"""
+import pytest
+import torch
+
+import pd_kernels
+from pd_kernels.decoder import DecodeConfig, Decoder, generate, make_plan, parse_plan
+from pd_kernels.models import TINY_TAGS, tiny_model
+from reference_decoder import ReferenceDecoder
+
+T = TINY_TAGS
+PROMPTS = [[40, 41, 42, 43, 44], [50, 60, 70], [33, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100]]
+PLANS = [
+    [make_plan(T, [1, 2], terminator="sync"), make_plan(T, [1], topic_tokens=[[77]], terminator="sync"),
+     make_plan(T, [2], terminator="eos")],
+    [make_plan(T, [2, 1, 1], topic_tokens=[[100], [101, 102], []], terminator="eos")],
+    [make_plan(T, [3], terminator="sync"), make_plan(T, [1, 1], terminator="eos")],
+]
+KW = dict(length_scale=4, max_new_tokens=80, tau=0.05, diffusion_len=12)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_model(seed=1), tiny_model(seed=1)  # kernel path, reference (same weights)
+
+
+def _check_against_reference(models, mode, policy, confidence="prob", steps_ratio=1.0, backend="torch",
+                             prompts=PROMPTS, plans=PLANS, **kw):
+    m_kernel, m_ref = models
+    opts = dict(KW, **kw)
+    cfg = DecodeConfig(mode=mode, policy=policy, confidence=confidence, steps_ratio=steps_ratio, tags=T, **opts)
+    res = generate(m_kernel, prompts, cfg, forced_plans=plans, backend=backend)
+    for i, (p, f) in enumerate(zip(prompts, plans)):
+        ref = ReferenceDecoder(m_ref, tags=T, mode=mode, policy=policy, confidence=confidence,
+                               steps_ratio=steps_ratio, **opts).generate(p, f)
+        assert res[i].sequence == ref["sequence"], f"prompt {i}: sequences differ"
+        assert res[i].answer == ref["answer"]
+        assert res[i].stats.critical_path == ref["forwards"] + (1 if mode == "diffusion" and len(p) > 1 else 0)
+    return res
+
+
+@pytest.mark.parametrize("policy", ["schedule", "pd_threshold", "threshold"])
+@pytest.mark.parametrize("mode", ["pd", "pd-da", "ar", "diffusion"])
+def test_matches_reference_torch(models, mode, policy):
+    res = _check_against_reference(models, mode, policy)
+    if mode in ("pd", "pd-da"):
+        assert [r.stats.rounds for r in res] == [3, 1, 2]
+        assert [r.stats.spans for r in res] == [4, 3, 3]
+        assert all(r.finish_reason == "eos" for r in res)
+
+
+@pytest.mark.parametrize("confidence", ["margin", "neg_entropy"])
+def test_confidence_kinds(models, confidence):
+    _check_against_reference(models, "pd", "pd_threshold", confidence=confidence, tau=0.01)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_steps_ratio(models, ratio):
+    res = _check_against_reference(models, "pd", "schedule", steps_ratio=ratio)
+    full = generate(models[0], PROMPTS, DecodeConfig(mode="pd", tags=T, **KW), forced_plans=PLANS)
+    assert sum(r.stats.steps["diffusion"] for r in res) < sum(r.stats.steps["diffusion"] for r in full)
+
+
+@pytest.mark.parametrize("mode,policy", [("pd", "schedule"), ("pd-da", "threshold"), ("diffusion", "pd_threshold")])
+def test_matches_reference_triton(models, mode, policy):
+    _check_against_reference(models, mode, policy, backend="triton", prompts=PROMPTS[:2], plans=PLANS[:2])
+
+
+def test_batch_size_does_not_change_tokens(models):
+    cfg = DecodeConfig(mode="pd", policy="pd_threshold", tags=T, **KW)
+    dec = Decoder(models[0], cfg, max_batch=2)
+    a = dec.generate(PROMPTS, PLANS)
+    assert dec.cache.num_free_pages == dec.cache.num_pages  # finished requests freed their pages
+    b = generate(models[0], PROMPTS, cfg, forced_plans=PLANS, max_batch=1)
+    assert [r.sequence for r in a] == [r.sequence for r in b]
+    # shared steps: the batch takes fewer forward passes than the requests' critical paths added up
+    assert dec.step_index < sum(r.stats.critical_path for r in a)
+
+
+def test_stats(models):
+    cfg = DecodeConfig(mode="pd", tags=T, **KW)
+    r = generate(models[0], PROMPTS[:1], cfg, forced_plans=PLANS[:1])[0]
+    s = r.stats
+    assert s.steps["prefill"] == 1
+    # every plan token and every <sync/> is one AR forward (prefill / <sync/> yield a round's first plan token,
+    # the last plan token's forward yields the terminator)
+    assert s.steps["plan"] == sum(len(p) for p in r.plans) + (s.rounds - 1)
+    assert s.plan_tokens == sum(len(p) for p in r.plans)
+    assert s.span_tokens == sum(len(x) for rnd in r.spans for x in rnd) == 4 * (1 + 2 + 1 + 2)
+    assert s.steps["diffusion"] == 8 + 4 + 8  # schedule at r=1: one token per span per step
+    assert s.critical_path == sum(s.steps.values()) and s.wall_s > 0
+    assert set(s.as_dict()) >= {"critical_path", "steps", "time_s", "plan_tokens", "span_tokens"}
+
+
+# ---- documented outcomes of malformed plans and limits -------------------------------------------------
+def test_parse_plan_errors():
+    bad = [T.promise, 100, T.topic_close, T.promise, T.digits[0], T.topic_close,
+           T.promise, T.digits[9], T.digits[9], T.topic_close, T.promise, T.digits[2]]
+    entries, errors = parse_plan(bad, T, length_scale=10, max_span_len=50)
+    assert [(e.number, e.length) for e in entries] == [(99, 50)]
+    assert len(errors) == 4 and "no number" in errors[0] and "0 tokens" in errors[1]
+    assert "clamped" in errors[2] and "no </topic>" in errors[3]
+    entries, errors = parse_plan(make_plan(T, [1, 2, 3], terminator=None), T, max_spans=2)
+    assert [e.number for e in entries] == [1, 2] and "max_spans" in errors[0]
+
+
+def test_plan_without_promise_is_the_answer(models):
+    plan = [60, 61, 62, T.eos]
+    r = generate(models[0], [[40, 41]], DecodeConfig(mode="pd", tags=T, **KW), forced_plans=[[plan]])[0]
+    assert r.finish_reason == "no_plan" and r.answer == [60, 61, 62] and r.stats.spans == 0
+
+
+def test_plan_errors_do_not_crash(models):
+    plan = [T.promise, 100, T.topic_close, T.promise, T.digits[9], T.digits[9], T.topic_close, T.eos]
+    cfg = DecodeConfig(mode="pd", tags=T, **dict(KW, max_span_len=6))
+    r = generate(models[0], [[40, 41]], cfg, forced_plans=[[plan]])[0]
+    assert r.finish_reason == "eos" and [len(s) for s in r.spans[0]] == [6]
+    assert len(r.stats.plan_errors) == 2
+
+
+def test_max_new_tokens_and_rounds(models):
+    sync = make_plan(T, [2], terminator="sync")
+    cfg = DecodeConfig(mode="pd", tags=T, **dict(KW, max_rounds=2))
+    r = generate(models[0], [[40, 41]], cfg, forced_plans=[[sync] * 4])[0]
+    assert r.finish_reason == "max_rounds" and r.stats.rounds == 2
+    cfg = DecodeConfig(mode="pd", tags=T, **dict(KW, max_new_tokens=12))
+    r = generate(models[0], [[40, 41]], cfg, forced_plans=[[make_plan(T, [3, 3], terminator="eos")]])[0]
+    assert r.finish_reason == "length" and len(r.sequence) - 2 <= 12
+    assert [len(s) for s in r.spans[0]] == [12 - 6 - 2] and r.stats.plan_errors
+    r = generate(models[0], [[40, 41]], DecodeConfig(mode="ar", tags=T, **dict(KW, max_new_tokens=7)))[0]
+    assert len(r.answer) <= 7 and len(r.sequence) == 2 + 7
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="mode"):
+        DecodeConfig(mode="xx")
+    with pytest.raises(ValueError, match="policy"):
+        DecodeConfig(policy="xx")
+    with pytest.raises(ValueError, match="vocabulary"):
+        Decoder(tiny_model(), DecodeConfig())  # Dream tag ids do not fit a 256-token vocabulary
+
+
+def test_sampling_runs(models):
+    cfg = DecodeConfig(mode="pd", tags=T, temperature=1.0, seed=3, **KW)
+    a = generate(models[0], PROMPTS[:2], cfg, forced_plans=PLANS[:2])
+    b = generate(models[0], PROMPTS[:2], cfg, forced_plans=PLANS[:2])
+    assert [r.sequence for r in a] == [r.sequence for r in b]  # counter-based RNG: reproducible
+    assert all(T.mask not in r.sequence for r in a)
+
+
+def test_prefix_cache_equals_fresh_forward(models):
+    """At the <sync/> of round 1 the prompt and plan K/V in the paged cache equal a fresh forward; the
+    spans' K/V are those of their last forward (documented staleness) and equal a fresh forward of the
+    sequence as it was last forwarded (PD: a span only sees the prefix and itself)."""
+    m_kernel, m_ref = models
+    cfg = DecodeConfig(mode="pd", tags=T, **KW)
+    seen = {}
+    prev = {}
+
+    def on_step(dec):
+        for r in dec.running:
+            for s in r.round_spans:
+                key = (r.idx, r.stats.rounds, s.start)
+                if not s.active and key not in seen.setdefault("last", {}):
+                    seen["last"][key] = prev["tok"][r.slot, s.start:s.start + s.length].clone()
+            if r.idx == 0 and r.phase == "plan" and r.stats.rounds == 1 and "cache" not in seen:
+                n = r.length - 1
+                seen["cache"] = [dec.cache.gather(r.seq, l)[0][:n].clone() for l in range(dec.cache.num_layers)]
+                seen["seq"] = dec.tokens[r.slot, :n].clone()
+                seen["spans"] = [(s.start, s.length) for s in r.round_spans]
+                seen["prefix"] = r.prefix
+        prev["tok"] = dec.tokens.clone()
+
+    dec = Decoder(m_kernel, cfg, on_step=on_step)
+    prev["tok"] = None
+    orig = dec._admit
+
+    def admit(r):
+        orig(r)
+        prev["tok"] = dec.tokens.clone()
+    dec._admit = admit
+    dec.generate(PROMPTS[:1], PLANS[:1])
+    seq = seen["seq"].clone()
+    for (a, n) in seen["spans"]:
+        seq[a:a + n] = seen["last"][(0, 1, a)]
+    L, P = seq.shape[0], seen["prefix"]
+    vis = torch.tril(torch.ones(L, L, dtype=torch.bool))
+    for (a, n) in seen["spans"]:
+        vis[a:a + n] = False
+        vis[a:a + n, :P] = True
+        vis[a:a + n, a:a + n] = True
+    mask = torch.zeros(L, L).masked_fill(~vis, float("-inf"))[None, None]
+    with torch.no_grad():
+        out = m_ref(input_ids=seq[None], attention_mask=mask, position_ids=torch.arange(L)[None], use_cache=True)
+    for l, k_cached in enumerate(seen["cache"]):
+        k_fresh = out.past_key_values.layers[l].keys[0].transpose(0, 1)  # [L, Hkv, D]
+        torch.testing.assert_close(k_cached, k_fresh, atol=1e-5, rtol=1e-5)
