@@ -199,3 +199,11 @@ def test_prefix_cache_equals_fresh_forward(models):
     for l, k_cached in enumerate(seen["cache"]):
         k_fresh = out.past_key_values.layers[l].keys[0].transpose(0, 1)  # [L, Hkv, D]
         torch.testing.assert_close(k_cached, k_fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_demo_runs(capsys):
+    from pd_kernels.__main__ import main
+
+    assert main(["demo", "--plain", "--no-baseline", "--max-new-tokens", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "round 2: plan" in out and "span 1" in out and "crit.path" in out and "answer (eos)" in out
