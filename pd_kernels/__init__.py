@@ -4,7 +4,8 @@ Ops (each a ``torch.library`` op in the ``pd_kernels::`` namespace, with torch /
 
 * :func:`paged_kv_write` - write new keys/values into the paged KV cache (:class:`PagedKVCache`).
 * :func:`span_attention` - block-sparse span-isolated attention over the paged KV cache, driven by a
-  :class:`SpanLayout` built from one :class:`SeqQueries` per sequence.
+  :class:`SpanLayout` built from one :class:`SeqQueries` per sequence (:class:`StaticSpanLayout`: the
+  fixed-buffer, per-bucket form for CUDA graphs).
 
 Backends: see :mod:`pd_kernels._backend` (``backend=``, :func:`use_backend`, :func:`set_backend`,
 ``PD_KERNELS_BACKEND``).
@@ -13,7 +14,7 @@ from ._backend import BackendUnavailable, current_backend, set_backend, use_back
 from .ops import paged_kv_write
 from .ops import span_attention
 from .ops import SpanState, commit_spans, token_confidence
-from .layout import SeqQueries, SpanLayout
+from .layout import SeqQueries, SpanLayout, StaticSpanLayout
 from .paged_cache import OutOfPages, PagedKVCache
 from .decoder import ControlTags, DecodeConfig, Decoder, generate
 
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable", "current_backend", "set_backend", "use_backend",
     "paged_kv_write", "PagedKVCache", "OutOfPages",
-    "span_attention", "SpanLayout", "SeqQueries",
+    "span_attention", "SpanLayout", "SeqQueries", "StaticSpanLayout",
     "token_confidence", "commit_spans", "SpanState",
     "ControlTags", "DecodeConfig", "Decoder", "generate",
 ]

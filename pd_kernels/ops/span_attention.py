@@ -1,29 +1,38 @@
-"""``pd_kernels::span_attention``: block-sparse span-isolated attention over the paged KV cache."""
+"""``pd_kernels::span_attention``: block-sparse span-isolated attention over the paged KV cache.
+
+CUDA graphs: pass a :class:`pd_kernels.StaticSpanLayout` (fixed buffers refilled per step, fixed tile count,
+query block and split count per bucket) and ``out=``; the call then does no host sync and no device
+allocation (after the first call per head count / head dim, which allocates the split-K workspace when
+``num_splits > 1``), so it can be captured once per bucket and replayed after ``layout.update(seqs)``.
+"""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from .. import _backend
 from .._checks import FLOAT_DTYPES, check, check_tensor
-from ..layout import TILE_COLS, SpanLayout
+from ..layout import TILE_COLS, SpanLayout, StaticSpanLayout
 from ..reference.span_attention import span_attention_ref_tensors
 
 OP = "span_attention"
 _backend.register_op_backends(OP, ("torch", "triton"))
 
 
-@torch.library.custom_op("pd_kernels::span_attention", mutates_args=("out",))
+@torch.library.custom_op("pd_kernels::span_attention", mutates_args=("out", "o_part", "ml"))
 def _span_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                        q_pos: torch.Tensor, q_seq: torch.Tensor, q_kv: torch.Tensor, tiles: torch.Tensor,
-                       out: torch.Tensor, scale: float, block_m: int, num_splits: int, backend: str) -> None:
+                       out: torch.Tensor, scale: float, block_m: int, num_splits: int, backend: str,
+                       o_part: Optional[torch.Tensor] = None, ml: Optional[torch.Tensor] = None) -> None:
+    # o_part / ml: optional split-K workspace (a static layout's), so a captured call allocates nothing
     if backend == "triton":
         from .triton.span_attention import kernel_config, span_attention_triton
 
         bn, warps, stages = kernel_config(block_m, q.shape[-1], q.is_cuda)
         span_attention_triton(q, k_cache, v_cache, block_table, q_pos, tiles, out, scale, block_m, num_splits,
-                              block_n=bn, num_warps=warps, num_stages=stages)
+                              block_n=bn, num_warps=warps, num_stages=stages, o_part=o_part, ml=ml)
     elif backend == "torch":
         span_attention_ref_tensors(q, k_cache, v_cache, block_table, q_seq, q_kv, scale, out=out)
     else:
@@ -31,7 +40,8 @@ def _span_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 
 @_span_attention_op.register_fake
-def _(q, k_cache, v_cache, block_table, q_pos, q_seq, q_kv, tiles, out, scale, block_m, num_splits, backend):
+def _(q, k_cache, v_cache, block_table, q_pos, q_seq, q_kv, tiles, out, scale, block_m, num_splits, backend,
+      o_part=None, ml=None):
     return None
 
 
@@ -51,6 +61,9 @@ def _validate(q, k_cache, v_cache, block_table, layout, out) -> None:
     check(Dk == D, f"head dim of q ({D}) != head dim of the cache ({Dk}); cache is [P, page_size, Hkv, D]")
     check(1 <= D <= 256, f"head dim must be in [1, 256], got {D}")
     check(Hkv >= 1 and Hq % Hkv == 0, f"query heads ({Hq}) must be a multiple of KV heads ({Hkv}) (GQA)")
+    if isinstance(layout, StaticSpanLayout):
+        check(Hq // Hkv == layout.group, f"StaticSpanLayout was built for group={layout.group} query heads per KV "
+                                         f"head, the inputs have {Hq} / {Hkv} = {Hq // Hkv}")
     check_tensor(block_table, "block_table", dim=2, dtypes=(torch.int32,), device=dev)
     check(block_table.shape[0] == layout.num_seqs,
           f"block_table has {block_table.shape[0]} rows but the layout has {layout.num_seqs} sequences "
@@ -77,11 +90,15 @@ def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             ``PagedKVCache.layer(l)``); same dtype as ``q``. ``Hq`` must be a multiple of ``Hkv`` (GQA).
         block_table: int32 ``[B, max_pages]``; row ``b`` holds the pages of sequence ``b`` of the layout.
         layout: :class:`pd_kernels.SpanLayout`: which keys each query sees (keys must already be in the cache:
-            the K/V of the queries themselves are written before attention).
+            the K/V of the queries themselves are written before attention). A
+            :class:`pd_kernels.StaticSpanLayout` (CUDA graphs) fixes the query block and split count; with
+            ``out=`` the call then neither syncs nor allocates (Triton backend; the torch reference reads
+            the layout on the host).
         scale: softmax scale, default ``1 / sqrt(D)``.
         out: optional ``[Tq, Hq, D]`` output buffer (dtype of q), written in place.
         num_splits: Triton only: split each tile's keys over this many programs (1..16) and merge; default
-            picks it from the grid size (more than 1 only for small grids on a GPU, e.g. decode).
+            picks it from the grid size (more than 1 only for small grids on a GPU, e.g. decode). With a
+            static layout: ``layout.num_splits`` (passing another value is an error).
         backend: ``"torch" | "triton" | "auto"`` (no CUDA kernel for this op).
 
     Returns ``out``: ``[Tq, Hq, D]``; query ``t`` attends (softmax in fp32) to the keys ``[0, a) U [b, c)``
@@ -93,7 +110,19 @@ def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     block_m, splits = 16, 1
-    if b == "triton":
+    o_part = ml = None
+    if isinstance(layout, StaticSpanLayout):
+        # everything fixed per bucket: same launch every step, nothing read from the step's data
+        check(num_splits is None or int(num_splits) == layout.num_splits,
+              f"num_splits={num_splits} but the StaticSpanLayout fixes num_splits={layout.num_splits}")
+        block_m, splits = layout.block_m, layout.num_splits
+        if b == "triton":
+            tiles = layout.tiles(layout.tokens_per_tile)
+            if splits > 1:
+                o_part, ml = layout.split_workspace(q.shape[1], q.shape[2])
+        else:
+            tiles = layout.tiles(layout.tokens_per_tile)[:0]
+    elif b == "triton":
         from .triton.span_attention import MAX_SPLITS, choose_block_m, choose_splits, kernel_config
 
         G = q.shape[1] // k_cache.shape[2]
@@ -108,5 +137,5 @@ def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     else:
         tiles = torch.zeros((0, TILE_COLS), dtype=torch.int32, device=q.device)
     torch.ops.pd_kernels.span_attention(q, k_cache, v_cache, block_table, layout.q_pos, layout.q_seq, layout.q_kv,
-                                        tiles, out, scale, block_m, splits, b)
+                                        tiles, out, scale, block_m, splits, b, o_part, ml)
     return out

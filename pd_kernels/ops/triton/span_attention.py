@@ -19,6 +19,11 @@ writes ``out`` directly.
 
 Per-step lengths (tile count, query count, split count) are runtime values or grid sizes; constexprs are
 head dim, group size, page size, block sizes and two flags, so a decode loop never recompiles.
+
+CUDA graphs: with a :class:`pd_kernels.StaticSpanLayout` the grid (``max_tiles x Hkv x splits``), the
+query block, the tile table / query arrays and the split-K workspace are all fixed per bucket; tiles past
+the step's count have 0 rows and empty key ranges, so their programs skip both key loops and every store
+is masked off.
 """
 from __future__ import annotations
 
@@ -215,9 +220,12 @@ def choose_splits(num_tiles: int, num_kv_heads: int, max_kv: int, block_n: int, 
 def span_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                           q_pos: torch.Tensor, tiles: torch.Tensor, out: torch.Tensor, scale: float,
                           block_m: int, num_splits: int, block_n: int = 64, num_warps: int = 4,
-                          num_stages: int = 1) -> None:
+                          num_stages: int = 1, o_part: torch.Tensor | None = None,
+                          ml: torch.Tensor | None = None) -> None:
     """Shapes as :func:`pd_kernels.span_attention` (validated). ``tiles`` is the layout's tile table for
-    ``block_m // G`` tokens per tile."""
+    ``block_m // G`` tokens per tile; rows with 0 query rows (a static layout's unused tiles) write nothing.
+    ``o_part`` fp32 ``[>= num_splits, Tq, Hq, D]`` / ``ml`` fp32 ``[>= num_splits, Tq, Hq, 2]``: split-K
+    workspace (contiguous); allocated here when not given (a captured graph passes fixed ones)."""
     Tq, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
@@ -232,8 +240,12 @@ def span_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     assert 1 <= num_splits <= MAX_SPLITS
     split = num_splits > 1
     if split:
-        o_part = torch.empty((num_splits, Tq, Hq, D), dtype=torch.float32, device=q.device)
-        ml = torch.empty((num_splits, Tq, Hq, 2), dtype=torch.float32, device=q.device)
+        if o_part is None:
+            o_part = torch.empty((num_splits, Tq, Hq, D), dtype=torch.float32, device=q.device)
+        if ml is None:
+            ml = torch.empty((num_splits, Tq, Hq, 2), dtype=torch.float32, device=q.device)
+        assert o_part.is_contiguous() and o_part.shape[1:] == (Tq, Hq, D) and o_part.shape[0] >= num_splits
+        assert ml.is_contiguous() and ml.shape[1:] == (Tq, Hq, 2) and ml.shape[0] >= num_splits
     else:
         o_part = ml = out  # unused
     grid = (num_tiles, Hkv, num_splits)
