@@ -135,6 +135,15 @@ def _as_int(x, name: str) -> int:
     return int(x)
 
 
+def _norm_device(device) -> torch.device:
+    """``"cuda"`` -> ``cuda:<current>``, so that ``layout.device == q.device`` holds for tensors made with
+    ``device="cuda"`` (torch.device("cuda") != torch.device("cuda:0"))."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """One host-to-device copy that does not block the host (pinned staging buffer) on CUDA."""
     if device.type != "cuda":
@@ -275,7 +284,7 @@ class SpanLayout:
         fixed tile count, refilled in place).
         """
         seqs = _check_seqs(seqs, "SpanLayout.build")
-        device = torch.device(device)
+        device = _norm_device(device)
         if pad_to is not None:
             pad_to = _as_int(pad_to, "pad_to")
         host, seg_arr, kv_lens, real = _pack(seqs, pad_to, "SpanLayout.build")
@@ -380,7 +389,7 @@ class StaticSpanLayout(SpanLayout):
         if not 1 <= splits <= MAX_SPLITS:
             raise ValueError(f"StaticSpanLayout: num_splits must be in [1, {MAX_SPLITS}], got {splits}")
         T = bm // G
-        device = torch.device(device)
+        device = _norm_device(device)
         self.max_queries, self.max_seqs, self.max_segments, self.group = N, B, S, G
         self.block_m, self.num_splits, self.tokens_per_tile = bm, splits, T
         self.max_tiles = min(N, N // T + S + 1)
