@@ -14,6 +14,7 @@ bandwidth.
 
     python benchmarks/bench_unmask.py                 # GPU: V 152064, bf16, N in {8, 32, 128, 256, 1024}
     python benchmarks/bench_unmask.py --smoke         # CPU: tiny shapes, checks the script runs
+    python benchmarks/bench_unmask.py --N 256 --impls triton --triton-configs 2048x8,1024x4,4096x8  # tiling sweep
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def main(argv=None):
     p.add_argument("--impls", default="reference,compiled,triton,cuda")
     p.add_argument("--policy", default="schedule", choices=["threshold", "schedule", "pd_threshold"])
     p.add_argument("--graph", action="store_true", help="time triton/cuda inside a CUDA graph (no launch overhead)")
+    p.add_argument("--triton-configs", default="",
+                   help="extra Triton row-pass rows, comma-separated BLOCK_VxWARPS (e.g. 2048x8,1024x4,4096x8)")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
@@ -90,6 +93,8 @@ def main(argv=None):
         dtype = torch.float32 if not gpu else dtype  # bf16 math is wrong in the interpreter
         if not gpu:
             impls = [i for i in impls if i not in ("cuda", "compiled")]  # no GPU; compile is slow on CPU
+    configs = [tuple(int(v) for v in c.split("x")) for c in args.triton_configs.split(",") if c]
+    impls = impls + [f"triton[{bv}x{nw}]" for bv, nw in configs]
     bench = Bench("unmask", args)
     compiled_rows = torch.compile(reference_rows, dynamic=False) if "compiled" in impls else None
 
@@ -118,6 +123,15 @@ def main(argv=None):
                     fn_rows = reference_rows if impl == "reference" else compiled_rows
                     rows_fn = lambda: fn_rows(logits)  # noqa: E731
                     step_fn = lambda: reference_step(fn_rows, logits, seq, row_dst, span_rows, steps, 0)  # noqa: E731
+                elif impl.startswith("triton["):  # row pass only, with a forced BLOCK_V x num_warps
+                    from pd_kernels.ops.triton.unmask import token_confidence_triton
+
+                    bv, nw = (int(v) for v in impl[7:-1].split("x"))
+                    tok = torch.empty(N, dtype=torch.int64, device=device)
+                    conf = torch.empty(N, dtype=torch.float32, device=device)
+                    rows_fn = lambda: token_confidence_triton(logits, tok, conf, None, None, 0, 0, "prob", 0.0,  # noqa: E731
+                                                              block_v=bv, num_warps=nw)
+                    step_fn = None
                 else:
                     if impl == "cuda" and not gpu:
                         raise RuntimeError("no GPU")
@@ -134,11 +148,12 @@ def main(argv=None):
                 timer = time_graph if (args.graph and impl in ("triton", "cuda") and gpu) else time_fn
                 t_rows = timer(rows_fn, bench)
                 restore()
-                t_step = time_fn(step_fn, bench, setup=restore)
                 bench.row(impl=impl, shape=shape, part="rows", timing=t_rows, bytes=nbytes,
                           **{"copy_GB/s": round(copy_bw, 1), "floor_us": round(floor_us, 2),
                              "pct_copy_bw": round(100 * nbytes / (t_rows.median_ms * 1e-3) / 1e9 / copy_bw, 1)})
-                bench.row(impl=impl, shape=shape, part="step", timing=t_step, bytes=nbytes)
+                if step_fn is not None:
+                    t_step = time_fn(step_fn, bench, setup=restore)
+                    bench.row(impl=impl, shape=shape, part="step", timing=t_step, bytes=nbytes)
             except Exception as e:  # a missing backend is reported, not fatal
                 bench.row(impl=impl, shape=shape, part="-", timing=None, error=f"{type(e).__name__}: {e}"[:120])
     bench.finish(["impl", "shape", "part", "median_ms", "GB/s", "pct_copy_bw", "floor_us", "copy_GB/s"])

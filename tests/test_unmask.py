@@ -427,3 +427,80 @@ def test_public_exports():
     for name in ("token_confidence", "commit_spans", "SpanState"):
         assert hasattr(pd_kernels, name)
     from pd_kernels.reference import commit_spans_ref as a, token_confidence_ref as b  # noqa: F401
+
+
+def _lane_rows(V: int, B: int, seed: int) -> torch.Tensor:
+    """fp32 rows aimed at the per-lane state of the Triton row pass (lane l holds columns l, l + B, ...):
+    maxima repeated across lanes and chunks, top-2 == top-1 in another lane or the same lane, the argmax
+    in the last partial chunk, all -inf but one, all -inf, NaN in one lane, +inf, a suppressed maximum."""
+    g = torch.Generator().manual_seed(seed)
+    last = V - 1
+    rows = []
+    rows.append(torch.randint(-3, 3, (V,), generator=g).float())  # many exact ties everywhere
+    r = torch.randn(V, generator=g)
+    r[last] = 9.0  # argmax in the last (partial) chunk
+    rows.append(r)
+    r = torch.randn(V, generator=g)
+    r[[5 % V, (B + 2) % V, last]] = 7.0  # equal maxima in different lanes and chunks: lowest index wins
+    rows.append(r)
+    r = torch.randn(V, generator=g)
+    a = (B - 3) % V
+    r[a] = 6.0
+    if a + B < V:
+        r[a + B] = 6.0  # the same lane, next chunk: t2 == t1 inside one lane
+    rows.append(r)
+    r = torch.full((V,), float("-inf"))
+    r[V // 2] = 1.5  # all -inf but one
+    rows.append(r)
+    rows.append(torch.full((V,), float("-inf")))  # all -inf: the first selectable id
+    r = torch.randn(V, generator=g)
+    r[1 % V] = float("nan")  # NaN in one lane only
+    rows.append(r)
+    r = torch.randn(V, generator=g)
+    r[[V // 2 + 1, V - 3]] = float("inf")
+    rows.append(r)
+    r = torch.randn(V, generator=g) * 0.1
+    r[2 % V] = 5.0
+    if 2 + B < V:
+        r[2 + B] = 6.0  # top-2 below top-1 in the argmax lane, every other lane lower
+    rows.append(r)
+    r = torch.randn(V, generator=g)
+    r[(B + 4) % V] = 20.0  # on suppressed ids (see the test): never chosen
+    r[(2 * B) % V] = 25.0
+    r[last] = 10.0
+    rows.append(r)
+    return torch.stack(rows)
+
+
+# log(s = 0) of an all -inf row in the interpreter: that row's confidence is NaN by definition
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.parametrize("V,num_splits", [(31, 1), (32, 1), (33, 1), (101, 1), (101, 3)],
+                         ids=lambda v: str(v))
+def test_row_pass_lane_merge(V, num_splits, poison):
+    """Per-lane state merged once after the loop (BLOCK_V = 32: V = BLOCK_V - 1, BLOCK_V, BLOCK_V + 1 and
+    a partial fourth chunk), with and without split-V, every kind, greedy and sampled, against the reference."""
+    from pd_kernels.ops.triton.unmask import token_confidence_triton
+
+    dev = _device()
+    B = 32
+    x = _lane_rows(V, B, seed=V).to(dev)
+    N = x.shape[0]
+    # a: out-of-range ids (ignored) widen the id range to every chunk; b: only the chunks holding
+    # B + 4 and 2B take the per-id compare (2B is the first column of chunk 2: the range test's edge)
+    sup_a = torch.tensor([(B + 4) % V, (2 * B) % V, -3, V + 7, 0], device=dev)
+    sup_b = torch.tensor([(2 * B) % V, (B + 4) % V], device=dev)
+    for kind, T, sup in [("prob", 0.0, sup_a), ("margin", 0.0, sup_a), ("neg_entropy", 0.0, sup_b),
+                         (KINDS[V % 3], 0.7, sup_b)]:
+        tok, conf = poison(torch.empty(N, dtype=torch.int64, device=dev)), poison(torch.empty(N, device=dev))
+        token_confidence_triton(x, tok, conf, sup, None, 5, 9, kind, T, num_splits=num_splits, block_v=B)
+        rt, _ = token_confidence_ref(x.cpu(), kind, T, 5, 9, sup.cpu())
+        assert torch.equal(tok.cpu(), rt), (kind, T, tok.tolist(), rt.tolist())
+        _check_conf(conf, x, rt, kind, T, sup.cpu(), 5, 9)
+    # the rows do what they claim (greedy, nothing suppressed but id 0 and the planted maximum)
+    rt, rc = token_confidence_ref(x.cpu(), "margin", 0.0, suppress_ids=sup_a.cpu())
+    assert rt[1] == V - 1 and rt[2] == min(5 % V, (B + 2) % V) and rt[4] == V // 2 and rt[5] == 1
+    assert rt[9] == V - 1 and token_confidence_ref(x[9:10].cpu(), suppress_ids=sup_b.cpu())[0].item() == V - 1
+    assert rc[2] == 0  # top-2 == top-1 (in another lane)
+    if B - 3 + B < V:
+        assert rc[3] == 0  # top-2 == top-1 (the same lane, next chunk)
+    assert math.isnan(rc[6]) and math.isnan(rc[7]) and not math.isnan(rc[4])

@@ -1,11 +1,39 @@
 """Triton kernels for token choice and span commits (SPEC section 5).
 
 Row pass (``_row_kernel``): program (row, split) streams its slice of the row once, in chunks of
-``BLOCK_V`` logits, keeping an online state: top-1 value/index, top-2 value, ``s = sum exp(y - m)``
-(m = running max = top-1), ``w = sum exp(y - m) (y - m)`` (for sum p log p), a NaN flag, and for
-sampling the best Gumbel key with its index and logit. With one split the program writes the token and
-confidence; with several (few rows: the grid must still cover the SMs), each program writes its partial
-state and ``_merge_kernel`` (one program per row) combines them exactly as the chunks are combined.
+``BLOCK_V`` logits. The online state is kept **per lane** (vectors of ``BLOCK_V``; lane l sees columns
+l, l + BLOCK_V, ... in increasing order) and reduced across lanes once, after the loop: top-1 value/index
+(strict ``>`` keeps the lane's first index among equals), top-2 value (a duplicated maximum counts),
+``s = sum exp(y - m_l)`` and ``w = sum exp(y - m_l) (y - m_l)`` against the lane's own running max
+``m_l`` (= its top-1), a NaN flag, and for sampling the best Gumbel key with its index and logit. The lane
+merge uses the rules that merge splits: global max; first index among equal maxima;
+``t2 = max(max_l t2_l, max over the other lanes of t1_l)``; ``s = sum_l s_l exp(m_l - m)``, ``w`` likewise.
+With one split the program writes the token and confidence; with several (few rows: the grid must still
+cover the SMs), each program writes its lane-merged partial state and ``_merge_kernel`` (one program per
+row) combines them.
+
+Why per-lane max (not one shared chunk max per chunk): the lane's running max is its top-1, which the
+argmax needs per lane anyway, so it costs nothing extra; and the update needs one exp per element either
+way (``e = exp(-|y - m_l|)`` is the new term when ``y <= m_l`` and the rescale of the old sums when
+``y > m_l``). A shared max would add one block reduction per chunk and gain nothing. In the interpreter
+it was also slower (N=4, V=152064, BLOCK_V=4096: 2.0 vs 1.5 ms per program step for margin).
+
+Cost per chunk: the previous version did 5-6 block reductions per chunk (NaN flag, max, arg-min over
+equal maxima, second max, sum p, plus sum p (y - m) for neg_entropy) and 3 more when sampling (key max, its
+arg-min, its logit); each is warp shuffles + a shared-memory round trip + barriers. Now: **0 per chunk**
+and 6-9 once per program. Compiled for sm_90a (Triton 3.9 here, ptxas, no GPU run): the loop body has no
+``bar.sync`` / ``shfl`` (10 and 24 before), one exp per element, one ``ld.global.v4`` per thread per full
+chunk (full chunks load unmasked; before: 8 scalar 2-byte loads), 83-92 registers at BLOCK_V 2048 x 8
+warps, no spills. The suppressed ids are range-checked per chunk (min/max id hoisted before the loop):
+only chunks that overlap the id range run the per-id compares.
+
+Predicted GPU effect (**not measured: no GPU was available for this change**): reductions per chunk
+5-9 -> 0, so the loop should become load-bound; expect roughly 1.5-2.5x faster rows at N >= 256,
+V = 152064 bf16. Reaching 80% of copy bandwidth is *not* assured: with ~90 registers (2 CTAs of 256
+threads per SM) and one 16-byte load per thread per trip, about 8 KB per SM is in flight, while Little's
+law at 3 TB/s and ~600 ns asks for ~14 KB, unless consecutive trips overlap. If it falls short, sweep
+``benchmarks/bench_unmask.py --triton-configs 2048x8,1024x4,4096x8`` and try unrolling two chunks per
+trip (twice the bytes in flight for the same per-lane state).
 
 Commit (``_commit_kernel``): one program per span scans the rows three times: count the span's masked
 rows (m), rank each of them against all others (O(m^2) compares, m <= a few hundred), decide from the
@@ -42,7 +70,9 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
-@triton.jit(do_not_specialize=["stride", "V", "n_sup", "seed_lo", "seed_hi", "off_lo", "off_hi", "inv_t",
+# ``stride`` is specialized (divisible by 16 or not): with an aligned row start the unmasked full-chunk loads
+# vectorize. It is fixed for a model's logits buffer (V or a row pitch), so a decode loop does not recompile.
+@triton.jit(do_not_specialize=["V", "n_sup", "seed_lo", "seed_hi", "off_lo", "off_hi", "inv_t",
                                "chunks_per_split", "n_split"])
 def _row_kernel(
     x_ptr, stride, V,
@@ -73,75 +103,108 @@ def _row_kernel(
         h_row = _mix32(h_row, o_hi)
         h_row = _mix32(h_row, row.to(tl.uint32))
 
-    # online state (scalars); indices use V as "none yet"
-    t1 = tl.full([], NEG_INF, tl.float32)
-    t2 = tl.full([], NEG_INF, tl.float32)
-    i1 = tl.full([], 0, tl.int32) + V
-    s = tl.full([], 0.0, tl.float32)
-    w = tl.full([], 0.0, tl.float32)
-    nan = tl.full([], 0, tl.int32)
-    bk = tl.full([], NEG_INF, tl.float32)
-    bi = tl.full([], 0, tl.int32) + V
-    by = tl.full([], NEG_INF, tl.float32)
+    # suppressed ids: only chunks overlapping [sup_lo, sup_hi] run the per-id compare loop (typically one
+    # chunk: the MASK id), so the steady-state chunk does no scalar loads. Ids out of [0, V) never match.
+    sup_lo = tl.full([], 2147483647, tl.int32)
+    sup_hi = tl.full([], -1, tl.int32)
+    for q in range(n_sup):
+        sid = tl.load(sup_ptr + q).to(tl.int32)
+        sup_lo = tl.minimum(sup_lo, sid)
+        sup_hi = tl.maximum(sup_hi, sid)
+
+    # per-lane online state [BLOCK_V]; lane l sees columns l, l + BLOCK_V, ... in increasing order.
+    # index V = "no selectable column yet"; m = t1 (the lane's running max doubles as the softmax shift)
+    t1 = tl.full([BLOCK_V], NEG_INF, tl.float32)
+    t2 = tl.full([BLOCK_V], NEG_INF, tl.float32)
+    i1 = tl.zeros([BLOCK_V], tl.int32) + V
+    s = tl.zeros([BLOCK_V], tl.float32)
+    w = tl.zeros([BLOCK_V], tl.float32)
+    nan = tl.zeros([BLOCK_V], tl.int32)
+    if SAMPLE:
+        bk = tl.full([BLOCK_V], NEG_INF, tl.float32)
+        bi = tl.zeros([BLOCK_V], tl.int32) + V
+        by = tl.full([BLOCK_V], NEG_INF, tl.float32)
 
     c_lo = sp * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, tl.cdiv(V, BLOCK_V))
     for c in range(c_lo, c_hi):
-        cols = c * BLOCK_V + o
+        c0 = c * BLOCK_V
+        cols = c0 + o
         inb = cols < V
-        # fp32 right after the load: every reduction below runs in fp32
-        x = tl.load(p_row + cols, mask=inb, other=NEG_INF).to(tl.float32)
-        isn = x != x
-        nan = tl.maximum(nan, tl.max(isn.to(tl.int32), axis=0))
+        # fp32 right after the load: all arithmetic below runs in fp32. Full chunks load without a mask
+        # (a mask from the unspecialized V would split the load into one scalar load per element)
+        if c0 + BLOCK_V <= V:
+            x = tl.load(p_row + cols).to(tl.float32)
+        else:
+            x = tl.load(p_row + cols, mask=inb, other=NEG_INF).to(tl.float32)
+        nan = tl.maximum(nan, (x != x).to(tl.int32))
         sel = inb
-        for q in range(n_sup):
-            sel = sel & (cols != tl.load(sup_ptr + q).to(tl.int32))
+        if (sup_hi >= c0) & (sup_lo - c0 < BLOCK_V):
+            for q in range(n_sup):
+                sel = sel & (cols != tl.load(sup_ptr + q).to(tl.int32))
         y = tl.where(sel & (x == x), x, NEG_INF)
         if SAMPLE:
             y = y * inv_t
-        # chunk top-1 (first index among equals, selectable only) and top-2 (a duplicate max counts)
-        cmax = tl.max(y, axis=0)
-        carg = tl.min(tl.where(sel & (y == cmax), cols, V), axis=0)
-        c2 = tl.max(tl.where(cols == carg, NEG_INF, y), axis=0)
-        take = (cmax > t1) | ((cmax == t1) & (carg < i1))
-        t2 = tl.where(take, tl.maximum(t1, c2), tl.maximum(t2, cmax))
-        i1 = tl.where(take, carg, i1)
-        m_new = tl.maximum(t1, cmax)
-        # rescale the running sums to the new max; an empty state (t1 = -inf) contributes 0, not NaN
-        alpha = tl.where(t1 == NEG_INF, 0.0, tl.exp(t1 - m_new))
-        p = tl.where(y == NEG_INF, 0.0, tl.exp(y - m_new))
+        # top-1 / top-2 per lane: strict > keeps the lane's first index among equals; a lane's first
+        # selectable column is taken even at -inf (an all -inf row still has the argmax of the reference)
+        gt = y > t1
+        take = gt | (sel & (i1 == V))
+        # online softmax against the lane max, one exp per element: e = exp(-|y - m|) is the new term's
+        # p when y <= m, and the rescale of the old sums when y > m (the new term's p is then 1)
+        d = tl.where(y == NEG_INF, NEG_INF, -tl.abs(y - t1))  # -inf - -inf would be NaN
+        e = tl.exp(d)
         if KIND == 2:
-            shift = tl.where(t1 == NEG_INF, 0.0, t1 - m_new)
-            w = alpha * (w + shift * s) + tl.sum(tl.where(p == 0.0, 0.0, p * (y - m_new)), axis=0)
-        s = alpha * s + tl.sum(p, axis=0)
-        t1 = m_new
+            # w = sum p (y - m): when y > m the old terms shift by d = m - y; e * d = 0 where e = 0
+            ed = tl.where(e == 0.0, 0.0, e * d)
+            w = tl.where(gt, e * w + ed * s, w + ed)
+        s = tl.where(gt, e * s + 1.0, s + e)
+        t2 = tl.where(gt, t1, tl.maximum(t2, y))
+        t1 = tl.where(gt, y, t1)
+        i1 = tl.where(take, cols, i1)
         if SAMPLE:
             hh = _fmix32(_mix32(h_row, cols.to(tl.uint32)))
             u = ((hh >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # never 0 or 1
             g = -tl.log(-tl.log(u))
             key = tl.where(sel, y + g, NEG_INF)
-            ck = tl.max(key, axis=0)
-            ci = tl.min(tl.where(sel & (key == ck), cols, V), axis=0)
-            cy = tl.max(tl.where(cols == ci, y, NEG_INF), axis=0)
-            tb = (ck > bk) | ((ck == bk) & (ci < bi))
-            bk = tl.where(tb, ck, bk)
-            bi = tl.where(tb, ci, bi)
-            by = tl.where(tb, cy, by)
+            tb = (key > bk) | (sel & (bi == V))
+            bk = tl.where(tb, key, bk)
+            bi = tl.where(tb, cols, bi)
+            by = tl.where(tb, y, by)
+
+    # merge the lanes once, with the rules used for chunks and splits: first index among equal maxima;
+    # t2 = second largest of the multiset (a maximum duplicated in another lane gives t2 = t1)
+    m = tl.max(t1, axis=0)
+    i1_m = tl.min(tl.where(t1 == m, i1, V), axis=0)
+    t2_m = tl.max(tl.maximum(t2, tl.where(i1 == i1_m, NEG_INF, t1)), axis=0)
+    alpha = tl.where(t1 == NEG_INF, 0.0, tl.exp(t1 - m))
+    s_m = tl.sum(alpha * s, axis=0)
+    w_m = tl.full([], 0.0, tl.float32)
+    if KIND == 2:
+        shift = tl.where(t1 == NEG_INF, 0.0, t1 - m)
+        w_m = tl.sum(alpha * (w + shift * s), axis=0)
+    nan_m = tl.max(nan, axis=0)
+    bk_m = tl.full([], NEG_INF, tl.float32)
+    bi_m = i1_m
+    by_m = m
+    if SAMPLE:
+        bk_m = tl.max(bk, axis=0)
+        bi_m = tl.min(tl.where(bk == bk_m, bi, V), axis=0)
+        by_m = tl.max(tl.where(bi == bi_m, by, NEG_INF), axis=0)
 
     if SPLIT:
         pf = fpart_ptr + (row * n_split + sp).to(tl.int64) * 6
-        tl.store(pf + 0, t1)
-        tl.store(pf + 1, t2)
-        tl.store(pf + 2, s)
-        tl.store(pf + 3, w)
-        tl.store(pf + 4, bk)
-        tl.store(pf + 5, by)
+        tl.store(pf + 0, m)
+        tl.store(pf + 1, t2_m)
+        tl.store(pf + 2, s_m)
+        tl.store(pf + 3, w_m)
+        tl.store(pf + 4, bk_m)
+        tl.store(pf + 5, by_m)
         pi = ipart_ptr + (row * n_split + sp).to(tl.int64) * 3
-        tl.store(pi + 0, i1)
-        tl.store(pi + 1, bi)
-        tl.store(pi + 2, nan)
+        tl.store(pi + 0, i1_m)
+        tl.store(pi + 1, bi_m)
+        tl.store(pi + 2, nan_m)
     else:
-        _finish(tok_ptr, conf_ptr, row, t1, t2, i1, s, w, nan, bi, by, KIND, SAMPLE)
+        _finish(tok_ptr, conf_ptr, row, m, t2_m, i1_m, s_m, w_m, nan_m, bi_m, by_m, KIND, SAMPLE)
 
 
 @triton.jit
@@ -223,14 +286,20 @@ def _split_plan(N: int, V: int, block_v: int, device: torch.device, num_splits: 
 def token_confidence_triton(logits: torch.Tensor, token: torch.Tensor, conf: torch.Tensor,
                             suppress_ids: torch.Tensor | None, offset_t: torch.Tensor | None, seed: int,
                             offset: int, kind: str, temperature: float, *, num_splits: int | None = None,
-                            block_v: int | None = None) -> None:
-    """Shapes as :func:`pd_kernels.token_confidence` (validated there). ``token``/``conf`` are written."""
+                            block_v: int | None = None, num_warps: int | None = None) -> None:
+    """Shapes as :func:`pd_kernels.token_confidence` (validated there). ``token``/``conf`` are written.
+
+    ``num_splits``, ``block_v``, ``num_warps``: launch overrides for tests and benchmark sweeps."""
     N, V = logits.shape
     if N == 0:
         return
     dev = logits.device
     if block_v is None:
-        block_v = 4096 if V >= 4096 else max(16, triton.next_power_of_2(V))
+        # GPU: 2048 x 8 warps = 8 logits per thread (one 16-byte load for bf16) keeps the per-lane state at
+        # ~85-95 registers (ptxas, sm_90a): 2 CTAs per SM. 4096 doubles the state (~160 registers, 1 CTA).
+        # Interpreter: 4096, since its cost is per loop step, not per element.
+        cap = 2048 if dev.type == "cuda" else 4096
+        block_v = cap if V >= cap else max(16, triton.next_power_of_2(V))
     n_split, cps = _split_plan(N, V, block_v, dev, num_splits)
     sample = temperature > 0
     inv_t = 1.0 / temperature if sample else 1.0
@@ -248,7 +317,7 @@ def token_confidence_triton(logits: torch.Tensor, token: torch.Tensor, conf: tor
         ipart = torch.empty((N, n_split, 3), dtype=torch.int32, device=dev)
     else:
         fpart, ipart = conf, token  # unused
-    nw = 8 if block_v >= 4096 else 4
+    nw = num_warps if num_warps is not None else (8 if block_v >= 2048 else 4)
     _row_kernel[(N, n_split)](
         logits, logits.stride(0), V, sup, n_sup, off_t,
         s32(seed), s32(seed >> 32), s32(offset), s32(offset >> 32), inv_t,
