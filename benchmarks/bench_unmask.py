@@ -129,8 +129,9 @@ def main(argv=None):
                     bv, nw = (int(v) for v in impl[7:-1].split("x"))
                     tok = torch.empty(N, dtype=torch.int64, device=device)
                     conf = torch.empty(N, dtype=torch.float32, device=device)
-                    rows_fn = lambda: token_confidence_triton(logits, tok, conf, None, None, 0, 0, "prob", 0.0,  # noqa: E731
-                                                              block_v=bv, num_warps=nw)
+                    def rows_fn():
+                        token_confidence_triton(logits, tok, conf, None, None, 0, 0, "prob", 0.0, block_v=bv,
+                                                num_warps=nw)
                     step_fn = None
                 else:
                     if impl == "cuda" and not gpu:
