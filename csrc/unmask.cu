@@ -306,7 +306,9 @@ __global__ void __launch_bounds__(kThreads) commit_kernel(CommitSpansParams p) {
   __shared__ int s_cnt;
 
   auto valid_row = [&](int64_t r) -> bool {
-    return p.row_span[r] == j && p.tokens[p.row_dst[r]] == p.mask_id;
+    if (p.row_span[r] != j) return false;
+    const int64_t d = p.row_dst[r];
+    return d >= 0 && d < p.num_tokens && p.tokens[d] == p.mask_id;
   };
 
   // pass 0: m = masked rows of span j

@@ -45,6 +45,7 @@ struct CommitSpansParams {
   const int32_t* row_span;
   int64_t num_rows;
   int64_t* tokens;
+  int64_t num_tokens;  // numel of tokens: a row_dst outside [0, num_tokens) is never read or written
   int32_t* masks_left;
   int32_t* step;
   const int32_t* num_steps;

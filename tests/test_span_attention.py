@@ -405,3 +405,18 @@ def test_bf16_gpu(G, D, poison):
         o = run_kernel(q, kc, vc, bt, layout, poison)
         check_against_truth(o.cpu(), descs, pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu"),
                             q.cpu(), kc.cpu(), vc.cpu(), bt.cpu())
+
+
+def test_debug_mode_reports_bad_page_ids(device, monkeypatch):
+    """Page ids are trusted in the fast path; PD_KERNELS_DEBUG=1 checks every page a query can see."""
+    P, ps, H, D = 4, 16, 1, 64
+    kc = torch.zeros(P, ps, H, D, device=device)
+    layout = pk.SpanLayout.build([pk.SeqQueries.spans(20, [5, 6], mode="pd")], device)
+    q = torch.randn(layout.num_queries, H, D, device=device)
+    table = torch.tensor([[2, 9, 0, 0]], dtype=torch.int32, device=device)  # page 9 does not exist
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "1")
+    with pytest.raises(IndexError, match=r"page ids \[9\]"):
+        pk.span_attention(q, kc, kc, table, layout, backend="torch")
+    table[0, 1] = 3
+    out = pk.span_attention(q, kc, kc, table, layout, backend="torch")
+    assert torch.isfinite(out).all()

@@ -504,3 +504,40 @@ def test_row_pass_lane_merge(V, num_splits, poison):
     if B - 3 + B < V:
         assert rc[3] == 0  # top-2 == top-1 (the same lane, next chunk)
     assert math.isnan(rc[6]) and math.isnan(rc[7]) and not math.isnan(rc[4])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"] + (["cuda"] if HAS_GPU else []))
+def test_commit_out_of_range_rows_never_touch_memory(backend, device, monkeypatch):
+    """A row_dst outside ``tokens`` is ignored by every backend (no read, no write); the debug mode raises.
+
+    The token buffer is a view into a larger tensor whose guard zones hold the mask id: an unguarded kernel
+    would take them for masked positions and commit into them."""
+    mask = 7
+    guard = torch.full((40,), mask, dtype=torch.int64, device=device)
+    tokens = guard[10:30]                       # 20 tokens, 10 guard words either side
+    tokens.fill_(mask)
+    tokens[::3] = 1                             # some positions already committed
+    token = torch.arange(100, 106, dtype=torch.int64, device=device)
+    conf = torch.tensor([0.9, 0.2, 0.95, 0.4, 0.99, 0.3], dtype=torch.float32, device=device)
+    row_dst = torch.tensor([1, 2, -3, 25, 4, 20], dtype=torch.int64, device=device)   # -3, 25 and 20 are outside [0, 20)
+    row_span = torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.int32, device=device)
+    state = SpanState.new(2, device)
+    state.reset([0, 1], [2, 1], [2, 2])
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "0")
+    ref_tokens, ref_state = tokens.clone(), state.clone()
+    rc, rd = commit_spans_ref(token, conf, row_dst, row_span, ref_tokens, ref_state, "threshold", 0.5, mask)
+    c, d = commit_spans(token, conf, row_dst, row_span, tokens, state, policy="threshold", tau=0.5,
+                           mask_id=mask, backend=backend)
+    assert torch.equal(guard[:10], torch.full((10,), mask, device=device)) and torch.equal(guard[30:], torch.full((10,), mask, device=device))
+    assert torch.equal(tokens, ref_tokens) and torch.equal(c, rc) and torch.equal(d, rd)
+    assert tokens[1].item() == 100 and tokens[4].item() == 104      # the in-range rows were committed
+    assert torch.equal(state.masks_left, ref_state.masks_left)
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "1")
+    with pytest.raises(IndexError, match="row_dst"):
+        commit_spans(token, conf, row_dst, row_span, tokens, state, mask_id=mask, backend=backend)
+    with pytest.raises(IndexError, match="row_span"):
+        commit_spans(token[:2], conf[:2], row_dst[:2], torch.tensor([0, 5], dtype=torch.int32, device=device), tokens, state,
+                        mask_id=mask, backend=backend)
+    with pytest.raises(ValueError, match="distinct"):
+        commit_spans(token[:2], conf[:2], torch.tensor([1, 1], device=device), row_span[:2], tokens, state, mask_id=mask,
+                        backend=backend)

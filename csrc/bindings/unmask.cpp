@@ -115,6 +115,7 @@ void commit_spans_cuda(const at::Tensor& token, const at::Tensor& conf, const at
   p.row_span = row_span.data_ptr<int32_t>();
   p.num_rows = N;
   p.tokens = tokens.data_ptr<int64_t>();
+  p.num_tokens = tokens.numel();
   p.masks_left = masks_left.data_ptr<int32_t>();
   p.step = step.data_ptr<int32_t>();
   p.num_steps = num_steps.data_ptr<int32_t>();

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check, check_tensor
+from .._checks import FLOAT_DTYPES, check, check_tensor, debug_enabled
 from ..layout import TILE_COLS, SpanLayout, StaticSpanLayout
 from ..reference.span_attention import span_attention_ref_tensors
 
@@ -74,6 +74,14 @@ def _validate(q, k_cache, v_cache, block_table, layout, out) -> None:
     over = [(b, n) for b, n in enumerate(layout.kv_lens) if n > cap]
     check(not over, f"layout needs keys past the cache: (sequence, keys needed) {over[:4]} but the block "
                     f"table holds {block_table.shape[1]} pages x {page_size} = {cap} positions")
+    if debug_enabled():
+        # page ids are device values: read them only when asked (a sync), never in the decode loop
+        for b, n in enumerate(layout.kv_lens):
+            pages = block_table[b, :-(-n // page_size)]
+            bad = (pages < 0) | (pages >= P)
+            if bool(bad.any()):
+                raise IndexError(f"span_attention: block_table row {b} has page ids {pages[bad][:8].tolist()} "
+                                 f"outside [0, {P}) for its {n} visible keys")
     if out is not None:
         check_tensor(out, "out", dim=3, dtypes=(q.dtype,), device=dev)
         check(out.shape == q.shape, f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
@@ -103,6 +111,10 @@ def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
     Returns ``out``: ``[Tq, Hq, D]``; query ``t`` attends (softmax in fp32) to the keys ``[0, a) U [b, c)``
     of sequence ``layout.q_seq[t]`` (``layout.q_kv[t] = (a, b, c)``); padding rows are 0.
+
+    Page ids in ``block_table`` are trusted (they are device values; checking them costs a sync). With
+    ``PD_KERNELS_DEBUG=1`` every page a query can see is checked to be in ``[0, P)`` and a bad one raises
+    ``IndexError``.
     """
     _validate(q, k_cache, v_cache, block_table, layout, out)
     b = _backend.resolve(OP, backend, q.device)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check, check_tensor
+from .._checks import debug_enabled, FLOAT_DTYPES, check, check_tensor
 from ..reference.unmask import (CONFIDENCE_KINDS, POLICIES, SpanState, commit_spans_ref, token_confidence_ref,
                                 top_p_filter)
 from . import cuda_fake
@@ -189,8 +189,10 @@ def commit_spans(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor,
     Args:
         token: int64 ``[N]``, conf: float32 ``[N]`` - one row per candidate position (from
             :func:`token_confidence`).
-        row_dst: int64 ``[N]``, flat index of the row's position in ``tokens`` (distinct entries).
-        row_span: int32 ``[N]``, span id of the row in ``[0, S)`` (rows of a span may be anywhere).
+        row_dst: int64 ``[N]``, flat index of the row's position in ``tokens`` (distinct entries). A row
+            whose ``row_dst`` is outside ``[0, tokens.numel())`` is never read or written (ignored).
+        row_span: int32 ``[N]``, span id of the row in ``[0, S)`` (rows of a span may be anywhere; rows
+            with another id are ignored).
         tokens: int64 buffer of any shape (contiguous), mutated: committed positions get their token. A row
             whose ``tokens[row_dst]`` is not ``mask_id`` is ignored (already committed).
         state: :class:`SpanState` with S spans; ``masks_left``, ``step``, ``deferred`` are updated for the
@@ -204,6 +206,9 @@ def commit_spans(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor,
     Returns:
         ``committed`` int32 ``[S]`` (this call) and ``all_done`` bool ``[1]`` (device; True when every
         span of the state has ``masks_left == 0``). No host sync.
+
+    With ``PD_KERNELS_DEBUG=1``, out-of-range ``row_dst`` / ``row_span`` and repeated ``row_dst`` raise
+    (this reads them on the host: a sync, for debugging only).
     """
     check(policy in POLICIES, f"policy must be one of {POLICIES}, got {policy!r}")
     check(isinstance(state, SpanState), f"state must be a SpanState, got {type(state).__name__}")
@@ -235,6 +240,16 @@ def commit_spans(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor,
         check_tensor(committed, "out[0] (committed)", dim=1, dtypes=(torch.int32,), device=dev)
         check_tensor(all_done, "out[1] (all_done)", dim=1, dtypes=(torch.bool,), device=dev)
         check(committed.shape[0] == S and all_done.shape[0] == 1, f"out must be ([{S}], [1])")
+    if debug_enabled() and N:
+        bad = (row_dst < 0) | (row_dst >= tokens.numel())
+        if bool(bad.any()):
+            raise IndexError(f"commit_spans: row_dst {row_dst[bad][:8].tolist()} outside [0, {tokens.numel()}) "
+                             f"(tokens.numel())")
+        bad = (row_span < 0) | (row_span >= S)
+        if bool(bad.any()):
+            raise IndexError(f"commit_spans: row_span {row_span[bad][:8].tolist()} outside [0, {S}) (spans)")
+        if row_dst.unique().numel() != N:
+            raise ValueError("commit_spans: row_dst entries must be distinct")
     b = _backend.resolve(OP_COMMIT, backend, dev)
     torch.ops.pd_kernels.commit_spans(token, conf, row_dst, row_span, tokens, state.masks_left, state.step,
                                       state.num_steps, state.deferred, committed, all_done, policy, float(tau),

@@ -261,7 +261,8 @@ def commit_spans_ref(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Ten
     """Commit tokens per span, in place (SPEC section 5). Shapes as :func:`pd_kernels.commit_spans`.
 
     Per span j (its *rows*: rows with ``row_span == j`` whose position still holds ``mask_id``;
-    m = their number; spans with m = 0 are left untouched):
+    m = their number; spans with m = 0 are left untouched; a row whose ``row_dst`` is outside
+    ``[0, tokens.numel())`` is never read or written, as in the kernels):
 
     1. rank the rows by confidence, highest first; NaN ranks as -inf; ties -> lower ``row_dst`` first;
     2. choose the committed set:
@@ -285,7 +286,9 @@ def commit_spans_ref(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Ten
     conf_l = conf.float().tolist()
     dst_l = row_dst.tolist()
     span_l = row_span.tolist()
-    cur_l = flat[row_dst].tolist() if row_dst.numel() else []
+    inside = (row_dst >= 0) & (row_dst < flat.numel())
+    cur_l = torch.where(inside, flat[row_dst.clamp(0, max(flat.numel() - 1, 0))], mask_id + 1).tolist() \
+        if row_dst.numel() and flat.numel() else [mask_id + 1] * len(dst_l)
     for j in range(S):
         rows = [r for r in range(len(span_l)) if span_l[r] == j and cur_l[r] == mask_id]
         m = len(rows)

@@ -330,10 +330,10 @@ def token_confidence_triton(logits: torch.Tensor, token: torch.Tensor, conf: tor
                             BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=1)
 
 
-@triton.jit(do_not_specialize=["N", "mask_id", "tau"])
+@triton.jit(do_not_specialize=["N", "mask_id", "tau", "n_tok"])
 def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, span_ptr, seq_ptr, flag_ptr,
                    ml_ptr, step_ptr, ns_ptr, def_ptr, committed_ptr,
-                   N, mask_id, tau,
+                   N, mask_id, tau, n_tok,
                    POLICY: tl.constexpr, BLOCK: tl.constexpr):
     j = tl.program_id(0)
     o = tl.arange(0, BLOCK)
@@ -346,6 +346,7 @@ def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, span_ptr, seq_ptr, flag_ptr,
         sp = tl.load(span_ptr + r, mask=inb, other=-1)
         mine = inb & (sp == j)
         dst = tl.load(dst_ptr + r, mask=mine, other=0)
+        mine = mine & (dst >= 0) & (dst < n_tok)  # a destination outside `tokens` is never touched
         cur = tl.load(seq_ptr + dst, mask=mine, other=0)
         m += tl.sum((mine & (cur == mask_id)).to(tl.int32), axis=0)
 
@@ -371,8 +372,9 @@ def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, span_ptr, seq_ptr, flag_ptr,
             sp_i = tl.load(span_ptr + ri, mask=inb_i, other=-1)
             mine_i = inb_i & (sp_i == j)
             dst_i = tl.load(dst_ptr + ri, mask=mine_i, other=0)
-            cur_i = tl.load(seq_ptr + dst_i, mask=mine_i, other=0)
-            val_i = mine_i & (cur_i == mask_id)
+            in_i = mine_i & (dst_i >= 0) & (dst_i < n_tok)
+            cur_i = tl.load(seq_ptr + dst_i, mask=in_i, other=0)
+            val_i = in_i & (cur_i == mask_id)
             c_i = tl.load(conf_ptr + ri, mask=mine_i, other=0.0)
             key_i = tl.where(c_i == c_i, c_i, NEG_INF)  # NaN ranks as -inf
             rank = tl.zeros([BLOCK], dtype=tl.int32)
@@ -382,6 +384,7 @@ def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, span_ptr, seq_ptr, flag_ptr,
                 sp_j = tl.load(span_ptr + rj, mask=inb_j, other=-1)
                 mine_j = inb_j & (sp_j == j)
                 dst_j = tl.load(dst_ptr + rj, mask=mine_j, other=0)
+                mine_j = mine_j & (dst_j >= 0) & (dst_j < n_tok)
                 cur_j = tl.load(seq_ptr + dst_j, mask=mine_j, other=0)
                 val_j = mine_j & (cur_j == mask_id)
                 c_j = tl.load(conf_ptr + rj, mask=mine_j, other=0.0)
@@ -442,7 +445,7 @@ def commit_spans_triton(token, conf, row_dst, row_span, tokens, masks_left, step
     block = min(128, max(16, triton.next_power_of_2(max(N, 1))))
     _commit_kernel[(S,)](
         token, conf, row_dst, row_span, tokens, flags, masks_left, step, num_steps, deferred, committed,
-        N, mask_id, tau, POLICY=_POLICIES[policy], BLOCK=block, num_warps=4,
+        N, mask_id, tau, tokens.numel(), POLICY=_POLICIES[policy], BLOCK=block, num_warps=4,
     )
     _all_done_kernel[(1,)](masks_left, all_done, S, BLOCK=min(1024, max(16, triton.next_power_of_2(S))),
                            num_warps=1)
