@@ -15,6 +15,10 @@ those rows, write AR tokens into the device token buffer and :func:`~pd_kernels.
 rows in place, then **one** device-to-host read (the sampled AR tokens and every span's ``masks_left``)
 that drives the host bookkeeping (next layout, plan parsing, finished spans and requests).
 
+Static step and CUDA graphs (``Decoder(..., cuda_graphs=True)``; ``static_step=True`` alone runs the same
+step eagerly, also on the CPU): the step's device work runs from fixed buffers of a *bucket* and is captured
+in one CUDA graph per bucket; see :class:`Decoder` for what is captured and what is not.
+
 Forced plans (``forced_plans``) replace the sampled plan tokens (the model still forwards them, so the
 critical path and the cache are those of a real plan): random-weight models then run multi-span,
 multi-round generations.
@@ -91,6 +95,40 @@ class _Request:
         return self.length - len(self.prompt)
 
 
+DEFAULT_BUCKETS = tuple(16 << i for i in range(8))  # 16 .. 2048 packed queries (and LM-head rows)
+
+
+class _Bucket:
+    """Fixed device buffers of one static-step bucket (``Q`` packed query rows, ``R`` LM-head rows), the
+    :class:`~pd_kernels.StaticSpanLayout` of its attention, and its CUDA graph once captured.
+
+    ``idx`` (int64, device) holds every host-built index of a step, refilled by one host-to-device copy from
+    ``staging`` (pinned on CUDA): ``in_idx [Q]`` (flat token-buffer index of each packed query), ``slots [Q]``
+    (cache slot, -1 = padding), then per LM-head row ``rows [R]`` (packed query row), ``ar_dst [R]``,
+    ``forced [R]``, ``val [R]``, ``s_dst [R]``, ``s_span [R]``, and ``offset [1]`` (the RNG offset).
+    Outputs: ``tok``, ``conf`` ``[R]``, ``read [R + S]`` (each row's AR value, then every span's
+    ``masks_left``: what the host reads after the step)."""
+
+    def __init__(self, Q: int, R: int, num_spans: int, layout, device):
+        self.Q, self.R = Q, R
+        n = 2 * Q + 6 * R + 1
+        self.idx = torch.zeros(n, dtype=torch.int64, device=device)
+        self.staging = torch.zeros(n, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.host = self.staging.numpy()
+        v = [self.idx[0:Q], self.idx[Q:2 * Q]] + [self.idx[2 * Q + i * R:2 * Q + (i + 1) * R] for i in range(6)]
+        self.in_idx, self.slots, self.rows, self.ar_dst, self.forced, self.val, self.s_dst, self.s_span = v
+        self.offset = self.idx[2 * Q + 6 * R:]
+        self.span32 = torch.zeros(R, dtype=torch.int32, device=device)
+        self.tok = torch.zeros(R, dtype=torch.int64, device=device)
+        self.conf = torch.zeros(R, dtype=torch.float32, device=device)
+        self.committed = torch.zeros(num_spans, dtype=torch.int32, device=device)
+        self.all_done = torch.zeros(1, dtype=torch.bool, device=device)
+        self.read = torch.zeros(R + num_spans, dtype=torch.int64, device=device)
+        self.layout = layout
+        self.calls = 0
+        self.graph = None
+
+
 class Decoder:
     """Batched planned-diffusion / AR / diffusion decoding of a transformers model on pd_kernels.
 
@@ -101,10 +139,59 @@ class Decoder:
         max_batch: most requests decoded together; further prompts wait and join as others finish.
         backend: pd_kernels backend of every op (``None``: the current default, see :func:`pd_kernels.use_backend`).
         on_step: optional ``callable(decoder)`` run after every step (the demo's live view).
+        cuda_graphs: run each step's device work as a CUDA graph, captured once per bucket (CUDA models
+            only: a model on another device raises ``ValueError``). Implies ``static_step``.
+        static_step: run each step from the fixed buffers of a bucket (the capturable step) without
+            capturing it (default: ``cuda_graphs``). Same tokens as the default dynamic step; works on CPU.
+        buckets: ascending bucket sizes, used for both the packed query count and the LM-head row count
+            (default 16, 32, ..., 2048). A step is padded up to the smallest bucket that holds it.
+
+    Dynamic step (default): every step builds a :class:`~pd_kernels.SpanLayout` and index tensors of
+    exactly its size (two host-to-device copies), runs the model, the LM head on the needed rows,
+    :func:`~pd_kernels.token_confidence`, the AR token write and :func:`~pd_kernels.commit_spans`, then one
+    device-to-host read.
+
+    Static step (``static_step=True`` / ``cuda_graphs=True``): a step with ``nq`` packed queries and ``nr``
+    LM-head rows (one per AR request, one per mask position of every active span) uses the bucket
+    ``(Q, R)`` = (smallest bucket >= ``nq``, smallest bucket >= ``max(nr, 1)``), with ``max_batch`` sequences
+    and ``max_batch * max_spans`` segments. Per bucket: a :class:`~pd_kernels.StaticSpanLayout` (layout
+    sequence ``b`` = cache row ``b``, so the cache's own block table is the graph's block table) and fixed
+    index / output buffers (:class:`_Bucket`). Padding: query rows past ``nq`` read the token buffer's
+    scratch element (one element past the ``[max_batch, cap]`` rows that always holds ``PAD``, never
+    ``MASK``), have slot ``-1`` (:func:`~pd_kernels.paged_kv_write` skips them) and are empty layout rows
+    (attention output 0). LM-head rows past ``nr``, and the unused destination of real rows (an AR row has no
+    commit destination, a span row no AR destination), point at the scratch element: the AR write stores
+    ``PAD`` there and :func:`~pd_kernels.commit_spans` ignores those rows (not ``MASK``). Row order (AR rows,
+    then span rows, then padding) is the dynamic step's, so the counter-based RNG draws the same noise; the
+    RNG offset is a one-element device tensor refilled with the step's indices.
+
+    **Captured** in the CUDA graph of a bucket (one graph per bucket; all share one memory pool): the token
+    gather (``tokens[in_idx]``), the whole model forward (embeddings, RoPE, projections, MLPs, norms, and
+    in each layer :func:`~pd_kernels.paged_kv_write` + :func:`~pd_kernels.span_attention` on the static
+    layout), the LM head on the ``R`` rows, :func:`~pd_kernels.token_confidence` (``out=``, device RNG
+    offset), the AR token write (``index_copy_``), :func:`~pd_kernels.commit_spans` (``out=``) and the copy
+    of the AR values and every span's ``masks_left`` into the read buffer.
+
+    **Not captured** (host, between replays): admission, plan parsing, span/round bookkeeping, and the
+    cache ``reserve`` / token-template / ``SpanState.reset`` writes of the host loop (as in the dynamic
+    step); choosing the bucket; packing the step's indices into the pinned staging buffer and its one
+    non-blocking host-to-device copy; :meth:`~pd_kernels.StaticSpanLayout.update` (host packing + one
+    non-blocking copy); the step's one device-to-host read of ``read`` (a sync: the host needs the AR tokens
+    and ``masks_left`` to plan the next step; it also guarantees the staging buffer is free again). The first
+    step of a bucket runs eagerly (warm-up: Triton compilation, cuBLAS handles, split-K workspace), the
+    second captures the graph (capture runs nothing) and replays it, later ones replay. ``graph_counts``
+    counts ``captured`` graphs, ``replayed`` steps, ``static_eager`` steps and ``dynamic`` (overflow) steps.
+
+    Overflow: a step with more packed queries than the largest bucket (e.g. the prefill of a long prompt)
+    runs on the dynamic path; buckets never grow (a capture per new size would be unbounded).
+
+    The buffers the graphs point at (paged cache, token buffer, span state) are kept across
+    :meth:`generate` calls while their geometry (batch, sequence capacity, pages) is unchanged, so graphs
+    captured in one call replay in the next; a new geometry drops them.
     """
 
     def __init__(self, model, config: DecodeConfig | None = None, *, max_batch: int = 8, backend: str | None = None,
-                 on_step=None):
+                 on_step=None, cuda_graphs: bool = False, static_step: bool | None = None, buckets=None):
         self.model = model if is_enabled(model) else enable(model)
         self.cfg = config or DecodeConfig()
         self.max_batch = max_batch
@@ -116,6 +203,21 @@ class Decoder:
         if self.cfg.tags.max_id() >= self.geo["vocab_size"]:
             raise ValueError(f"control-tag ids {self.cfg.tags} do not fit the model's vocabulary "
                              f"({self.geo['vocab_size']}): pass DecodeConfig(tags=ControlTags(...))")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.static_step = self.cuda_graphs if static_step is None else bool(static_step)
+        if self.cuda_graphs and not self.static_step:
+            raise ValueError("cuda_graphs=True captures the static step: static_step=False contradicts it")
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a model on a CUDA device, the model is on {self.device} "
+                             f"(static_step=True runs the same fixed-buffer step without capture)")
+        b = DEFAULT_BUCKETS if buckets is None else tuple(int(x) for x in buckets)
+        if not b or b[0] < 1 or list(b) != sorted(set(b)):
+            raise ValueError(f"buckets must be distinct positive sizes in ascending order, got {buckets!r}")
+        self.buckets = b
+        self.graph_counts = {"captured": 0, "replayed": 0, "static_eager": 0, "dynamic": 0}
+        self._arena_key = None
+        self._buckets: dict = {}
+        self._graph_pool = None
 
     # ------------------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], forced_plans: list | None = None) -> list[GenerationResult]:
@@ -137,13 +239,31 @@ class Decoder:
         nb = min(self.max_batch, len(prompts))
         ps = cfg.page_size
         pages_per_seq = -(-self.cap // ps) + 1
-        self.cache = PagedKVCache(self.geo["num_layers"], self.geo["num_kv_heads"], self.geo["head_dim"],
-                                  cfg.num_pages or nb * pages_per_seq, ps, max_seqs=nb,
-                                  max_pages_per_seq=pages_per_seq, dtype=self.dtype, device=self.device)
-        self.tokens = torch.full((nb, self.cap), cfg.tags.mask, dtype=torch.int64, device=self.device)
-        self.tokens_flat = self.tokens.view(-1)
-        self.state = SpanState.new(nb * cfg.max_spans, self.device)
-        self.suppress = torch.tensor([cfg.tags.mask], dtype=torch.int64, device=self.device)
+        num_pages = cfg.num_pages or nb * pages_per_seq
+        key = (nb, self.cap, num_pages, ps, pages_per_seq, cfg.max_spans, cfg.tags.mask, cfg.tags.pad)
+        if (self.static_step and key == self._arena_key and not self.cache.sequences
+                and self.cache.num_free_pages == self.cache.num_pages):
+            # same geometry: keep the buffers the captured graphs point at, reset their contents
+            self._tok_store[:nb * self.cap].fill_(cfg.tags.mask)
+            for t in (self.state.masks_left, self.state.step, self.state.deferred):
+                t.zero_()
+            self.state.num_steps.fill_(1)
+        else:
+            self._buckets = {}  # graphs and buffers of the previous geometry
+            self._arena_key = key
+            self.cache = PagedKVCache(self.geo["num_layers"], self.geo["num_kv_heads"], self.geo["head_dim"],
+                                      num_pages, ps, max_seqs=nb, max_pages_per_seq=pages_per_seq,
+                                      dtype=self.dtype, device=self.device)
+            # [nb, cap] token rows, then one scratch element (always PAD, never MASK): the static step's
+            # padding rows gather from it and write into it
+            self._tok_store = torch.full((nb * self.cap + 1,), cfg.tags.mask, dtype=torch.int64,
+                                         device=self.device)
+            self._tok_store[-1] = cfg.tags.pad
+            self.tokens = self._tok_store[:nb * self.cap].view(nb, self.cap)
+            self.tokens_flat = self._tok_store
+            self.scratch = nb * self.cap
+            self.state = SpanState.new(nb * cfg.max_spans, self.device)
+            self.suppress = torch.tensor([cfg.tags.mask], dtype=torch.int64, device=self.device)
         self.free_slots = list(range(nb - 1, -1, -1))
         self.queue = list(self.reqs)
         self.running: list[_Request] = []
@@ -292,43 +412,86 @@ class Decoder:
 
     # ---- one step ------------------------------------------------------------------------------------
     def _step(self) -> None:
-        from .. import SeqQueries, SpanLayout, commit_spans, token_confidence
+        from .. import SeqQueries
 
-        cfg, tags = self.cfg, self.cfg.tags
+        cfg = self.cfg
         t0 = time.perf_counter()
         batch = list(self.running)
-        seqs, in_idx, slots = [], [], []
-        ar_reqs, ar_rows, ar_dst, ar_forced, ar_val = [], [], [], [], []
-        sp_rows, sp_dst, sp_span = [], [], []
-        q0 = 0
-        cap, ps = self.cap, self.cache.page_size
+        cap = self.cap
+        # per request: its queries, their positions, its AR row and span rows (row numbers relative to the
+        # request's first packed query)
+        ents = []
         for r in batch:
-            pages = self.cache.pages(r.seq)
             base = r.slot * cap
+            ar, sp = None, []
             if r.phase in ("prefill", "plan"):
                 start, n = (0, r.prefill_len) if r.phase == "prefill" else (r.length - 1, 1)
-                seqs.append(SeqQueries.causal(start, n))
+                sq = SeqQueries.causal(start, n)
                 pos = list(range(start, start + n))
                 if not (r.phase == "prefill" and cfg.mode == "diffusion"):
-                    ar_reqs.append(r)
-                    ar_rows.append(q0 + n - 1)
-                    ar_dst.append(base + start + n)
                     f = self._forced_token(r)
-                    ar_forced.append(0 if f is None else 1)
-                    ar_val.append(0 if f is None else f)
+                    ar = (n - 1, base + start + n, 0 if f is None else 1, 0 if f is None else f)
             else:
                 spans = r.round_spans
-                seqs.append(SeqQueries.spans(r.prefix, [s.length for s in spans], [s.active for s in spans],
-                                             mode="pd-da" if cfg.mode == "pd-da" else "pd"))
-                pos, q = [], q0
+                sq = SeqQueries.spans(r.prefix, [s.length for s in spans], [s.active for s in spans],
+                                      mode="pd-da" if cfg.mode == "pd-da" else "pd")
+                pos, q = [], 0
                 for s in spans:
                     if not s.active:
                         continue
                     pos.extend(range(s.start, s.start + s.length))
-                    sp_rows.extend(range(q, q + s.masks))
-                    sp_dst.extend(range(base + s.start + 1, base + s.start + 1 + s.masks))
-                    sp_span.extend([s.sid] * s.masks)
+                    sp.extend((q + i, base + s.start + 1 + i, s.sid) for i in range(s.masks))
                     q += s.length
+            ents.append((r, sq, pos, ar, sp))
+        nq = sum(len(e[2]) for e in ents)
+        if self.static_step and nq <= self.buckets[-1]:
+            ar_vals, masks_left = self._run_static(ents, nq)
+        else:
+            ar_vals, masks_left = self._run_dynamic(ents)
+        self.step_index += 1
+        dt = time.perf_counter() - t0
+        ar_reqs = [e[0] for e in ents if e[3] is not None]
+        phases = [r.phase for r in batch]
+        for r, phase in zip(batch, phases):
+            r.stats.steps[phase] += 1
+            r.stats.time_s[phase] += dt
+        for r, v in zip(ar_reqs, ar_vals):
+            self._after_ar(r, int(v))
+        for r, phase in zip(batch, phases):
+            if r.phase != phase:  # moved on in _after_ar: this step's masks_left is not about its new round
+                continue
+            if r.phase == "prefill":  # diffusion mode: the prompt is in the cache, open the answer
+                self._open_diffusion_answer(r)
+            elif r.phase == "diffusion":
+                for s in r.round_spans:
+                    s.active = s.active and masks_left[s.sid] > 0
+                if not any(s.active for s in r.round_spans):
+                    self._end_round(r)
+
+    def _run_dynamic(self, ents) -> tuple[list, list]:
+        """The dynamic step: layout and index tensors of exactly the step's size. Returns (AR values,
+        masks_left of every span) from the step's one device-to-host read."""
+        from .. import SpanLayout, commit_spans, token_confidence
+
+        cfg = self.cfg
+        cap, ps = self.cap, self.cache.page_size
+        seqs, in_idx, slots = [], [], []
+        ar_rows, ar_dst, ar_forced, ar_val = [], [], [], []
+        sp_rows, sp_dst, sp_span = [], [], []
+        q0 = 0
+        for r, sq, pos, ar, sp in ents:
+            pages = self.cache.pages(r.seq)
+            base = r.slot * cap
+            seqs.append(sq)
+            if ar is not None:
+                ar_rows.append(q0 + ar[0])
+                ar_dst.append(ar[1])
+                ar_forced.append(ar[2])
+                ar_val.append(ar[3])
+            for q, d, sid in sp:
+                sp_rows.append(q0 + q)
+                sp_dst.append(d)
+                sp_span.append(sid)
             in_idx.extend(base + p for p in pos)
             slots.extend(pages[p // ps] * ps + p % ps for p in pos)
             q0 += len(pos)
@@ -349,7 +512,7 @@ class Decoder:
         a_dst, a_forced, a_val, s_dst = take(na), take(na), take(na), take(ns)
         s_span = take(ns).to(torch.int32)
         input_ids = self.tokens_flat.index_select(0, input_idx)
-        block_table = self.cache.block_tables([r.seq for r in batch])
+        block_table = self.cache.block_tables([r.seq for r, *_ in ents])
         ctx = StepContext(self.cache, layout, slot_mapping, block_table, self.backend)
         hidden = forward_hidden(self.model, input_ids, layout.q_pos[:nq], ctx)
         read = []
@@ -364,29 +527,106 @@ class Decoder:
                 read.append(vals)
             if ns:
                 commit_spans(tok[na:], conf[na:], s_dst, s_span, self.tokens_flat, self.state, policy=cfg.policy,
-                             tau=cfg.tau, mask_id=tags.mask, backend=self.backend)
+                             tau=cfg.tau, mask_id=cfg.tags.mask, backend=self.backend)
                 read.append(self.state.masks_left.to(torch.int64))
         host_read = torch.cat(read).tolist() if read else []  # the step's one device-to-host read
-        self.step_index += 1
-        dt = time.perf_counter() - t0
-        ar_vals = host_read[:na]
-        masks_left = host_read[na:]
-        phases = [r.phase for r in batch]
-        for r, phase in zip(batch, phases):
-            r.stats.steps[phase] += 1
-            r.stats.time_s[phase] += dt
-        for r, v in zip(ar_reqs, ar_vals):
-            self._after_ar(r, int(v))
-        for r, phase in zip(batch, phases):
-            if r.phase != phase:  # moved on in _after_ar: this step's masks_left is not about its new round
-                continue
-            if r.phase == "prefill":  # diffusion mode: the prompt is in the cache, open the answer
-                self._open_diffusion_answer(r)
-            elif r.phase == "diffusion":
-                for s in r.round_spans:
-                    s.active = s.active and masks_left[s.sid] > 0
-                if not any(s.active for s in r.round_spans):
-                    self._end_round(r)
+        self.graph_counts["dynamic"] += 1
+        return host_read[:na], host_read[na:]
+
+    # ---- the static (capturable) step ----------------------------------------------------------------------
+    def _bucket(self, nq: int, nr: int) -> _Bucket:
+        from .. import StaticSpanLayout
+
+        Q = next(b for b in self.buckets if b >= nq)
+        R = next(b for b in self.buckets if b >= max(nr, 1))  # nr <= nq: always found
+        bk = self._buckets.get((Q, R))
+        if bk is None:
+            nb = self.tokens.shape[0]
+            layout = StaticSpanLayout(Q, nb, self.device, group=self.geo["num_heads"] // self.geo["num_kv_heads"],
+                                      max_segments=nb * self.cfg.max_spans)
+            bk = self._buckets[(Q, R)] = _Bucket(Q, R, self.state.num_spans, layout, self.device)
+        return bk
+
+    def _run_static(self, ents, nq: int) -> tuple[list, list]:
+        """The static step: pack the step into the fixed buffers of its bucket (one host-to-device copy plus
+        the static layout's), run the captured graph (or the same work eagerly), one device-to-host read."""
+        from .. import SeqQueries
+
+        cap, ps = self.cap, self.cache.page_size
+        nr = sum(e[3] is not None for e in ents) + sum(len(e[4]) for e in ents)
+        bk = self._bucket(nq, nr)
+        Q, R, h = bk.Q, bk.R, bk.host
+        scratch, pad = self.scratch, self.cfg.tags.pad
+        # packed queries in cache-row order: layout sequence b = row b of the cache's block table
+        seqs = [SeqQueries.causal(0, 0)] * self.cache.max_seqs
+        first = {}
+        q0 = 0
+        for r, sq, pos, _, _ in sorted(ents, key=lambda e: e[0].seq):
+            seqs[r.seq] = sq
+            pages = self.cache.pages(r.seq)
+            base = r.slot * cap
+            n = len(pos)
+            h[q0:q0 + n] = [base + p for p in pos]
+            h[Q + q0:Q + q0 + n] = [pages[p // ps] * ps + p % ps for p in pos]
+            first[r.idx] = q0
+            q0 += n
+        h[nq:Q] = scratch   # padding queries: gather the scratch element (PAD) ...
+        h[Q + nq:2 * Q] = -1  # ... and write no K/V
+        rows, ar_dst, forced, val, s_dst, s_span = (h[2 * Q + i * R:2 * Q + (i + 1) * R] for i in range(6))
+        rows[:], ar_dst[:], forced[:], val[:], s_dst[:], s_span[:] = 0, scratch, 1, pad, scratch, 0
+        k = 0
+        for r, _, _, ar, _ in ents:   # AR rows first, then span rows, in batch order (the dynamic step's)
+            if ar is not None:
+                rows[k], ar_dst[k], forced[k], val[k] = first[r.idx] + ar[0], ar[1], ar[2], ar[3]
+                k += 1
+        na = k
+        for r, _, _, _, sp in ents:
+            for q, d, sid in sp:
+                rows[k], s_dst[k], s_span[k] = first[r.idx] + q, d, sid
+                k += 1
+        h[-1] = self.step_index << 20   # RNG offset
+        # the staging buffer is free: the previous step ended with a device-to-host read (a sync)
+        bk.idx.copy_(bk.staging, non_blocking=True)
+        bk.layout.update(seqs)
+        if self.cuda_graphs and bk.graph is None and bk.calls > 0:
+            self._capture(bk)
+        if bk.graph is not None:
+            bk.graph.replay()
+            self.graph_counts["replayed"] += 1
+        else:
+            self._static_body(bk)
+            self.graph_counts["static_eager"] += 1
+        bk.calls += 1
+        read = bk.read.tolist()  # the step's one device-to-host read
+        return read[:na], read[R:]
+
+    def _capture(self, bk: _Bucket) -> None:
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self._static_body(bk)
+        bk.graph = graph
+        self.graph_counts["captured"] += 1
+
+    def _static_body(self, bk: _Bucket) -> None:
+        """The device work of a static step: fixed shapes, fixed buffers, no host sync (what is captured)."""
+        from .. import commit_spans, token_confidence
+
+        cfg = self.cfg
+        input_ids = self.tokens_flat.index_select(0, bk.in_idx)
+        ctx = StepContext(self.cache, bk.layout, bk.slots, self.cache.block_table, self.backend)
+        hidden = forward_hidden(self.model, input_ids, bk.layout.q_pos, ctx)
+        logits = self.model.get_output_embeddings()(hidden.index_select(0, bk.rows))
+        token_confidence(logits, confidence=cfg.confidence, temperature=cfg.temperature, seed=cfg.seed,
+                         offset=bk.offset, suppress_ids=self.suppress, out=(bk.tok, bk.conf), backend=self.backend)
+        vals = torch.where(bk.forced.bool(), bk.val, bk.tok)
+        self.tokens_flat.index_copy_(0, bk.ar_dst, vals)
+        bk.span32.copy_(bk.s_span)
+        commit_spans(bk.tok, bk.conf, bk.s_dst, bk.span32, self.tokens_flat, self.state, policy=cfg.policy,
+                     tau=cfg.tau, mask_id=cfg.tags.mask, out=(bk.committed, bk.all_done), backend=self.backend)
+        bk.read[:bk.R].copy_(vals)
+        bk.read[bk.R:].copy_(self.state.masks_left)
 
     def _forced_token(self, r: _Request):
         f = r.forced
@@ -412,7 +652,8 @@ class Decoder:
 
 
 def generate(model, prompts: list[list[int]], config: DecodeConfig | None = None, *, forced_plans=None,
-             max_batch: int = 8, backend: str | None = None, on_step=None) -> list[GenerationResult]:
+             max_batch: int = 8, backend: str | None = None, on_step=None, cuda_graphs: bool = False,
+             static_step: bool | None = None) -> list[GenerationResult]:
     """Functional form of :meth:`Decoder.generate`."""
-    return Decoder(model, config, max_batch=max_batch, backend=backend, on_step=on_step).generate(
-        prompts, forced_plans)
+    return Decoder(model, config, max_batch=max_batch, backend=backend, on_step=on_step, cuda_graphs=cuda_graphs,
+                   static_step=static_step).generate(prompts, forced_plans)
