@@ -5,6 +5,11 @@ hidden 3584, 28/4 heads, FFN 18944, vocab 152064) with ``--layers`` layers. Rand
 every request gets a forced plan shaped like SPEC section 8's workload (``--spans``, ``--span-len`` tokens per
 span, ``--rounds`` rounds). Reports, per mode: critical path (sequential forward passes), answer tokens,
 wall time per request, ms per step and tokens per second. Timings on CPU (``--smoke``) are smoke runs only.
+
+``--cuda-graphs``: every mode runs twice, the default dynamic step (``impl=<mode>``) and the static step
+captured as one CUDA graph per bucket (``impl=<mode>+graphs``; warm-up repetitions capture, timed ones
+replay; ``graphs``/``replays`` columns count them). Without a GPU the second run is the same static step
+run eagerly (``impl=<mode>+static``), which only proves the script works.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ def main(argv=None):
     p.add_argument("--tau", type=float, default=0.9)
     p.add_argument("--modes", default="ar,pd,pd-da,diffusion")
     p.add_argument("--backend", default=None)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also run each mode with the static step captured in CUDA graphs (one per bucket)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -59,33 +66,39 @@ def main(argv=None):
     plan = [make_plan(tags, [n] * args.spans, topic_tokens=[[100 + k, 101 + k] for k in range(args.spans)],
                       terminator="sync" if r < args.rounds - 1 else "eos") for r in range(args.rounds)]
     answer = args.spans * n * args.length_scale * args.rounds
+    variants = [("", {})]
+    if args.cuda_graphs:
+        variants.append(("+graphs", {"cuda_graphs": True}) if cuda else ("+static", {"static_step": True}))
     for mode in args.modes.split(","):
         cfg = DecodeConfig(mode=mode, tags=tags, steps_ratio=args.steps_ratio, policy=args.policy, tau=args.tau,
                            length_scale=args.length_scale, max_new_tokens=answer + 64 * args.rounds,
                            diffusion_len=answer)
         if mode == "ar":
             cfg = cfg.replace(max_new_tokens=answer)  # random weights never stop: same answer length as PD
-        dec = Decoder(model, cfg, max_batch=args.batch, backend=backend)
-        times = []
-        for rep in range(args.warmup + args.reps):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            res = dec.generate(prompts, [plan] * args.batch if mode in ("pd", "pd-da") else None)
-            if cuda:
-                torch.cuda.synchronize()
-            if rep >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        times.sort()
-        wall = times[len(times) // 2]
-        s = res[0].stats
-        bench.row(impl=mode, timing=None, model=args.model, layers=model.config.num_hidden_layers, batch=args.batch,
-                  critical_path=s.critical_path, plan_steps=s.steps["plan"], diffusion_steps=s.steps["diffusion"],
-                  answer_tokens=s.answer_tokens, steps=dec.step_index, wall_ms=round(wall * 1e3, 2),
-                  ms_per_step=round(wall * 1e3 / max(1, dec.step_index), 3),
-                  tok_per_s=round(sum(r.stats.answer_tokens for r in res) / wall, 1))
+        for suffix, kw in variants:
+            dec = Decoder(model, cfg, max_batch=args.batch, backend=backend, **kw)
+            times = []
+            for rep in range(args.warmup + args.reps):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                res = dec.generate(prompts, [plan] * args.batch if mode in ("pd", "pd-da") else None)
+                if cuda:
+                    torch.cuda.synchronize()
+                if rep >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            times.sort()
+            wall = times[len(times) // 2]
+            s = res[0].stats
+            bench.row(impl=mode + suffix, timing=None, model=args.model, layers=model.config.num_hidden_layers,
+                      batch=args.batch, critical_path=s.critical_path, plan_steps=s.steps["plan"],
+                      diffusion_steps=s.steps["diffusion"], answer_tokens=s.answer_tokens, steps=dec.step_index,
+                      wall_ms=round(wall * 1e3, 2), ms_per_step=round(wall * 1e3 / max(1, dec.step_index), 3),
+                      tok_per_s=round(sum(r.stats.answer_tokens for r in res) / wall, 1),
+                      graphs=dec.graph_counts["captured"], replays=dec.graph_counts["replayed"],
+                      dynamic_steps=dec.graph_counts["dynamic"])
     bench.finish(["impl", "model", "layers", "batch", "critical_path", "plan_steps", "diffusion_steps",
-                  "answer_tokens", "wall_ms", "ms_per_step", "tok_per_s"])
+                  "answer_tokens", "wall_ms", "ms_per_step", "tok_per_s", "graphs", "replays"])
 
 
 if __name__ == "__main__":
