@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..integrations.transformers import StepContext, enable, forward_hidden, is_enabled, model_geometry
+from ..integrations.transformers import (StepContext, enable, forward_hidden, graph_capture_issues, is_enabled,
+                                          model_geometry)
 from .config import DecodeConfig
 from .plan import parse_plan
 from .stats import RequestStats
@@ -210,6 +211,9 @@ class Decoder:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a model on a CUDA device, the model is on {self.device} "
                              f"(static_step=True runs the same fixed-buffer step without capture)")
+        if self.cuda_graphs and graph_capture_issues(self.model):
+            raise ValueError("cuda_graphs=True: this model's forward cannot be captured: "
+                             + "; ".join(graph_capture_issues(self.model)))
         b = DEFAULT_BUCKETS if buckets is None else tuple(int(x) for x in buckets)
         if not b or b[0] < 1 or list(b) != sorted(set(b)):
             raise ValueError(f"buckets must be distinct positive sizes in ascending order, got {buckets!r}")

@@ -135,9 +135,35 @@ def model_geometry(model) -> dict:
             "head_dim": head_dim, "num_heads": heads, "vocab_size": cfg.vocab_size}
 
 
+def graph_capture_issues(model) -> list[str]:
+    """What in a pd_kernels-enabled transformers model would break CUDA-graph capture of
+    :func:`forward_hidden` (empty list: nothing known).
+
+    Checked against the Qwen2 / Llama forward of transformers 5.17 and 5.23 with the ``"pd_kernels"``
+    attention: mask creation exits early for attention implementations without a mask function (no tensor
+    work), ``position_ids`` are passed (no ``arange`` from a cache length), no ``DynamicCache`` is made
+    (``use_cache=False``), and the attention function only launches pd_kernels ops. What remains: the
+    ``"dynamic"`` / ``"longrope"`` RoPE types read ``max(position_ids)`` on the host every forward."""
+    issues = []
+    for name, m in model.named_modules():
+        rt = getattr(m, "rope_type", None)
+        for t in (rt.values() if isinstance(rt, dict) else [rt]):
+            if isinstance(t, str) and ("dynamic" in t or t == "longrope"):
+                issues.append(f"{name or type(m).__name__}: rope_type {t!r} reads max(position_ids) on the host "
+                              f"(a device sync) in every forward")
+    if not is_enabled(model):
+        issues.append(f"attn_implementation is {getattr(model.config, '_attn_implementation', None)!r}, "
+                      f"not {ATTN_NAME!r}")
+    return issues
+
+
 def forward_hidden(model, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     """Final hidden states ``[T, hidden]`` of the packed tokens ``input_ids`` (int64 ``[T]``) at ``positions``
-    (``[T]``), reading and writing the paged cache through ``ctx``. No logits are computed."""
+    (``[T]``), reading and writing the paged cache through ``ctx``. No logits are computed.
+
+    With fixed-size inputs, a :class:`~pd_kernels.StaticSpanLayout` and fixed ``slot_mapping`` /
+    ``block_table`` buffers this is capturable in a CUDA graph (no host sync, no data-dependent control
+    flow) unless :func:`graph_capture_issues` lists something."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     with ctx:
         out = base(input_ids=input_ids.unsqueeze(0), position_ids=positions.long().unsqueeze(0), use_cache=False)
