@@ -62,6 +62,15 @@ def test_static_equals_dynamic_sampling_and_small_batch(model):
     _compare(model, cfg, max_batch=2)
 
 
+def test_static_step_passes_debug_checks(model, monkeypatch):
+    """PD_KERNELS_DEBUG=1 checks the ops' index arguments on the host: the static step's padding rows keep
+    commit destinations distinct and inside the token buffer, slots -1 or valid, page ids valid."""
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "1")
+    for mode in ("pd", "ar"):
+        _compare(model, DecodeConfig(mode=mode, policy="threshold", tags=T, **KW), prompts=PROMPTS[:2],
+                 plans=PLANS[:2])
+
+
 def test_static_equals_dynamic_triton(model):
     # one request with 3 spans; max_spans=3 keeps the static layout's tile grid small for the interpreter
     cfg = DecodeConfig(mode="pd", policy="pd_threshold", tags=T, **dict(KW, max_spans=3))

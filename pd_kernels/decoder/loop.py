@@ -28,8 +28,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from .._checks import debug_enabled
 from ..integrations.transformers import (StepContext, enable, forward_hidden, graph_capture_issues, is_enabled,
                                           model_geometry)
 from .config import DecodeConfig
@@ -158,11 +160,12 @@ class Decoder:
     and ``max_batch * max_spans`` segments. Per bucket: a :class:`~pd_kernels.StaticSpanLayout` (layout
     sequence ``b`` = cache row ``b``, so the cache's own block table is the graph's block table) and fixed
     index / output buffers (:class:`_Bucket`). Padding: query rows past ``nq`` read the token buffer's
-    scratch element (one element past the ``[max_batch, cap]`` rows that always holds ``PAD``, never
-    ``MASK``), have slot ``-1`` (:func:`~pd_kernels.paged_kv_write` skips them) and are empty layout rows
-    (attention output 0). LM-head rows past ``nr``, and the unused destination of real rows (an AR row has no
-    commit destination, a span row no AR destination), point at the scratch element: the AR write stores
-    ``PAD`` there and :func:`~pd_kernels.commit_spans` ignores those rows (not ``MASK``). Row order (AR rows,
+    scratch area (``buckets[-1]`` elements past the ``[max_batch, cap]`` rows that always hold ``PAD``,
+    never ``MASK``), have slot ``-1`` (:func:`~pd_kernels.paged_kv_write` skips them) and are empty layout
+    rows (attention output 0). LM-head rows past ``nr``, and the unused destination of real rows (an AR row
+    has no commit destination, a span row no AR destination), point at scratch element ``k`` for row ``k``
+    (destinations stay distinct): the AR write stores ``PAD`` there and :func:`~pd_kernels.commit_spans`
+    ignores those rows (not ``MASK``). Row order (AR rows,
     then span rows, then padding) is the dynamic step's, so the counter-based RNG draws the same noise; the
     RNG offset is a one-element device tensor refilled with the step's indices.
 
@@ -211,6 +214,9 @@ class Decoder:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a model on a CUDA device, the model is on {self.device} "
                              f"(static_step=True runs the same fixed-buffer step without capture)")
+        if self.cuda_graphs and debug_enabled():
+            raise ValueError("cuda_graphs=True cannot run with PD_KERNELS_DEBUG=1 (its checks read device values "
+                             "on the host); use static_step=True to debug the same step eagerly")
         if self.cuda_graphs and graph_capture_issues(self.model):
             raise ValueError("cuda_graphs=True: this model's forward cannot be captured: "
                              + "; ".join(graph_capture_issues(self.model)))
@@ -244,7 +250,7 @@ class Decoder:
         ps = cfg.page_size
         pages_per_seq = -(-self.cap // ps) + 1
         num_pages = cfg.num_pages or nb * pages_per_seq
-        key = (nb, self.cap, num_pages, ps, pages_per_seq, cfg.max_spans, cfg.tags.mask, cfg.tags.pad)
+        key = (nb, self.cap, num_pages, ps, pages_per_seq, cfg.max_spans, cfg.tags.mask, cfg.tags.pad, self.buckets)
         if (self.static_step and key == self._arena_key and not self.cache.sequences
                 and self.cache.num_free_pages == self.cache.num_pages):
             # same geometry: keep the buffers the captured graphs point at, reset their contents
@@ -258,11 +264,13 @@ class Decoder:
             self.cache = PagedKVCache(self.geo["num_layers"], self.geo["num_kv_heads"], self.geo["head_dim"],
                                       num_pages, ps, max_seqs=nb, max_pages_per_seq=pages_per_seq,
                                       dtype=self.dtype, device=self.device)
-            # [nb, cap] token rows, then one scratch element (always PAD, never MASK): the static step's
-            # padding rows gather from it and write into it
-            self._tok_store = torch.full((nb * self.cap + 1,), cfg.tags.mask, dtype=torch.int64,
+            # [nb, cap] token rows, then a scratch area (always PAD, never MASK) of one element per LM-head row
+            # of the largest bucket: the static step's padding rows gather from it and write into it (row k
+            # into element k: destinations stay distinct)
+            n_scratch = self.buckets[-1] if self.static_step else 1
+            self._tok_store = torch.full((nb * self.cap + n_scratch,), cfg.tags.mask, dtype=torch.int64,
                                          device=self.device)
-            self._tok_store[-1] = cfg.tags.pad
+            self._tok_store[nb * self.cap:] = cfg.tags.pad
             self.tokens = self._tok_store[:nb * self.cap].view(nb, self.cap)
             self.tokens_flat = self._tok_store
             self.scratch = nb * self.cap
@@ -577,7 +585,8 @@ class Decoder:
         h[nq:Q] = scratch   # padding queries: gather the scratch element (PAD) ...
         h[Q + nq:2 * Q] = -1  # ... and write no K/V
         rows, ar_dst, forced, val, s_dst, s_span = (h[2 * Q + i * R:2 * Q + (i + 1) * R] for i in range(6))
-        rows[:], ar_dst[:], forced[:], val[:], s_dst[:], s_span[:] = 0, scratch, 1, pad, scratch, 0
+        spare = np.arange(scratch, scratch + R)  # row k's unused destination: scratch element k (distinct)
+        rows[:], ar_dst[:], forced[:], val[:], s_dst[:], s_span[:] = 0, spare, 1, pad, spare, 0
         k = 0
         for r, _, _, ar, _ in ents:   # AR rows first, then span rows, in batch order (the dynamic step's)
             if ar is not None:
