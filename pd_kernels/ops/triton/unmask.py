@@ -402,6 +402,9 @@ def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, span_ptr, seq_ptr, flag_ptr,
                 take = val_i & ((rank == 0) | ((rank < budget) & passes))
             tl.store(flag_ptr + ri, take.to(tl.int8), mask=mine_i)
             cnt += tl.sum(take.to(tl.int32), axis=0)
+        # every thread's pass-1 reads of `tokens` and flag writes are done before any pass-2 write/read: a
+        # layout in which rows are replicated across warps needs no cross-warp reduction, hence no implicit barrier
+        tl.debug_barrier()
         # pass 2: write the committed tokens (only now: pass 1 must see the masks of this step)
         for b in range(0, N, BLOCK):
             r = b + o
