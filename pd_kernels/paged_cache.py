@@ -20,7 +20,8 @@ class PagedKVCache:
             of sequence ``s`` (entries past its length are 0 and never read). Kernels read it directly.
 
     Sequence ids are rows of ``block_table``. All bookkeeping is on the host; each ``reserve`` that takes
-    new pages writes the changed row with one host-to-device copy, and returns its slot mapping with one more.
+    new pages writes the changed row with one host-to-device copy, and returns its slot mapping with one more
+    (unless ``slots=False``).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int = 16,
@@ -77,10 +78,11 @@ class PagedKVCache:
         return seq
 
     # ---- slots -----------------------------------------------------------------------------------
-    def reserve(self, seq: int, n: int) -> torch.Tensor:
+    def reserve(self, seq: int, n: int, *, slots: bool = True) -> torch.Tensor | None:
         """Append ``n`` positions to ``seq`` (an AR token, a prompt, a round of spans); return their slot
-        mapping, int64 ``[n]`` on the cache device. Raises :class:`OutOfPages` and changes nothing if the pool
-        or the block-table row is too small."""
+        mapping, int64 ``[n]`` on the cache device (``slots=False``: return ``None`` and skip that
+        host-to-device copy, for callers that compute slots themselves, e.g. the decoder). Raises
+        :class:`OutOfPages` and changes nothing if the pool or the block-table row is too small."""
         self._check(seq)
         if n < 0:
             raise ValueError(f"reserve needs n >= 0, got {n}")
@@ -98,7 +100,7 @@ class PagedKVCache:
             self._pages[seq].extend(new)
             self.block_table[seq, first:first + need] = torch.tensor(new, dtype=torch.int32).to(self.device)
         self._len[seq] = start + n
-        return self.slot_mapping(seq, start, n)
+        return self.slot_mapping(seq, start, n) if slots else None
 
     def slot_mapping(self, seq: int, start: int, n: int) -> torch.Tensor:
         """Slots of positions ``[start, start + n)`` of ``seq`` (already reserved): int64 ``[n]``."""

@@ -301,14 +301,14 @@ class Decoder:
             # mask); the rest of the prompt is prefilled causally
             r.prefill_len = n - 1
             if r.prefill_len:
-                self.cache.reserve(r.seq, r.prefill_len)
+                self.cache.reserve(r.seq, r.prefill_len, slots=False)
                 r.length = r.prefill_len
                 r.phase = "prefill"
             else:
                 self._open_diffusion_answer(r)
         else:
             r.prefill_len = n
-            self.cache.reserve(r.seq, n)
+            self.cache.reserve(r.seq, n, slots=False)
             r.length = n
             r.phase = "prefill"
 
@@ -327,7 +327,7 @@ class Decoder:
         n = len(r.prompt)
         L = cfg.answer_len
         start = n - 1
-        self.cache.reserve(r.seq, L + 1)
+        self.cache.reserve(r.seq, L + 1, slots=False)
         r.length = n + L
         self.tokens[r.slot, n:n + L] = cfg.tags.mask
         r.prefix = start
@@ -381,7 +381,7 @@ class Decoder:
             template += [tags.async_open] + [tags.mask] * L + [tags.async_close]
             spans.append(_Span(pos, L + 2, L, r.slot * cfg.max_spans + j))
             pos += L + 2
-        self.cache.reserve(r.seq, len(template))
+        self.cache.reserve(r.seq, len(template), slots=False)
         self.tokens[r.slot, r.length:pos] = torch.tensor(template, dtype=torch.int64).to(self.device)
         r.length = pos
         r.round_spans = spans
@@ -416,7 +416,7 @@ class Decoder:
                 self._finish(r, "length")
                 return
             self.tokens[r.slot, r.length] = tags.sync
-            self.cache.reserve(r.seq, 1)
+            self.cache.reserve(r.seq, 1, slots=False)
             r.length += 1
             r.phase = "plan"
             return
@@ -658,7 +658,7 @@ class Decoder:
         if r.new_tokens >= self.cfg.max_new_tokens:
             self._end_plan(r, "length")
             return
-        self.cache.reserve(r.seq, 1)
+        self.cache.reserve(r.seq, 1, slots=False)
         r.length += 1
         r.plan.append(tok)
         r.stats.plan_tokens += 1
