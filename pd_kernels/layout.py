@@ -259,7 +259,7 @@ class SpanLayout:
     q_pos: torch.Tensor
     q_seq: torch.Tensor
     q_kv: torch.Tensor
-    _segs: np.ndarray            # [S, 7] int64: seq, row0, n, pos0, a, b, c ... see build
+    _segs: np.ndarray            # [S, 8] int64: seq, row0, n, pos0, a, b, c, causal (see _pack)
     _tiles: dict = field(default_factory=dict)
 
     @property

@@ -182,8 +182,9 @@ class Decoder:
     non-blocking host-to-device copy; :meth:`~pd_kernels.StaticSpanLayout.update` (host packing + one
     non-blocking copy); the step's one device-to-host read of ``read`` (a sync: the host needs the AR tokens
     and ``masks_left`` to plan the next step; it also guarantees the staging buffer is free again). The first
-    step of a bucket runs eagerly (warm-up: Triton compilation, cuBLAS handles, split-K workspace), the
-    second captures the graph (capture runs nothing) and replays it, later ones replay. ``graph_counts``
+    step of a bucket runs eagerly (warm-up: Triton compilation, cuBLAS handles; the buckets' layouts use
+    ``num_splits=1``, so there is no split-K workspace), the second captures the graph (capture runs nothing)
+    and replays it, later ones replay. ``graph_counts``
     counts ``captured`` graphs, ``replayed`` steps, ``static_eager`` steps and ``dynamic`` (overflow) steps.
 
     Overflow: a step with more packed queries than the largest bucket (e.g. the prefill of a long prompt)
