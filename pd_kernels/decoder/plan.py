@@ -77,9 +77,12 @@ def parse_plan(tokens: list[int], tags: ControlTags, *, length_scale: int = 10, 
 def make_plan(tags: ControlTags, numbers: list[int], *, topic_tokens: list[list[int]] | None = None,
               terminator: str = "eos") -> list[int]:
     """Build plan tokens (for forced plans in tests, benchmarks and the demo): one entry per number,
-    ``<promise> topic... digits </topic>``, then the terminator (``"eos"``, ``"sync"`` or ``None``)."""
+    ``<promise> topic... digits </topic>`` (numbers 0..99), then the terminator (``"eos"``, ``"sync"`` or
+    ``None``)."""
     out: list[int] = []
     for k, num in enumerate(numbers):
+        if not 0 <= int(num) <= 99:
+            raise ValueError(f"make_plan: numbers must be in [0, 99] (parse_plan reads two digits), got {num}")
         out.append(tags.promise)
         if topic_tokens is not None:
             out.extend(topic_tokens[k])
