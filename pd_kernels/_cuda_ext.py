@@ -24,7 +24,6 @@ import threading
 import torch
 
 _lock = threading.Lock()
-_loaded = False
 _problem: str | None = None
 _tried = False
 
@@ -78,7 +77,7 @@ def _build() -> None:
 
 def load_problem() -> str | None:
     """Load the extension once; return ``None`` when it is usable, else why it is not."""
-    global _loaded, _problem, _tried
+    global _problem, _tried
     if _tried:
         return _problem
     with _lock:
@@ -93,7 +92,6 @@ def load_problem() -> str | None:
                 _build()
                 from . import ops  # noqa: F401  (fakes for the C++ ops)
                 ops._register_cuda_fakes()
-                _loaded = True
             except Exception as e:  # the message is what the user needs to see
                 _problem = f"building/loading the CUDA extension failed: {type(e).__name__}: {e}"
         _tried = True

@@ -12,6 +12,9 @@ void paged_kv_write_cuda(const at::Tensor& k, const at::Tensor& v, const at::Ten
                          const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   TORCH_CHECK(k.is_cuda() && v.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && slot_mapping.is_cuda(),
               "paged_kv_write_cuda: all tensors must be CUDA tensors");
+  TORCH_CHECK(v.device() == k.device() && k_cache.device() == k.device() && v_cache.device() == k.device() &&
+                  slot_mapping.device() == k.device(),
+              "paged_kv_write_cuda: all tensors must be on one device");
   TORCH_CHECK(k.dim() == 3 || k.dim() == 4, "paged_kv_write_cuda: k must be [T, H, D] or [L, T, H, D]");
   TORCH_CHECK(k.sizes() == v.sizes(), "paged_kv_write_cuda: k and v shapes differ");
   TORCH_CHECK(k_cache.dim() == k.dim() + 1 && k_cache.sizes() == v_cache.sizes() &&

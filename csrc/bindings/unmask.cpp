@@ -6,11 +6,25 @@
 
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <optional>
 
 #include "unmask.h"
 
 namespace {
+
+// SM count per device, asked of the driver once (the split heuristic runs on every call)
+int sm_count(int device) {
+  static std::atomic<int> cached[64] = {};
+  const bool cacheable = device >= 0 && device < 64;
+  int n = cacheable ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    TORCH_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) == cudaSuccess,
+                "token_confidence_cuda: cannot query the SM count");
+    if (cacheable) cached[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
 
 void token_confidence_cuda(const at::Tensor& logits, const at::Tensor& token, const at::Tensor& conf,
                            const std::optional<at::Tensor>& suppress_ids, const std::optional<at::Tensor>& offset_t,
@@ -47,9 +61,7 @@ void token_confidence_cuda(const at::Tensor& logits, const at::Tensor& token, co
   if (N == 0) return;
 
   const c10::cuda::CUDAGuard guard(logits.device());
-  int num_sms = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, logits.device().index()) ==
-                  cudaSuccess, "token_confidence_cuda: cannot query the SM count");
+  const int num_sms = sm_count(logits.device().index());
   pdk::TokenConfidenceParams p{};
   p.logits = logits.data_ptr();
   p.num_rows = N;

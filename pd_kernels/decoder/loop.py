@@ -667,7 +667,7 @@ class Decoder:
 
 def generate(model, prompts: list[list[int]], config: DecodeConfig | None = None, *, forced_plans=None,
              max_batch: int = 8, backend: str | None = None, on_step=None, cuda_graphs: bool = False,
-             static_step: bool | None = None) -> list[GenerationResult]:
-    """Functional form of :meth:`Decoder.generate`."""
+             static_step: bool | None = None, buckets=None) -> list[GenerationResult]:
+    """Functional form of :meth:`Decoder.generate` (arguments as :class:`Decoder`)."""
     return Decoder(model, config, max_batch=max_batch, backend=backend, on_step=on_step, cuda_graphs=cuda_graphs,
-                   static_step=static_step).generate(prompts, forced_plans)
+                   static_step=static_step, buckets=buckets).generate(prompts, forced_plans)

@@ -27,13 +27,12 @@ is masked off.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ...layout import TILE_COLS
+from . import sm_count
 
 MAX_SPLITS = 16
 
@@ -177,11 +176,6 @@ def _span_attn_merge_kernel(op_ptr, ml_ptr, o_ptr, Tq, num_splits, s_ot, s_oh,
     tl.store(o_ptr + t * s_ot + h * s_oh + o_d, (o * inv).to(o_ptr.dtype.element_ty), mask=m_d)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def choose_block_m(max_segment: int, group: int) -> int:
     """Query block (rows = tokens x G query heads) for a layout whose largest segment has ``max_segment``
     query rows: the smallest of 16/32/64/128 that holds a segment. Few distinct values, so at most a
@@ -208,7 +202,7 @@ def choose_splits(num_tiles: int, num_kv_heads: int, max_kv: int, block_n: int, 
     """Split keys over programs when the grid is too small to fill the GPU and the key ranges are long."""
     if device.type != "cuda":
         return 1
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     programs = max(1, num_tiles * num_kv_heads)
     if programs >= sms:
         return 1

@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import sm_count
+
 _KINDS = {"prob": 0, "margin": 1, "neg_entropy": 2}
 _POLICIES = {"threshold": 0, "schedule": 1, "pd_threshold": 2}
 
@@ -265,17 +267,11 @@ def _merge_kernel(tok_ptr, conf_ptr, fpart_ptr, ipart_ptr, n_split, V,
     _finish(tok_ptr, conf_ptr, row, t1, t2, i1, s, w, nan, bi, by, KIND, SAMPLE)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # interpreter: a small target keeps CPU tests fast and still exercises the split path
-
-
 def _split_plan(N: int, V: int, block_v: int, device: torch.device, num_splits: int | None):
     n_chunks = triton.cdiv(V, block_v)
     if num_splits is None:
         # aim at >= 2 programs per SM; never split below ~4 chunks per program (the merge has a cost)
-        target = 2 * _num_sms(device)
+        target = 2 * sm_count(device)
         num_splits = max(1, min(triton.cdiv(target, max(N, 1)), n_chunks // 4 if device.type == "cuda" else n_chunks))
     num_splits = max(1, min(num_splits, n_chunks))
     cps = triton.cdiv(n_chunks, num_splits)
