@@ -52,8 +52,10 @@ def paged_kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tenso
         return
     num_slots = k_cache.shape[1] * k_cache.shape[2]
     BLOCK_H, BLOCK_D = triton.next_power_of_2(H), triton.next_power_of_2(D)
-    # ~4K elements per program: enough bytes in flight per SM without register pressure
-    BLOCK_T = max(1, min(triton.next_power_of_2(T), 4096 // (BLOCK_H * BLOCK_D)))
+    # ~4K elements per program: enough bytes in flight per SM without register pressure. BLOCK_T depends
+    # on the head geometry only, never on T: a decode loop whose token count changes every step (1 AR
+    # token, then a round of spans) reuses one compiled kernel; a short T just masks lanes.
+    BLOCK_T = max(1, 4096 // (BLOCK_H * BLOCK_D))
     grid = (triton.cdiv(T, BLOCK_T), L)
     # the page and in-page dims of a cache are merged into one slot dim: valid because
     # stride(page) == page_size * stride(in-page), checked by the public op.
