@@ -326,6 +326,23 @@ def token_confidence_triton(logits: torch.Tensor, token: torch.Tensor, conf: tor
                             BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=1)
 
 
+@triton.jit
+def _span_rows(span_ptr, dst_ptr, seq_ptr, conf_ptr, r, N, j, n_tok, mask_id):
+    """Rows ``r`` (a block of row ids) seen from span ``j``: ``mine`` (the row belongs to span j), its
+    destination, ``val`` (mine, destination inside ``tokens`` and still holding ``mask_id``), its
+    confidence and its rank key (NaN ranks as -inf). A destination outside ``tokens`` is never read."""
+    inb = r < N
+    sp = tl.load(span_ptr + r, mask=inb, other=-1)
+    mine = inb & (sp == j)
+    dst = tl.load(dst_ptr + r, mask=mine, other=0)
+    inside = mine & (dst >= 0) & (dst < n_tok)
+    cur = tl.load(seq_ptr + dst, mask=inside, other=0)
+    val = inside & (cur == mask_id)
+    c = tl.load(conf_ptr + r, mask=mine, other=0.0)
+    key = tl.where(c == c, c, float("-inf"))
+    return mine, dst, val, c, key
+
+
 @triton.jit(do_not_specialize=["N", "mask_id", "tau", "n_tok"])
 def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, span_ptr, seq_ptr, flag_ptr,
                    ml_ptr, step_ptr, ns_ptr, def_ptr, committed_ptr,
@@ -333,18 +350,11 @@ def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, span_ptr, seq_ptr, flag_ptr,
                    POLICY: tl.constexpr, BLOCK: tl.constexpr):
     j = tl.program_id(0)
     o = tl.arange(0, BLOCK)
-    NEG_INF = float("-inf")
     # pass 0: m = masked rows of span j
     m = tl.full([], 0, tl.int32)
     for b in range(0, N, BLOCK):
-        r = b + o
-        inb = r < N
-        sp = tl.load(span_ptr + r, mask=inb, other=-1)
-        mine = inb & (sp == j)
-        dst = tl.load(dst_ptr + r, mask=mine, other=0)
-        mine = mine & (dst >= 0) & (dst < n_tok)  # a destination outside `tokens` is never touched
-        cur = tl.load(seq_ptr + dst, mask=mine, other=0)
-        m += tl.sum((mine & (cur == mask_id)).to(tl.int32), axis=0)
+        _, _, val, _, _ = _span_rows(span_ptr, dst_ptr, seq_ptr, conf_ptr, b + o, N, j, n_tok, mask_id)
+        m += tl.sum(val.to(tl.int32), axis=0)
 
     cnt = tl.full([], 0, tl.int32)
     if m > 0:
@@ -364,27 +374,12 @@ def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, span_ptr, seq_ptr, flag_ptr,
         # pass 1: rank every masked row of span j; decide; remember the decision
         for bi in range(0, N, BLOCK):
             ri = bi + o
-            inb_i = ri < N
-            sp_i = tl.load(span_ptr + ri, mask=inb_i, other=-1)
-            mine_i = inb_i & (sp_i == j)
-            dst_i = tl.load(dst_ptr + ri, mask=mine_i, other=0)
-            in_i = mine_i & (dst_i >= 0) & (dst_i < n_tok)
-            cur_i = tl.load(seq_ptr + dst_i, mask=in_i, other=0)
-            val_i = in_i & (cur_i == mask_id)
-            c_i = tl.load(conf_ptr + ri, mask=mine_i, other=0.0)
-            key_i = tl.where(c_i == c_i, c_i, NEG_INF)  # NaN ranks as -inf
+            mine_i, dst_i, val_i, c_i, key_i = _span_rows(span_ptr, dst_ptr, seq_ptr, conf_ptr, ri, N, j, n_tok,
+                                                          mask_id)
             rank = tl.zeros([BLOCK], dtype=tl.int32)
             for bj in range(0, N, BLOCK):
-                rj = bj + o
-                inb_j = rj < N
-                sp_j = tl.load(span_ptr + rj, mask=inb_j, other=-1)
-                mine_j = inb_j & (sp_j == j)
-                dst_j = tl.load(dst_ptr + rj, mask=mine_j, other=0)
-                mine_j = mine_j & (dst_j >= 0) & (dst_j < n_tok)
-                cur_j = tl.load(seq_ptr + dst_j, mask=mine_j, other=0)
-                val_j = mine_j & (cur_j == mask_id)
-                c_j = tl.load(conf_ptr + rj, mask=mine_j, other=0.0)
-                key_j = tl.where(c_j == c_j, c_j, NEG_INF)
+                _, dst_j, val_j, _, key_j = _span_rows(span_ptr, dst_ptr, seq_ptr, conf_ptr, bj + o, N, j, n_tok,
+                                                       mask_id)
                 beats = (key_j[None, :] > key_i[:, None]) | (
                     (key_j[None, :] == key_i[:, None]) & (dst_j[None, :] < dst_i[:, None]))
                 beats = beats & val_j[None, :]
