@@ -1,0 +1,392 @@
+"""Ahead-of-time compile of every Triton kernel the ops launch, for Hopper (``GPUTarget("cuda", 90, 32)``).
+
+On a machine without a GPU the kernels only ever run in the interpreter, in fp32/fp16; bf16 (the
+production dtype) and the real code generation (layouts, ``tl.dot`` lowering, register allocation) are
+never exercised. Triton can compile for sm_90 without a GPU (it ships ``ptxas``), so this file compiles
+each kernel with the arguments its launcher really passes and asserts the compile succeeds and yields
+PTX (and a cubin). Registers and spills are reported in the test output (a summary at the end of the
+module), never asserted.
+
+How the launches are captured: each launcher (``paged_kv_write_triton``, ``span_attention_triton``,
+``token_confidence_triton``, ``commit_spans_triton``) is called on ``meta`` tensors with its kernels
+replaced by recorders, so the constexprs, scalars, strides and ``num_warps`` / ``num_stages`` are exactly
+what the launcher computes; GPU-side choices made above the launcher (``kernel_config(..., on_gpu=True)``,
+``choose_block_m``, the GPU ``BLOCK_V``, split counts) are passed the way the ops pass them on a GPU.
+
+How they are compiled: in a subprocess with ``TRITON_INTERPRET`` unset (conftest sets it on CPU machines,
+and the interpreter patches ``triton.language`` in-process, which breaks code generation there). The
+subprocess specializes the recorded arguments with Triton's own launch binder (divisibility by 16, value
+1 folded to a constant, ``do_not_specialize`` honoured), as a real launch would, then calls
+``triton.compile``. The specs are split over two worker processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = ("cuda", 90, 32)
+KV_HEADS = [(4, 128), (8, 64), (1, 64)]  # (Hkv, D) of the paged KV write
+
+
+# --------------------------------------------------------------------------------------------------------
+# Worker (runs as ``python tests/test_triton_compile.py --worker``, TRITON_INTERPRET unset)
+# --------------------------------------------------------------------------------------------------------
+
+def _worker() -> None:
+    import importlib
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import MockTensor, create_function_from_signature
+
+    specs = json.load(sys.stdin)
+    target = GPUTarget(*TARGET)
+    backend = make_backend(target)
+    out = {}
+    for spec in specs:
+        t0 = time.perf_counter()
+        try:
+            mod = importlib.import_module(spec["module"])
+            fn = getattr(mod, spec["kernel"])
+            if not isinstance(fn, triton.runtime.jit.JITFunction):
+                raise RuntimeError(f"{spec['kernel']} is a {type(fn).__name__}, not a JITFunction "
+                                   "(TRITON_INTERPRET leaked into the worker?)")
+            args = {k: (MockTensor(getattr(torch, v["ptr"])) if isinstance(v, dict) else v)
+                    for k, v in spec["args"].items()}
+            kwargs = dict(spec["options"])
+            kwargs.setdefault("debug", False)
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            bound, specialization, options = binder(**args, **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+            k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+            ptx = k.asm.get("ptx", "")
+            cubin = k.asm.get("cubin", b"") or b""
+            out[spec["id"]] = dict(ok=True, ptx_chars=len(ptx), has_entry=".entry" in ptx, cubin_bytes=len(cubin),
+                                   **_resource_usage(cubin),
+                                   shared=k.metadata.shared, num_warps=k.metadata.num_warps,
+                                   num_stages=k.metadata.num_stages, seconds=time.perf_counter() - t0)
+        except Exception as e:  # reported per spec: a compile failure is a test failure, not a crash
+            out[spec["id"]] = dict(ok=False, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+    json.dump(out, sys.stdout)
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers and spills of a cubin, from ``cuobjdump -res-usage`` (Triton's bundled one). ``n_spills`` is
+    local memory / 4, as Triton reports it after loading a kernel on a GPU. None where it cannot be read."""
+    import re
+    import tempfile
+
+    import triton
+
+    res = dict(n_regs=None, n_spills=None, stack=None)
+    try:
+        tool = triton.knobs.nvidia.cuobjdump.path
+    except Exception:
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            txt = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+        except Exception:
+            return res
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", txt)
+    if m:
+        res.update(n_regs=int(m.group(1)), stack=int(m.group(2)), n_spills=int(m.group(3)) // 4)
+    return res
+
+
+def _probe() -> None:
+    """Compile a trivial kernel: fails only when this Triton cannot compile for CUDA sm_90 at all."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    @triton.jit
+    def _probe_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + o, tl.load(x_ptr + o, mask=o < n) + 1, mask=o < n)
+
+    src = ASTSource(_probe_kernel, {"x_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 128})
+    k = triton.compile(src, target=GPUTarget(*TARGET))
+    assert ".entry" in k.asm["ptx"] and k.asm.get("cubin"), "no PTX entry / cubin"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()
+    sys.exit(0)
+if __name__ == "__main__" and "--probe" in sys.argv:
+    _probe()
+    sys.exit(0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launch capture (in the test process: kernels replaced by recorders, launchers run on meta tensors)
+# --------------------------------------------------------------------------------------------------------
+
+triton = pytest.importorskip("triton")
+import torch  # noqa: E402
+
+import pd_kernels.ops.triton.kv_cache as kvk  # noqa: E402
+import pd_kernels.ops.triton.span_attention as sak  # noqa: E402
+import pd_kernels.ops.triton.unmask as umk  # noqa: E402
+from pd_kernels.layout import TILE_COLS  # noqa: E402
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_KERNELS = {
+    kvk: ("_paged_kv_write_kernel",),
+    sak: ("_span_attn_fwd_kernel", "_span_attn_merge_kernel"),
+    umk: ("_row_kernel", "_merge_kernel", "_commit_kernel", "_all_done_kernel"),
+}
+
+
+class _Recorder:
+    def __init__(self, module, name, real, sink):
+        self.module, self.name, self.real, self.sink = module, name, real, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            names = list(self.real.arg_names)
+            bound = dict(zip(names, args))
+            bound.update({k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS})
+            assert set(bound) == set(names), (self.name, set(names) ^ set(bound))
+            enc = {}
+            for k in names:
+                v = bound[k]
+                if isinstance(v, torch.Tensor):
+                    enc[k] = {"ptr": str(v.dtype).replace("torch.", "")}
+                elif isinstance(v, (bool, int, float)):
+                    enc[k] = v
+                else:
+                    raise TypeError(f"{self.name}: argument {k} of type {type(v).__name__}")
+            opts = {k: v for k, v in kwargs.items() if k in _LAUNCH_OPTIONS}
+            self.sink.append({"module": self.module.__name__, "kernel": self.name, "args": enc, "options": opts})
+        return launch
+
+
+def _capture(call) -> list[dict]:
+    """Run ``call()`` with every kernel of the three modules replaced by a recorder; return the launches."""
+    sink: list[dict] = []
+    saved = []
+    try:
+        for mod, names in _KERNELS.items():
+            for n in names:
+                saved.append((mod, n, getattr(mod, n)))
+                setattr(mod, n, _Recorder(mod, n, getattr(mod, n), sink))
+        call()
+    finally:
+        for mod, n, real in saved:
+            setattr(mod, n, real)
+    return sink
+
+
+def _meta(shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _kv_write(dt, H, D, k_dt=None):
+    L, T, P, page = 2, 5, 8, 16
+    k = _meta((L, T, H, D), _DT[k_dt or dt])
+    cache = _meta((L, P, page, H, D), _DT[dt])
+    return lambda: kvk.paged_kv_write_triton(k, k, cache, cache, _meta((T,), torch.int64))
+
+
+def _attention(dt, D, G, max_segment, splits, Hkv=2, page=16):
+    """As ``pd_kernels.span_attention`` on a GPU: block_m from the segment, kernel_config(on_gpu=True)."""
+    block_m = sak.choose_block_m(max_segment, G)
+    bn, warps, stages = sak.kernel_config(block_m, D, True)
+    Tq, P = 37, 64
+    q = _meta((Tq, Hkv * G, D), _DT[dt])
+    kc = _meta((P, page, Hkv, D), _DT[dt])
+    tiles = _meta((5, TILE_COLS), torch.int32)
+    return lambda: sak.span_attention_triton(
+        q, kc, kc, _meta((3, 16), torch.int32), _meta((Tq,), torch.int32), tiles, torch.empty_like(q), D ** -0.5,
+        block_m, splits, block_n=bn, num_warps=warps, num_stages=stages)
+
+
+def _row_pass(dt, kind, sample, splits, V=152064, block_v=2048, off_t=False):
+    """As ``pd_kernels.token_confidence`` on a GPU: BLOCK_V 2048 (8 warps) for a large vocabulary."""
+    N = 4
+    logits = _meta((N, V), _DT[dt])
+    if V < block_v:
+        block_v = max(16, triton.next_power_of_2(V))
+    return lambda: umk.token_confidence_triton(
+        logits, _meta((N,), torch.int64), _meta((N,), torch.float32), _meta((1,), torch.int64),
+        _meta((1,), torch.int64) if off_t else None, 1234, 5 << 20, kind, 0.7 if sample else 0.0,
+        num_splits=splits, block_v=block_v)
+
+
+def _commit(policy, N):
+    i32, i64 = torch.int32, torch.int64
+    S = 3
+    return lambda: umk.commit_spans_triton(
+        _meta((N,), i64), _meta((N,), torch.float32), _meta((N,), i64), _meta((N,), i32), _meta((4, 64), i64),
+        _meta((S,), i32), _meta((S,), i32), _meta((S,), i32), _meta((S,), i32), _meta((S,), i32),
+        _meta((1,), torch.bool), policy, 0.9, 151665)
+
+
+def _cases():
+    c = {}
+    for dt in ("bf16", "fp16"):
+        for H, D in KV_HEADS:
+            c[f"kv_write-{dt}-{H}x{D}"] = _kv_write(dt, H, D)
+    c["kv_write-fp32_to_bf16-4x128"] = _kv_write("bf16", 4, 128, k_dt="fp32")
+    # attention: decode (1-token segments, split-K) and span / prefill blocks (no split), G = Hq / Hkv
+    for D in (64, 128):
+        for G in (1, 4, 7):
+            c[f"attn-bf16-D{D}-G{G}-decode-split4"] = _attention("bf16", D, G, 1, 4)
+            c[f"attn-bf16-D{D}-G{G}-span64-nosplit"] = _attention("bf16", D, G, 64, 1)
+    c["attn-bf16-D128-G1-span32-nosplit"] = _attention("bf16", 128, 1, 32, 1)   # block_m 32
+    c["attn-bf16-D128-G4-span16-nosplit"] = _attention("bf16", 128, 4, 16, 1)   # block_m 64, 4 warps
+    c["attn-bf16-D64-G1-span128-split2"] = _attention("bf16", 64, 1, 128, 2)   # block_m 128, BLOCK_N 128
+    c["attn-fp16-D128-G4-decode-split4"] = _attention("fp16", 128, 4, 1, 4)
+    c["attn-fp16-D128-G4-span64-nosplit"] = _attention("fp16", 128, 4, 64, 1)
+    c["attn-fp16-D64-G7-span64-nosplit"] = _attention("fp16", 64, 7, 64, 1)
+    # token choice: every KIND x SAMPLE x SPLIT at the GPU BLOCK_V in bf16
+    for kind in ("prob", "margin", "neg_entropy"):
+        for sample in (False, True):
+            for splits in (1, 8):
+                c[f"row-bf16-{kind}-{'sample' if sample else 'greedy'}-split{splits}"] = _row_pass(
+                    "bf16", kind, sample, splits, off_t=sample and splits == 1)
+    c["row-fp16-margin-greedy-split1"] = _row_pass("fp16", "margin", False, 1)
+    c["row-fp16-neg_entropy-sample-split8"] = _row_pass("fp16", "neg_entropy", True, 8)
+    c["row-fp32-prob-sample-split1"] = _row_pass("fp32", "prob", True, 1)
+    c["row-bf16-prob-greedy-V1000"] = _row_pass("bf16", "prob", False, 1, V=1000)  # BLOCK_V 1024, 4 warps
+    for policy in ("threshold", "schedule", "pd_threshold"):
+        c[f"commit-{policy}-N300"] = _commit(policy, 300)
+    c["commit-threshold-N5"] = _commit("threshold", 5)  # BLOCK 16
+    return c
+
+
+CASES = _cases()
+
+
+def _specs() -> dict[str, dict]:
+    """Every distinct launch of every case, by id ``<case>/<kernel>``."""
+    specs = {}
+    for cid, call in CASES.items():
+        for rec in _capture(call):
+            rid = f"{cid}/{rec['kernel'].strip('_')}"
+            assert rid not in specs, f"{rid} launched twice"
+            rec["id"] = rid
+            specs[rid] = rec
+    return specs
+
+
+SPECS = _specs()
+
+
+def _dedupe_key(spec):
+    return json.dumps([spec["module"], spec["kernel"], spec["args"], spec["options"]], sort_keys=True)
+
+
+def _run_workers(specs: list[dict], n_workers: int = 2) -> dict:
+    uniq, alias = {}, {}
+    for s in specs:
+        alias[s["id"]] = uniq.setdefault(_dedupe_key(s), s)["id"]
+    work = list(uniq.values())
+    procs = []
+    for w in range(n_workers):
+        part = work[w::n_workers]
+        if not part:
+            continue
+        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], cwd=ROOT, env=_env(),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p.stdin.write(json.dumps(part))
+        p.stdin.close()
+        procs.append(p)
+    res = {}
+    for p in procs:
+        outs = p.stdout.read()
+        errs = p.stderr.read()
+        if p.wait() != 0:
+            raise RuntimeError(f"compile worker exited with {p.returncode}:\n{errs[-4000:]}")
+        res.update(json.loads(outs))
+    return {sid: dict(res[a], dedup_of=a if a != sid else None) for sid, a in alias.items()}
+
+
+@pytest.fixture(scope="module")
+def compiled(request):
+    probe = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe"], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot compile Triton kernels for CUDA sm_90 here (needs a Triton >= 3.2 with the NVIDIA "
+                    f"backend and its bundled ptxas): {probe.stderr.strip().splitlines()[-1:]}")
+    # compile only what was selected (``-k``), all of it in one go (two worker processes)
+    wanted = [SPECS[it.callspec.params["sid"]] for it in request.session.items
+              if it.module is request.module and hasattr(it, "callspec") and "sid" in it.callspec.params]
+    t0 = time.perf_counter()
+    res = _run_workers(wanted)
+    wall = time.perf_counter() - t0
+    yield res
+    _report(request.config, res, wall)
+
+
+def _report(config, res: dict, wall: float) -> None:
+    """Registers / spills per launch, written to the terminal (outside output capture) after the last test."""
+    tr = config.pluginmanager.getplugin("terminalreporter")
+    cap = config.pluginmanager.getplugin("capturemanager")
+    if tr is None or not res:
+        return
+    total = sum(r["seconds"] for r in res.values() if not r.get("dedup_of"))
+    lines = [f"Triton {triton.__version__} compiles for sm_90: {len(res)} launches, "
+             f"{total:.0f} s compiling, {wall:.0f} s wall (cached compiles are fast)"]
+    for sid in sorted(res):
+        r = res[sid]
+        if not r["ok"]:
+            lines.append(f"{sid:58s} FAILED")
+        elif r.get("dedup_of"):
+            lines.append(f"{sid:58s} = {r['dedup_of']}")
+        else:
+            lines.append(f"{sid:58s} regs {r['n_regs']!s:>4} spills {r['n_spills']!s:>3} smem {r['shared']:>6} "
+                         f"warps {r['num_warps']} stages {r['num_stages']} {r['seconds']:5.1f} s")
+    with cap.global_and_fixture_disabled() if cap is not None else contextlib.nullcontext():
+        tr.write_line("")
+        tr.write_sep("-", "Triton sm_90 compile: registers / spills")
+        for line in lines:
+            tr.write_line(line)
+
+
+@pytest.mark.parametrize("sid", sorted(SPECS))
+def test_compiles_for_sm90(compiled, sid, record_property):
+    r = compiled[sid]
+    assert r["ok"], f"{sid} does not compile for sm_90:\n{r['error']}"
+    assert r["has_entry"] and r["ptx_chars"] > 0, f"{sid}: no PTX kernel entry"
+    assert r["cubin_bytes"] > 0, f"{sid}: no cubin"
+    for k in ("n_regs", "n_spills", "shared"):
+        record_property(k, r.get(k))
+
+
+def test_every_kernel_covered():
+    """Every @triton.jit kernel the launchers call is compiled by at least one case."""
+    launched = {s["kernel"] for s in SPECS.values()}
+    expected = {n for names in _KERNELS.values() for n in names}
+    assert launched == expected, expected ^ launched
+    # and the list is complete: every jitted ``*_kernel`` of the modules is in it
+    kernels = {n for mod in _KERNELS for n, f in vars(mod).items()
+               if n.endswith("_kernel") and hasattr(f, "fn") and hasattr(f, "arg_names")}
+    assert kernels == expected, kernels ^ expected
+    kinds = {(s["args"]["KIND"], s["args"]["SAMPLE"], s["args"]["SPLIT"]) for s in SPECS.values()
+             if s["kernel"] == "_row_kernel" and s["args"]["x_ptr"] == {"ptr": "bfloat16"}
+             and s["args"]["BLOCK_V"] == 2048}
+    assert len(kinds) == 12, sorted(kinds)
