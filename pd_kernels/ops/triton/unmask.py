@@ -23,13 +23,14 @@ equal maxima, second max, sum p, plus sum p (y - m) for neg_entropy) and 3 more 
 arg-min, its logit); each is warp shuffles + a shared-memory round trip + barriers. Now: **0 per chunk**
 and 6-9 once per program. Compiled for sm_90a (Triton 3.9 here, ptxas, no GPU run): the loop body has no
 ``bar.sync`` / ``shfl`` (10 and 24 before), one exp per element, one ``ld.global.v4`` per thread per full
-chunk (full chunks load unmasked; before: 8 scalar 2-byte loads), 83-92 registers at BLOCK_V 2048 x 8
-warps, no spills. The suppressed ids are range-checked per chunk (min/max id hoisted before the loop):
+chunk (full chunks load unmasked; before: 8 scalar 2-byte loads), no spills. Registers at BLOCK_V 2048 x
+8 warps, measured by tests/test_triton_compile.py (cuobjdump of the sm_90 cubin): 98-110 greedy, up to
+146 when sampling; so 2 CTAs of 256 threads per SM for greedy rows, 1 for some sampling variants. The suppressed ids are range-checked per chunk (min/max id hoisted before the loop):
 only chunks that overlap the id range run the per-id compares.
 
 Predicted GPU effect (**not measured: no GPU was available for this change**): reductions per chunk
 5-9 -> 0, so the loop should become load-bound; expect roughly 1.5-2.5x faster rows at N >= 256,
-V = 152064 bf16. Reaching 80% of copy bandwidth is *not* assured: with ~90 registers (2 CTAs of 256
+V = 152064 bf16. Reaching 80% of copy bandwidth is *not* assured: with ~100 registers (2 CTAs of 256
 threads per SM) and one 16-byte load per thread per trip, about 8 KB per SM is in flight, while Little's
 law at 3 TB/s and ~600 ns asks for ~14 KB, unless consecutive trips overlap. If it falls short, sweep
 ``benchmarks/bench_unmask.py --triton-configs 2048x8,1024x4,4096x8`` and try unrolling two chunks per
@@ -292,7 +293,7 @@ def token_confidence_triton(logits: torch.Tensor, token: torch.Tensor, conf: tor
     dev = logits.device
     if block_v is None:
         # GPU: 2048 x 8 warps = 8 logits per thread (one 16-byte load for bf16) keeps the per-lane state at
-        # ~85-95 registers (ptxas, sm_90a): 2 CTAs per SM. 4096 doubles the state (~160 registers, 1 CTA).
+        # ~100-110 registers greedy (sm_90 cubin, see the module docstring): 2 CTAs per SM. 4096 doubles it.
         # Interpreter: 4096, since its cost is per loop step, not per element.
         cap = 2048 if dev.type == "cuda" else 4096
         block_v = cap if V >= cap else max(16, triton.next_power_of_2(V))
