@@ -29,8 +29,7 @@ class ControlTags:
     def __post_init__(self):
         if len(self.digits) != 10:
             raise ValueError(f"ControlTags.digits must list the ids of '0'..'9', got {len(self.digits)} ids")
-        ids = [self.eos, self.mask, self.async_open, self.async_close, self.promise, self.topic_close,
-               self.sync, self.pad]
+        ids = self.specials
         if len(set(ids)) != len(ids) or set(ids) & set(self.digits):
             raise ValueError(f"control-tag ids must be distinct and differ from the digit ids: {self}")
 
