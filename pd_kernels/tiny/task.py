@@ -1,21 +1,33 @@
 """The synthetic task of the shipped tiny planned-diffusion model: list sub-requests, checked exactly.
 
-A prompt is one to four *parts* separated by ``;``. A part is an operation and a list of distinct letters,
-or ``then`` and an operation, which applies the operation to the previous part's answer::
+A prompt is one to three *parts* separated by ``;``. A part is an operation and a list of letters, or
+``then`` and an operation, which applies the operation to the previous part's answer; no letter appears
+twice in a prompt::
 
-    rev q w e r ; sort k d a f ; shift x y z          three independent parts (one planning round)
-    sort k d a f ; then rev                           the second part needs the first: a <sync/> round
-    rev a b                                           a short answer: not worth a plan
+    rev o c m w k h j ; sort q d a f i n b    two independent parts: one planning round, two spans
+    sort k d a f i n b ; then rev             the second part needs the first: a <sync/> round
+    rev a b                                   a short answer: not worth a plan
 
-Operations: ``rev`` (reverse), ``sort`` (alphabetical), ``shift`` (each letter to the next one, ``z`` to
-``a``). A part's answer is its letters followed by ``;``; the whole answer is the parts' answers in order.
+Operations: ``rev`` (reverse) and ``sort`` (alphabetical). A part's answer is its letters followed by
+``;``; the whole answer is the parts' answers in order.
 
 Planned-diffusion layout (the training format, SPEC section 9, and what the model writes at inference):
-parts that need no earlier answer form round 1; a ``then`` part is in the round after the part it reads.
-Each round's plan has one entry per part, ``<promise>-<topic> OP N </topic>`` (the topic is the operation,
-``N = ceil(len(answer) / LENGTH_SCALE)``); the span is the part's answer padded with ``[PAD]`` to
-``N * LENGTH_SCALE`` tokens. Rounds end with ``<sync/>``, the last one with EOS. A single part of at most
-``SHORT_MAX`` letters is answered directly, with no plan.
+the independent parts (at most two) form round 1; a ``then`` part is in the round after the part it
+reads. Each round's plan has one entry per part, ``<promise>-<topic> OP N </topic>`` (the topic is the
+operation, ``N = ceil(len(answer) / LENGTH_SCALE)``); the span is the part's answer padded with ``[PAD]``
+to ``N * LENGTH_SCALE`` tokens. Rounds end with ``<sync/>``, the last one with EOS. A single part of at
+most ``SHORT_MAX`` letters is answered directly, with no plan.
+
+Why the task looks like this (a model of about a million parameters, trained in minutes on a CPU):
+
+* letters are distinct across the prompt, so a letter names its part and its place: a small model finds
+  the next letter by content (the letter after / before the one just written), in any part;
+* planned parts have an odd number of letters (7 to 13), so every answer (letters and ``;``) fills its
+  span exactly: both ends of a span are anchored, and the model can fill it from both ends at once;
+* a round has at most two spans: under PD a span sees the prefix and itself only, so the only thing that
+  tells it which plan entry it is, is its position; "right after the plan" or "not" is a distinction a
+  tiny model learns quickly, counting spans by distance is not;
+* the plan entry is four tokens (one topic word), so the plan is a small part of the critical path.
 """
 from __future__ import annotations
 
@@ -25,12 +37,14 @@ import random
 from dataclasses import dataclass
 
 LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
-OPS = ("rev", "sort", "shift")
+OPS = ("rev", "sort")
 THEN = "then"
 SEP = ";"
 LENGTH_SCALE = 2        # masks per announced unit (DecodeConfig.length_scale of the tiny model)
-MAX_PARTS = 4           # parts per prompt
-MAX_ITEMS = 12          # letters per part
+MAX_PARTS = 3           # parts per prompt
+MAX_ROUND_PARTS = 2     # independent parts (spans of round 1)
+MAX_ITEMS = 13          # letters per part
+PLANNED_ITEMS = (7, 9, 11, 13)   # list lengths of planned parts
 SHORT_MAX = 3           # a one-part prompt with at most this many letters is answered without a plan
 EVAL_BUCKETS = 10       # one prompt in EVAL_BUCKETS (by a hash of its text) is held out of training
 
@@ -41,8 +55,6 @@ def apply_op(op: str, items: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(reversed(items))
     if op == "sort":
         return tuple(sorted(items))
-    if op == "shift":
-        return tuple(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in items)
     raise ValueError(f"unknown operation {op!r}: expected one of {OPS}")
 
 
@@ -113,15 +125,26 @@ def _validate(parts) -> None:
             if p.items:
                 raise ValueError(f"part {i + 1}: '{THEN} {p.op}' takes no letters of its own")
             continue
-        if not 1 <= len(p.items) <= MAX_ITEMS:
-            raise ValueError(f"part {i + 1}: 1 to {MAX_ITEMS} letters, got {len(p.items)}")
+        n = len(p.items)
+        if not 1 <= n <= MAX_ITEMS:
+            raise ValueError(f"part {i + 1}: 1 to {MAX_ITEMS} letters, got {n}")
+        if n not in PLANNED_ITEMS and not (len(parts) == 1 and n <= SHORT_MAX):
+            raise ValueError(f"part {i + 1} has {n} letters: the model was trained on "
+                             f"{', '.join(map(str, PLANNED_ITEMS))} letters per part (or 1 to {SHORT_MAX} "
+                             f"in a one-part prompt)")
         bad = [c for c in p.items if c not in LETTERS]
         if bad:
-            raise ValueError(f"part {i + 1}: {bad[0]!r} is not a lowercase letter a-z")
-        if len(set(p.items)) != len(p.items):
-            raise ValueError(f"part {i + 1}: letters must be distinct within a part (the model was trained so)")
+            raise ValueError(f"part {i + 1}: {bad[0]!r} is not one of the letters {LETTERS[0]}-{LETTERS[-1]}")
+        seen = {c for q in parts[:i] for c in q.items}
+        dup = [c for j, c in enumerate(p.items) if c in seen or c in p.items[:j]]
+        if dup:
+            raise ValueError(f"letter {dup[0]!r} appears twice: letters must be distinct across the prompt "
+                             f"(the model was trained so)")
         if any(q.then for q in parts[:i]):
             raise ValueError(f"part {i + 1}: independent parts come before the '{THEN}' parts")
+        if i >= MAX_ROUND_PARTS:
+            raise ValueError(f"at most {MAX_ROUND_PARTS} independent parts (a round has at most "
+                             f"{MAX_ROUND_PARTS} spans), then '{THEN} OP' parts")
 
 
 def parse_prompt(text: str) -> Example:
@@ -147,12 +170,13 @@ def is_held_out(example: Example) -> bool:
 
 
 class TaskGenerator:
-    """Seeded stream of examples: 60% independent parts (one to four parts of 4..12 letters), 25% with a
-    ``then`` part (a ``<sync/>`` round), 15% short (one part of 1..3 letters, answered without a plan).
+    """Seeded stream of examples: 60% two independent parts, 10% one part (lists of 7..13 letters, odd),
+    20% one or two parts and a ``then`` part (a ``<sync/>`` round), 10% short (one part of 1..3 letters,
+    answered without a plan). Letters are drawn without replacement across the prompt.
 
     ``split="train"`` never yields a held-out prompt, ``split="eval"`` only held-out ones."""
 
-    KINDS = (("parallel", 0.60), ("dependent", 0.25), ("short", 0.15))
+    KINDS = (("two", 0.60), ("one", 0.10), ("dependent", 0.20), ("short", 0.10))
 
     def __init__(self, seed: int, split: str = "train"):
         if split not in ("train", "eval"):
@@ -160,20 +184,34 @@ class TaskGenerator:
         self.rng = random.Random(seed)
         self.split = split
 
-    def _part(self, lo: int, hi: int) -> Part:
-        n = self.rng.randint(lo, hi)
-        return Part(self.rng.choice(OPS), tuple(self.rng.sample(LETTERS, n)))
+    def _parts(self, lengths: list[int]) -> list[Part]:
+        letters = self.rng.sample(LETTERS, sum(lengths))   # distinct across the prompt
+        out, i = [], 0
+        for n in lengths:
+            out.append(Part(self.rng.choice(OPS), tuple(letters[i:i + n])))
+            i += n
+        return out
 
     def _draw(self) -> Example:
         r = self.rng.random()
-        if r < self.KINDS[0][1]:
-            k = self.rng.randint(1, MAX_PARTS)
-            return Example(tuple(self._part(4, MAX_ITEMS) for _ in range(k)))
-        if r < self.KINDS[0][1] + self.KINDS[1][1]:
-            k = self.rng.randint(1, MAX_PARTS - 1)
-            parts = [self._part(4, MAX_ITEMS) for _ in range(k)]
+        kind = next((k for k, w in self._cum if r < w), "short")
+        planned = lambda k: [self.rng.choice(PLANNED_ITEMS) for _ in range(k)]  # noqa: E731
+        if kind == "two":
+            return Example(tuple(self._parts(planned(2))))
+        if kind == "one":
+            return Example(tuple(self._parts(planned(1))))
+        if kind == "dependent":
+            parts = self._parts(planned(self.rng.randint(1, MAX_ROUND_PARTS)))
             return Example(tuple(parts + [Part(self.rng.choice(OPS), (), then=True)]))
-        return Example((self._part(1, SHORT_MAX),))
+        return Example(tuple(self._parts([self.rng.randint(1, SHORT_MAX)])))
+
+    @property
+    def _cum(self):
+        acc, out = 0.0, []
+        for k, w in self.KINDS:
+            acc += w
+            out.append((k, acc))
+        return out
 
     def __iter__(self):
         return self

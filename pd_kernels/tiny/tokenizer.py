@@ -97,6 +97,23 @@ class TinyTokenizer:
             raise ValueError(f"fmt must be 'ar', 'pd', 'pd-da' or 'diffusion', got {fmt!r}")
         return self.encode(words), start
 
+    def pd_rounds(self, example: "task.Example") -> list[list[int]]:
+        """The AR tokens of each round of ``example``'s PD answer, terminators excluded: what a decoder in
+        ``pd`` mode records as the plans (:attr:`pd_kernels.decoder.GenerationResult.plans`) when the model
+        writes the reference plan (for a short example: its answer)."""
+        ids, start = self.encode_example(example, "pd", diffusion_len=1)
+        tags = self.tags
+        rounds, cur, inside = [], [], False
+        for t in ids[start:]:
+            if t == tags.async_open or t == tags.async_close:
+                inside = t == tags.async_open
+            elif not inside and t in (tags.sync, tags.eos):
+                rounds.append(cur)
+                cur = []
+            elif not inside:
+                cur.append(t)
+        return rounds
+
     def decode(self, ids, *, skip_special: bool = False) -> str:
         special = set(self.tags.specials) | {self.ids[f] for f in FORMATS.values()}
         return " ".join(self.vocab[int(i)] for i in ids if not (skip_special and int(i) in special))
@@ -112,7 +129,7 @@ class TinyTokenizer:
               "added_tokens": [{"id": self.ids[w], "content": w, "single_word": False, "lstrip": False,
                                 "rstrip": False, "normalized": False, "special": True} for w in specials],
               "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
-              "decoder": None, "model": {"type": "WordLevel", "vocab": self.ids, "unk_token": None}}
+              "decoder": None, "model": {"type": "WordLevel", "vocab": self.ids, "unk_token": "[UNK]"}}  # no [UNK] in the vocab: unknown words raise
         with open(os.path.join(path, "tokenizer.json"), "w") as f:
             json.dump(hf, f, indent=0)
         with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
