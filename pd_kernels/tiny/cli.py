@@ -21,7 +21,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch CPU threads (results do not depend on it; default: %(default)s)")
+                   help="torch CPU threads (default: %(default)s, as the shipped checkpoint was trained; another "
+                        "count changes float reduction order, so the weights may differ bit-wise)")
     p.add_argument("--eval", type=int, default=50, metavar="N",
                    help="after training, decode N held-out prompts per mode and print the accuracy (0: skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
