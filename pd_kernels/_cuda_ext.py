@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import os
 import threading
+from typing import Callable
 
 import torch
 
@@ -28,6 +29,19 @@ _problem: str | None = None
 _tried = False
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+# (qualified name of a C++-declared op, fake implementation): registered once the extension has loaded (a
+# fake cannot be registered for an op that does not exist yet). The op modules fill it with @cuda_fake.
+_CUDA_FAKES: list[tuple[str, Callable]] = []
+
+
+def cuda_fake(qualname: str):
+    """Decorator: fake (meta) implementation of an op whose schema lives in ``csrc/bindings``."""
+    def deco(fn):
+        _CUDA_FAKES.append((qualname, fn))
+        return fn
+    return deco
 
 
 def sources() -> list[str]:
@@ -90,8 +104,8 @@ def load_problem() -> str | None:
         else:
             try:
                 _build()
-                from . import ops  # noqa: F401  (fakes for the C++ ops)
-                ops._register_cuda_fakes()
+                for name, fn in _CUDA_FAKES:
+                    torch.library.register_fake(name, fn)
             except Exception as e:  # the message is what the user needs to see
                 _problem = f"building/loading the CUDA extension failed: {type(e).__name__}: {e}"
         _tried = True

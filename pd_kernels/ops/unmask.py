@@ -19,7 +19,7 @@ from .. import _backend
 from .._checks import debug_enabled, FLOAT_DTYPES, check, check_tensor
 from ..reference.unmask import (CONFIDENCE_KINDS, POLICIES, SpanState, commit_spans_ref, token_confidence_ref,
                                 top_p_filter)
-from . import cuda_fake
+from .._cuda_ext import cuda_fake
 
 OP_TC = "token_confidence"
 OP_COMMIT = "commit_spans"
@@ -33,14 +33,12 @@ _POLICY_ID = {p: i for i, p in enumerate(POLICIES)}
 # ---------------------------------------------------------------------------------------------------
 # token_confidence
 # ---------------------------------------------------------------------------------------------------
-@torch.library.custom_op("pd_kernels::token_confidence", mutates_args=("token", "conf"))
-def _token_confidence_op(logits: torch.Tensor, token: torch.Tensor, conf: torch.Tensor,
+def _token_confidence_impl(logits: torch.Tensor, token: torch.Tensor, conf: torch.Tensor,
                          suppress_ids: Optional[torch.Tensor], offset_t: Optional[torch.Tensor], seed: int,
                          offset: int, kind: str, temperature: float, backend: str) -> None:
     if backend == "triton":
-        from .triton.unmask import token_confidence_triton
-
-        token_confidence_triton(logits, token, conf, suppress_ids, offset_t, seed, offset, kind, temperature)
+        _backend.triton_module("unmask").token_confidence_triton(logits, token, conf, suppress_ids, offset_t, seed,
+                                                                 offset, kind, temperature)
     elif backend == "cuda":
         torch.ops.pd_kernels.token_confidence_cuda(logits, token, conf, suppress_ids, offset_t, seed, offset,
                                                    _KIND_ID[kind], temperature)
@@ -53,7 +51,10 @@ def _token_confidence_op(logits: torch.Tensor, token: torch.Tensor, conf: torch.
         raise ValueError(f"unknown backend {backend!r}")
 
 
-@_token_confidence_op.register_fake
+_tc_op = torch.library.custom_op("pd_kernels::token_confidence", _token_confidence_impl, mutates_args=("token", "conf"))
+
+
+@_tc_op.register_fake
 def _(logits, token, conf, suppress_ids, offset_t, seed, offset, kind, temperature, backend):
     return None
 
@@ -136,24 +137,23 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
             z = logits.float().masked_fill(~keep, float("-inf"))
         logits = top_p_filter(z, top_p, temperature)
     b = _backend.resolve(OP_TC, backend, dev)
-    torch.ops.pd_kernels.token_confidence(logits, token, conf, suppress_ids, offset_t, seed, offset, confidence,
-                                          float(temperature), b)
+    args = (logits, token, conf, suppress_ids, offset_t, seed, offset, confidence, float(temperature), b)
+    if _backend.eager(logits):
+        _token_confidence_impl(*args)
+    else:
+        torch.ops.pd_kernels.token_confidence(*args)
     return token, conf
 
 
 # ---------------------------------------------------------------------------------------------------
 # commit_spans
 # ---------------------------------------------------------------------------------------------------
-@torch.library.custom_op("pd_kernels::commit_spans",
-                         mutates_args=("tokens", "masks_left", "step", "deferred", "committed", "all_done"))
-def _commit_spans_op(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor, row_span: torch.Tensor,
+def _commit_spans_impl(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor, row_span: torch.Tensor,
                      tokens: torch.Tensor, masks_left: torch.Tensor, step: torch.Tensor, num_steps: torch.Tensor,
                      deferred: torch.Tensor, committed: torch.Tensor, all_done: torch.Tensor, policy: str,
                      tau: float, mask_id: int, backend: str) -> None:
     if backend == "triton":
-        from .triton.unmask import commit_spans_triton
-
-        commit_spans_triton(token, conf, row_dst, row_span, tokens, masks_left, step, num_steps, deferred,
+        _backend.triton_module("unmask").commit_spans_triton(token, conf, row_dst, row_span, tokens, masks_left, step, num_steps, deferred,
                             committed, all_done, policy, tau, mask_id)
     elif backend == "cuda":
         torch.ops.pd_kernels.commit_spans_cuda(token, conf, row_dst, row_span, tokens, masks_left, step,
@@ -168,7 +168,11 @@ def _commit_spans_op(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Ten
         raise ValueError(f"unknown backend {backend!r}")
 
 
-@_commit_spans_op.register_fake
+_commit_op = torch.library.custom_op("pd_kernels::commit_spans", _commit_spans_impl,
+                                     mutates_args=("tokens", "masks_left", "step", "deferred", "committed", "all_done"))
+
+
+@_commit_op.register_fake
 def _(token, conf, row_dst, row_span, tokens, masks_left, step, num_steps, deferred, committed, all_done, policy,
       tau, mask_id, backend):
     return None
@@ -251,7 +255,10 @@ def commit_spans(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor,
         if row_dst.unique().numel() != N:
             raise ValueError("commit_spans: row_dst entries must be distinct")
     b = _backend.resolve(OP_COMMIT, backend, dev)
-    torch.ops.pd_kernels.commit_spans(token, conf, row_dst, row_span, tokens, state.masks_left, state.step,
-                                      state.num_steps, state.deferred, committed, all_done, policy, float(tau),
-                                      mask_id, b)
+    args = (token, conf, row_dst, row_span, tokens, state.masks_left, state.step, state.num_steps, state.deferred,
+            committed, all_done, policy, float(tau), mask_id, b)
+    if _backend.eager(tokens):
+        _commit_spans_impl(*args)
+    else:
+        torch.ops.pd_kernels.commit_spans(*args)
     return committed, all_done
