@@ -160,7 +160,8 @@ class _Setup:
     prompt: list
     forced: list | None
     length_scale: int
-    notes: list
+    notes: list            # lines printed before the prompt
+    raw_answer: bool = False  # print the generated sequence, not the answer (tag ids are stand-ins)
 
 
 def _device(args) -> str:
@@ -312,7 +313,8 @@ def _real_setup(args) -> _Setup:
         ids = tok.encode(text)
     if not ids:
         raise CLIError("the prompt encodes to no tokens")
-    return _Setup(model, lambda t: tok.decode(t), tags, [int(i) for i in ids], None, 10, notes)
+    return _Setup(model, lambda t: tok.decode(t), tags, [int(i) for i in ids], None, 10, notes,
+                  raw_answer=bool(notes))
 
 
 def critical_path_line(mode: str, path: int, ar_path: int) -> str:
@@ -348,7 +350,7 @@ def demo(args) -> int:
                        max_new_tokens=args.max_new_tokens)
     live = _Live(s.decode, s.tags.mask, tty) if args.mode in ("pd", "pd-da") else None
     res = Decoder(s.model, cfg, backend=backend, on_step=live).generate([s.prompt], s.forced)[0]
-    answer = res.sequence[len(s.prompt):] if s.notes else res.answer
+    answer = res.sequence[len(s.prompt):] if s.raw_answer else res.answer
     print(f"answer ({res.finish_reason}): {s.decode(answer)}")
     rows = [(args.mode, res.stats)]
     if args.mode != "ar" and not args.no_baseline:
@@ -451,9 +453,11 @@ def main(argv=None) -> int:
         from ._backend import BackendUnavailable
         from .paged_cache import OutOfPages
 
+        torch = sys.modules.get("torch")
+        oom = (MemoryError,) + ((torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ())
         if show_traceback or not isinstance(e, (CLIError, ValueError, OSError, BackendUnavailable, OutOfPages,
-                                                ImportError)):
-            raise
+                                                ImportError, *oom)):
+            raise  # not a known kind of bad input or resource limit: a bug, show where
         print(f"pd-kernels: error: {_one_line(e)}", file=sys.stderr)
         return 1
 
