@@ -241,7 +241,8 @@ def resolve_tags(tok, mode: str, given: list[tuple[str, str]], model_vocab: int)
                        f"checkpoint was not trained for planned diffusion; use --mode ar, or name the tags with "
                        f"--tag NAME=TOKEN_OR_ID")
     if "eos" not in ids:
-        raise CLIError("the tokenizer has no end-of-sequence token (<|im_end|> or eos_token): name it with --tag eos=...")
+        raise CLIError("the tokenizer has no end-of-sequence token (<|im_end|> or eos_token): "
+                       "name it with --tag eos=...")
     if described:  # AR needs only EOS: stand-in ids for the rest, preferably ids no text encodes to
         used = set(ids.values()) | {d for d in digits if d is not None}
         reserved = sorted((i for i, t in getattr(tok, "added_tokens_decoder", {}).items()

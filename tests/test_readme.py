@@ -49,6 +49,6 @@ def test_readme_demo_options_exist():
     named = set(re.findall(r"`(--[a-z][a-z-]*)", section))
     parser = build_parser()
     demo = parser._subparsers._group_actions[0].choices["demo"]
-    known = {o for a in demo._actions for o in a.option_strings} | {o for a in parser._actions for o in a.option_strings}
+    known = {o for p in (parser, demo) for a in p._actions for o in a.option_strings}
     assert named and named <= known, f"README names options the demo does not have: {sorted(named - known)}"
     assert "demo" in COMMANDS
