@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from .._checks import debug_enabled
-from ..integrations.transformers import (StepContext, enable, forward_hidden, graph_capture_issues, is_enabled,
-                                          model_geometry)
+from ..integrations.transformers import (StepContext, check_model, enabled, forward_hidden, graph_capture_issues,
+                                          is_enabled, model_geometry)
 from .config import DecodeConfig
 from .plan import parse_plan
 from .stats import RequestStats
@@ -136,8 +136,10 @@ class Decoder:
     """Batched planned-diffusion / AR / diffusion decoding of a transformers model on pd_kernels.
 
     Args:
-        model: a transformers causal LM (Qwen2/Llama family); :func:`~pd_kernels.integrations.transformers.enable`
-            is called on it if needed (its attention then only runs inside decoder steps).
+        model: a transformers causal LM (families in
+            :data:`~pd_kernels.integrations.transformers.VERIFIED_MODEL_TYPES`; a feature the kernels do not
+            implement raises ``UnsupportedModelError`` here). :meth:`generate` switches it to pd_kernels
+            attention for the call and restores its own attention afterwards.
         config: :class:`DecodeConfig`.
         max_batch: most requests decoded together; further prompts wait and join as others finish.
         backend: pd_kernels backend of every op (``None``: the current default, see :func:`pd_kernels.use_backend`).
@@ -197,7 +199,9 @@ class Decoder:
 
     def __init__(self, model, config: DecodeConfig | None = None, *, max_batch: int = 8, backend: str | None = None,
                  on_step=None, cuda_graphs: bool = False, static_step: bool | None = None, buckets=None):
-        self.model = model if is_enabled(model) else enable(model)
+        if not is_enabled(model):  # refuse what pd_kernels cannot run; generate() enables it and restores it
+            check_model(model)
+        self.model = model
         self.cfg = config or DecodeConfig()
         self.max_batch = max_batch
         self.backend = backend
@@ -218,9 +222,11 @@ class Decoder:
         if self.cuda_graphs and debug_enabled():
             raise ValueError("cuda_graphs=True cannot run with PD_KERNELS_DEBUG=1 (its checks read device values "
                              "on the host); use static_step=True to debug the same step eagerly")
-        if self.cuda_graphs and graph_capture_issues(self.model):
-            raise ValueError("cuda_graphs=True: this model's forward cannot be captured: "
-                             + "; ".join(graph_capture_issues(self.model)))
+        if self.cuda_graphs:
+            with enabled(self.model):
+                issues = graph_capture_issues(self.model)
+            if issues:
+                raise ValueError("cuda_graphs=True: this model's forward cannot be captured: " + "; ".join(issues))
         b = DEFAULT_BUCKETS if buckets is None else tuple(int(x) for x in buckets)
         if not b or b[0] < 1 or list(b) != sorted(set(b)):
             raise ValueError(f"buckets must be distinct positive sizes in ascending order, got {buckets!r}")
@@ -235,7 +241,12 @@ class Decoder:
         """Decode every prompt (lists of token ids). ``forced_plans[i]``: ``None`` or a list of rounds, each
         the AR tokens to force in that round (usually ending with ``<sync/>`` or EOS, see
         :func:`~pd_kernels.decoder.make_plan`); rounds past the list, or tokens past a round's list, are sampled.
-        Returns one :class:`GenerationResult` per prompt, in order."""
+        Returns one :class:`GenerationResult` per prompt, in order. The model runs on pd_kernels attention
+        only during the call: its own attention implementation is restored when it returns or raises."""
+        with enabled(self.model):
+            return self._generate(prompts, forced_plans)
+
+    def _generate(self, prompts: list[list[int]], forced_plans: list | None = None) -> list[GenerationResult]:
         from .. import PagedKVCache, SpanState
 
         cfg = self.cfg
