@@ -510,3 +510,34 @@ def test_state_arrivals_field():
 
 def test_public_exports():
     assert pd_kernels.commit_spans is commit_spans and pd_kernels.SpanState is SpanState
+
+
+@pytest.mark.parametrize("static_step", [False, True], ids=["dynamic", "static"])
+def test_decoder_ends_a_span_without_valid_tokens(monkeypatch, static_step):
+    """Rows with no valid token are never committed; a span whose masked rows all have none commits nothing
+    in that step, and the decoder ends it (its masks stay, noted in plan_errors) instead of looping forever."""
+    from pd_kernels.decoder import DecodeConfig, Decoder
+    from pd_kernels.models import TINY_TAGS, tiny_model
+
+    real = pd_kernels.token_confidence
+    calls = []
+
+    def no_token_after_two_steps(logits, **kw):
+        tok, conf = real(logits, **kw)
+        calls.append(tok.shape[0])
+        if len(calls) > 10:
+            raise RuntimeError("the decoder keeps stepping a span that cannot make progress")
+        if len(calls) > 2:  # as token_confidence reports a row whose every logit is suppressed or -inf
+            tok.fill_(-1)
+            conf.fill_(float("-inf"))
+        return tok, conf
+
+    monkeypatch.setattr(pd_kernels, "token_confidence", no_token_after_two_steps)
+    cfg = DecodeConfig(mode="diffusion", policy="threshold", tau=0.99, tags=TINY_TAGS, diffusion_len=12,
+                       max_new_tokens=20)
+    res = Decoder(tiny_model(seed=1), cfg, static_step=static_step, backend="torch").generate([[40]])[0]
+    assert len(calls) == 3, calls  # two steps commit, the third commits nothing and ends the span
+    left = res.sequence.count(TINY_TAGS.mask)
+    assert 0 < left <= 10 and TINY_TAGS.mask not in res.answer
+    assert any("no valid token" in e and f"with {left} masks" in e for e in res.stats.plan_errors)
+    assert res.finish_reason == "eos"
