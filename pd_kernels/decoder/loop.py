@@ -183,9 +183,9 @@ class Decoder:
     rows (attention output 0). LM-head rows past ``nr``, and the unused destination of real rows (an AR row
     has no commit destination, a span row no AR destination), point at scratch element ``k`` for row ``k``
     (destinations stay distinct): the AR write stores ``PAD`` there and :func:`~pd_kernels.commit_spans`
-    ignores those rows (not ``MASK``). Row order (AR rows,
-    then span rows, then padding) is the dynamic step's, so the counter-based RNG draws the same noise; the
-    RNG offset is a one-element device tensor refilled with the step's indices.
+    ignores those rows (in no span's ``span_rows`` range; their destination is not ``MASK`` either). Row order
+    (AR rows, then span rows, then padding) is the dynamic step's, so the counter-based RNG draws the same
+    noise; the RNG offset is a one-element device tensor refilled with the step's indices.
 
     **Captured** in the CUDA graph of a bucket (one graph per bucket; all share one memory pool): the token
     gather (``tokens[in_idx]``), the whole model forward (embeddings, RoPE, projections, MLPs, norms, and

@@ -11,6 +11,7 @@ Semantics, tie rules and edge cases (NaN, -inf, suppressed ids) are those of
 """
 from __future__ import annotations
 
+from numbers import Real
 from typing import Optional
 
 import torch
@@ -225,7 +226,7 @@ def _commit_check_all(token, conf, row_dst, span_rows, tokens, state, committed,
                                                                   f"({tuple(committed.shape)}, {tuple(all_done.shape)})")
         check(committed.is_contiguous(), "out[0] (committed) must be contiguous")
     check(isinstance(mask_id, int) and -2**31 <= mask_id < 2**31, f"mask_id must be an int32 value, got {mask_id!r}")
-    check(isinstance(tau, (int, float)) and tau == tau, f"tau must be a number, not NaN, got {tau!r}")
+    check(isinstance(tau, Real) and tau == tau, f"tau must be a real number, not NaN, got {tau!r}")
 
 
 def _commit_check_device_values(row_dst: torch.Tensor, span_rows: torch.Tensor, n_tokens: int) -> None:
@@ -321,7 +322,7 @@ def commit_spans(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor,
               and dfr.dtype is _I32 and dfr.shape == ss and dfr.device == dev and dfr.is_contiguous()
               and arr.dtype is _I64 and arr.shape == (1,) and arr.device == dev
               and isinstance(mask_id, int) and -2147483648 <= mask_id <= 2147483647
-              and isinstance(tau, (int, float)) and tau == tau)
+              and (type(tau) is float or isinstance(tau, Real)) and tau == tau)
         if ok and committed is not None:
             ok = (committed.dtype is _I32 and committed.shape == ss and committed.device == dev
                   and committed.is_contiguous() and all_done.dtype is _BOOL and all_done.shape == (1,)
