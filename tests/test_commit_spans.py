@@ -541,3 +541,13 @@ def test_decoder_ends_a_span_without_valid_tokens(monkeypatch, static_step):
     assert 0 < left <= 10 and TINY_TAGS.mask not in res.answer
     assert any("no valid token" in e and f"with {left} masks" in e for e in res.stats.plan_errors)
     assert res.finish_reason == "eos"
+
+
+def test_commit_refuses_2_31_rows():
+    n = 2**31
+    meta = dict(device="meta")
+    st = SpanState.new(2, "meta")
+    with pytest.raises(ValueError, match="at most 2"):
+        commit_spans(torch.empty(n, dtype=torch.int64, **meta), torch.empty(n, **meta),
+                     torch.empty(n, dtype=torch.int64, **meta), torch.zeros(2, 2, dtype=torch.int32, **meta),
+                     torch.empty(4, dtype=torch.int64, **meta), st)

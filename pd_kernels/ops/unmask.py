@@ -203,6 +203,7 @@ def _commit_check_all(token, conf, row_dst, span_rows, tokens, state, committed,
     dev = tokens.device
     check_tensor(token, "token", dim=1, dtypes=(_I64,), device=dev, last_contig=False)
     N = token.shape[0]
+    check(N < 2**31, f"token has {N} rows; at most 2^31 - 1")
     check_tensor(conf, "conf", dim=1, dtypes=(_F32,), device=dev, last_contig=False)
     check_tensor(row_dst, "row_dst", dim=1, dtypes=(_I64,), device=dev, last_contig=False)
     for name, t in (("conf", conf), ("row_dst", row_dst)):
@@ -312,7 +313,7 @@ def commit_spans(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor,
         ts, ss = token.shape, ml.shape
         S = ss[0]
         ok = (policy in _POLICY_ID and isinstance(state, SpanState) and tokens.dtype is _I64 and tokens.is_contiguous()
-              and token.dtype is _I64 and len(ts) == 1 and token.device == dev
+              and token.dtype is _I64 and len(ts) == 1 and ts[0] <= 2147483647 and token.device == dev
               and conf.dtype is _F32 and conf.shape == ts and conf.device == dev
               and row_dst.dtype is _I64 and row_dst.shape == ts and row_dst.device == dev
               and span_rows.dtype is _I32 and span_rows.shape == (S, 2) and span_rows.device == dev
