@@ -31,7 +31,7 @@ step "tests (GPU)"
 $PY -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-for b in kv_cache attention unmask decoder; do
+for b in kv_cache attention unmask commit decoder; do
   [ -f "benchmarks/bench_$b.py" ] || continue
   step "bench $b"
   extra=""
