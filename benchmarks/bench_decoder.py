@@ -15,6 +15,7 @@ weights the step structure of the released PD model), every mode on the same req
   device-to-device copy bandwidth measured in this run (``copy`` row), as ``floor_ratio`` = ms per step /
   floor; ``roofline_ratio`` also counts the matmul work of multi-token steps at the bf16 matmul rate
   measured in this run (``matmul`` row): sum over forwards of max(weight read, 2 x params x tokens / rate);
+  ``roofline_vs_ar`` is the speedup over ``ar`` those floors allow (the most any implementation could get);
 * knob sweeps on ``pd`` (``--sweep on``): steps ratio 0.25-1.0 for ``schedule`` and ``pd_threshold``, tau
   0.5-0.95 for the two threshold policies (``--sweep short``: 5 of these settings): critical path and latency
   per setting.
@@ -25,7 +26,7 @@ extra). Random weights are never confident, so the threshold policies commit onl
 give ``--model PATH`` (a Dream/Qwen2 checkpoint) to sweep real confidences.
 
     python benchmarks/bench_decoder.py --quick --out /tmp/out/decoder_quick.json --report /tmp/out/decoder_quick
-    python benchmarks/bench_decoder.py --out benchmarks/results/decoder_h200.json --report benchmarks/results/decoder_h200
+    python benchmarks/bench_decoder.py --out benchmarks/results/decoder_h200.json   # + decoder_h200.md / _*.png
     python benchmarks/bench_decoder.py --smoke                 # CPU: tiny model, checks the script only
 """
 from __future__ import annotations
@@ -196,7 +197,10 @@ class Suite:
         self.args, self.bench, self.model, self.tags, self.reqs = args, bench, model, tags, reqs
         self.facts, self.ceil, self.device = facts, ceil, device
         self.D = diffusion_length(reqs)
-        self.cap = max(len(r.prompt) + max(r.new_tokens(m, tags, self.D) for m in MODES) for r in reqs) + 8
+        # one cache geometry for every group (graphs are reused): the longest prompt plus the most new tokens
+        # of any request, so max_new_tokens = cap - (longest prompt of a group) never cuts a request short
+        self.cap = (max(len(r.prompt) for r in reqs) + max(r.new_tokens(m, tags, self.D) for r in reqs for m in MODES)
+                    + 8)
         self.counter = TokenCounter(model)
         self.results: dict = {}      # (impl, batch) -> per-request records
         self.progress = None
@@ -233,6 +237,10 @@ class Suite:
                 wall = time.perf_counter() - t0
                 self.counter.on = False
                 toks = self.counter.take()
+                for r, out in zip(g, res):
+                    if out.stats.plan_errors or out.finish_reason == "length":
+                        raise RuntimeError(f"request {r.idx} ({mode}, batch {batch}) did not run its workload: "
+                                           f"{out.finish_reason} {out.stats.plan_errors}")
                 if timed:
                     for r, out in zip(g, res):
                         s = out.stats
@@ -329,6 +337,34 @@ def _group_seconds(recs, batch) -> float:
     return sum(recs[i]["group_wall_s"] for i in range(0, len(recs), batch))
 
 
+def _wall(recs: list) -> float:
+    return sum(r["wall_s"] for r in recs)
+
+
+def run_and_row(suite: Suite, mode: str, v: str, b: int, reps: int, warmup: int) -> None:
+    """Run ``mode`` with variant ``v`` at batch ``b`` and write its row (``ar`` of the same variant and batch
+    must have run before)."""
+    suffix = "+" + v if v else ""
+    recs = suite.results[(mode + suffix, b)] = suite.run_ours(mode, v, b, reps=reps, warmup=warmup,
+                                                              count_tokens=True)
+    if v and b == 1 and (mode, 1) in suite.results:   # same steps as the dynamic run: reuse its token counts
+        for a, d in zip(recs, suite.results[(mode, 1)]):
+            if a["forward_tokens"] is None and a["steps"] == d["steps"]:
+                a["forward_tokens"] = d["forward_tokens"]
+    ar = suite.results[("ar" + suffix, b)]
+    extra = {"vs_ar": round(_wall(ar) / _wall(recs), 3) if b == 1 else
+             round(_group_seconds(ar, b) / _group_seconds(recs, b), 3),
+             "cp_vs_ar": round(sum(r["cp"] for r in ar) / sum(r["cp"] for r in recs), 3)}
+    if b == 1 and all(r["forward_tokens"] for r in recs + ar):   # the most this hardware allows
+        roof = lambda rs: sum(floors(r["forward_tokens"], suite.facts, suite.ceil)[1] for r in rs)  # noqa: E731
+        extra["roofline_vs_ar"] = round(roof(ar) / roof(recs), 3)
+    if v and (mode, b) in suite.results:
+        extra["tokens_match_dynamic"] = match_fraction(recs, suite.results[(mode, b)])
+    if b > 1:
+        extra["tokens_match_batch1"] = match_fraction(recs, suite.results[(mode + suffix, 1)])
+    suite.bench.row(impl=mode + suffix, timing=None, **aggregate(suite, mode + suffix, mode, v, b, recs, extra=extra))
+
+
 def match_fraction(a: list, b: list) -> float:
     return round(sum(x["sequence"] == y["sequence"] for x, y in zip(a, b)) / len(a), 3)
 
@@ -346,6 +382,7 @@ def main(argv=None):
         args.requests, args.batch = min(args.requests, 4), "1"
         args.modes = ",".join(m for m in args.modes.split(",") if m != "diffusion")
     modes = [m for m in args.modes.split(",") if m]
+    modes = (["ar"] if "ar" in modes else []) + [m for m in modes if m != "ar"]   # every speedup needs ar first
     peer_modes = [m for m in args.peer_modes.split(",") if m]
     for m in modes + peer_modes:
         if m not in MODES:
@@ -402,59 +439,41 @@ def main(argv=None):
     suite.progress = Progress(total, "decoder")
 
     t_start = time.perf_counter()
-    for b in batches:
+    try:   # rows are written as they are measured: a run cut short (timeout: SIGINT) keeps what it has
         for v in variants:
             for mode in modes:
-                recs = suite.run_ours(mode, v, b, reps=reps, warmup=warmup, count_tokens=True)
-                suite.results[(mode + ("+" + v if v else ""), b)] = recs
-    for mode in peer_modes:
-        suite.results[("reference-loop:" + mode, 1)] = suite.run_peer(mode, reps=reps, warmup=warmup)
-    for v in variants[1:] if variants[0] == "" else []:   # same steps: reuse the dynamic run's token counts
-        for mode in modes:
-            for a, d in zip(suite.results[(mode + "+" + v, 1)], suite.results[(mode, 1)]):
-                if a["forward_tokens"] is None and a["steps"] == d["steps"]:
-                    a["forward_tokens"] = d["forward_tokens"]
-
-    # rows: ours, with speedups against our AR (same variant, batch) and the reference loop (same mode)
-    for b in batches:
-        for v in variants:
+                run_and_row(suite, mode, v, 1, reps, warmup)
+        for mode in peer_modes:
+            peer = suite.results[("reference-loop:" + mode, 1)] = suite.run_peer(mode, reps=reps, warmup=warmup)
+            ar = suite.results.get(("reference-loop:ar", 1))
+            extra = {"vs_ar": round(_wall(ar) / _wall(peer), 3) if ar else None}
+            bench.row(impl="reference-loop", timing=None, **aggregate(suite, "reference-loop", mode, "reference", 1,
+                                                                     peer, part="reference", extra=extra))
+            for r in bench.rows:   # our batch-1 rows of this mode: the speedup over the reference loop
+                if r.get("part") == "main" and r["mode"] == mode and r["batch"] == 1:
+                    recs = suite.results[(r["impl"], 1)]
+                    r["vs_reference"] = round(_wall(peer) / _wall(recs), 3)
+                    r["tokens_match_reference"] = match_fraction(recs, peer)
+            bench._write(complete=False)
+        if sweep_settings:   # knob sweeps on pd, batch 1, the best variant
+            v = variants[-1]
             suffix = "+" + v if v else ""
-            ar = suite.results[("ar" + suffix, b)]
-            for mode in modes:
-                recs = suite.results[(mode + suffix, b)]
-                extra = {"vs_ar": round(sum(r["wall_s"] for r in ar) / sum(r["wall_s"] for r in recs), 3)
-                         if b == 1 else round(_group_seconds(ar, b) / _group_seconds(recs, b), 3),
-                         "cp_vs_ar": round(sum(r["cp"] for r in ar) / sum(r["cp"] for r in recs), 3)}
-                peer = suite.results.get(("reference-loop:" + mode, 1))
-                if peer is not None and b == 1:
-                    extra["vs_reference"] = round(sum(r["wall_s"] for r in peer) / sum(r["wall_s"] for r in recs), 3)
-                    extra["tokens_match_reference"] = match_fraction(recs, peer)
-                if v:
-                    extra["tokens_match_dynamic"] = match_fraction(recs, suite.results[(mode, b)])
-                if b > 1:
-                    extra["tokens_match_batch1"] = match_fraction(recs, suite.results[(mode + suffix, 1)])
-                bench.row(impl=mode + suffix, timing=None,
-                          **aggregate(suite, mode + suffix, mode, v, b, recs, extra=extra))
-    for mode in peer_modes:
-        recs = suite.results[("reference-loop:" + mode, 1)]
-        ar = suite.results.get(("reference-loop:ar", 1))
-        extra = {"vs_ar": round(sum(r["wall_s"] for r in ar) / sum(r["wall_s"] for r in recs), 3) if ar else None}
-        bench.row(impl="reference-loop", timing=None, **aggregate(suite, "reference-loop", mode, "reference", 1,
-                                                                 recs, part="reference", extra=extra))
-
-    # knob sweeps on pd, batch 1, the best variant
-    if sweep_settings:
-        v = variants[-1]
-        suffix = "+" + v if v else ""
-        ar_sub = [r for r in suite.results[("ar" + suffix, 1)][:len(sw_reqs)]]
-        for pol, ratio, tau in sweep_settings:
-            recs = suite.run_ours("pd", v, 1, reqs=sw_reqs, reps=reps, warmup=warmup, policy=pol, steps_ratio=ratio,
-                                  tau=tau)
-            extra = {"policy": pol, "steps_ratio": ratio, "tau": tau,
-                     "vs_ar": round(sum(r["wall_s"] for r in ar_sub) / sum(r["wall_s"] for r in recs), 3),
-                     "cp_vs_ar": round(sum(r["cp"] for r in ar_sub) / sum(r["cp"] for r in recs), 3)}
-            bench.row(impl="pd" + suffix, timing=None, **aggregate(suite, "pd" + suffix, "pd", v, 1, recs,
-                                                                  part="sweep", extra=extra))
+            ar_sub = suite.results[("ar" + suffix, 1)][:len(sw_reqs)]
+            for pol, ratio, tau in sweep_settings:
+                recs = suite.run_ours("pd", v, 1, reqs=sw_reqs, reps=reps, warmup=warmup, policy=pol,
+                                      steps_ratio=ratio, tau=tau)
+                extra = {"policy": pol, "steps_ratio": ratio, "tau": tau,
+                         "vs_ar": round(_wall(ar_sub) / _wall(recs), 3),
+                         "cp_vs_ar": round(sum(r["cp"] for r in ar_sub) / sum(r["cp"] for r in recs), 3)}
+                bench.row(impl="pd" + suffix, timing=None, **aggregate(suite, "pd" + suffix, "pd", v, 1, recs,
+                                                                      part="sweep", extra=extra))
+        for b in batches[1:]:
+            for v in variants:
+                for mode in modes:
+                    run_and_row(suite, mode, v, b, reps, warmup)
+    except KeyboardInterrupt:
+        bench.meta["interrupted"] = True
+        print("interrupted: writing the rows measured so far", flush=True)
     bench.meta["wall_s"] = round(time.perf_counter() - t_start, 1)
     cols = ["impl", "part", "batch", "critical_path", "cp_plan", "cp_diffusion", "wall_ms", "wall_p20_ms",
             "wall_p80_ms", "ms_per_step", "floor_ratio", "roofline_ratio", "vs_ar", "cp_vs_ar", "vs_reference",

@@ -106,3 +106,27 @@ def test_bad_arguments():
         bench_decoder.main(["--smoke", "--modes", "pd"])
     with pytest.raises(SystemExit, match="start with 1"):
         bench_decoder.main(["--batch", "8"])
+
+
+def test_dream_shape_and_floor_bytes():
+    """The random-weight Dream-7B model of the suite (built on the meta device here): SPEC section 2's shape,
+    15.2 GB of bf16 weights, of which every step reads all but the input embedding."""
+    args = bench_decoder.build_parser().parse_args(["--model", "dream", "--dtype", "bf16"])
+    model, tags = bench_decoder.load_model(args, "meta")
+    f = bench_decoder.model_facts(model)
+    assert (f["layers"], f["hidden"], f["vocab"], f["dtype"]) == (28, 3584, 152064, "bfloat16")
+    assert abs(f["param_bytes"] / 1e9 - 15.23) < 0.05
+    assert f["param_bytes"] - f["weight_bytes_per_step"] == 152064 * 3584 * 2
+    assert f["head_params"] == 152064 * 3584 and tags.mask == 151666
+    cut = bench_decoder.load_model(bench_decoder.build_parser().parse_args(["--model", "dream", "--layers", "2",
+                                                                            "--dtype", "bf16"]), "meta")[0]
+    assert cut.config.num_hidden_layers == 2
+
+
+def test_roofline_bound(run):
+    """roofline_vs_ar is the ratio of the floors: AR's 1-token steps vs the mode's steps."""
+    _, data = run
+    for r in _rows(data, part="main", batch=1):
+        assert r["roofline_vs_ar"] > 0
+        if r["mode"] == "ar":
+            assert r["roofline_vs_ar"] == 1.0

@@ -4,6 +4,7 @@ import statistics
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -13,6 +14,16 @@ from pd_kernels.decoder import ControlTags, DecodeConfig, Decoder, parse_plan  #
 from pd_kernels.models import TINY_TAGS, tiny_model  # noqa: E402
 
 DREAM = ControlTags()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are overhead-bound: one intra-op thread is faster, and on the shared 2-core machines
+    OpenMP's spinning threads made these tests ~10x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +129,17 @@ def test_critical_path_prediction_is_the_decoders(mode):
             assert out.stats.plan_errors == []
             if mode in ("pd", "pd-da"):
                 assert out.stats.rounds == len(r.rounds) == 2 and out.stats.span_tokens == r.span_tokens
+
+
+def test_small_workload_is_representative():
+    """8 requests: the chosen sample's critical-path ratio is the population's (within 10%), the choice is
+    recorded and depends only on the seed."""
+    a = make_workload(WorkloadParams(seed=1), DREAM, 152064)
+    b = make_workload(WorkloadParams(seed=1), DREAM, 152064)
+    assert [r.rounds for r in a] == [r.rounds for r in b]
+    sel = summarize(a, DREAM, 0.5)["selection"]
+    assert sel["sample_seed"] // 1000 == 1 and sel["shape_error"] < 0.5
+    ratio = summarize(a, DREAM, 0.5)["critical_path_schedule"]["ar_over_pd"]
+    assert abs(ratio - sel["population_shape"][4]) / sel["population_shape"][4] < 0.1
+    assert "selection" not in {k for k, v in summarize(make_workload(WorkloadParams.smoke(), TINY_TAGS, 256),
+                                                       TINY_TAGS).items() if v}
