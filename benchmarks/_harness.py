@@ -18,8 +18,9 @@ How :func:`time_fn` times on a GPU (the host's launch time never enters a device
 * **per call + L2 flush**: for small working sets the batch would run from a warm L2, so each call is
   preceded by a write of a buffer larger than L2, then the spin, then events around that one call.
   ``--l2-flush auto`` (default) does this when the op's counted bytes (``nbytes=``) are below
-  ``--l2-flush-below`` MB (default 4x the L2 size), or, when no byte count is given, when one call takes
-  under 150 us (such an op's inputs fit in L2); ``on`` / ``off`` force it.
+  ``--l2-flush-below`` MB (default 4x the L2 size); a call that gives no byte count is always timed this
+  way, so that every peer of a point is timed alike whatever its speed (for working sets far larger than
+  L2 the flush changes nothing but the run time); ``on`` / ``off`` force it.
 * **per call** (``setup=`` given): ``setup`` (e.g. restoring a buffer the op mutates) is queued before the
   spin and the start event, so it is never timed.
 
@@ -51,7 +52,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BATCH_TARGET_MS = 1.0        # a timed batch of back-to-back calls lasts about this long
 MAX_INNER = 1000
-FLUSH_BELOW_MS = 0.15        # --l2-flush auto without a byte count: flush when one call is shorter than this
 MAX_SPIN_MS = 50.0
 
 
@@ -285,18 +285,17 @@ def _args(bench):
     return bench.args if bench is not None else None
 
 
-def _want_flush(bench, l2_flush, nbytes, one_call_ms) -> bool:
+def _want_flush(bench, l2_flush, nbytes) -> bool:
     if l2_flush is not None:
         return bool(l2_flush)
     a = _args(bench)
     mode = getattr(a, "l2_flush", "auto") if a is not None else "auto"
     if mode != "auto":
         return mode == "on"
-    if nbytes is not None:
-        below = getattr(a, "l2_flush_below", None) if a is not None else None
-        limit = below * 2**20 if below is not None else 4 * l2_bytes()
-        return nbytes < limit
-    return one_call_ms < FLUSH_BELOW_MS
+    if nbytes is None:
+        return True
+    below = getattr(a, "l2_flush_below", None) if a is not None else None
+    return nbytes < (below * 2**20 if below is not None else 4 * l2_bytes())
 
 
 def _reps_warmup(bench, reps, warmup):
@@ -341,8 +340,8 @@ def time_fn(fn, bench: "Bench | None" = None, *, reps: int | None = None, warmup
         bench: supplies ``--reps``, ``--warmup``, ``--inner``, ``--l2-flush``, ``--smoke`` (optional).
         setup: untimed, run before every call (forces per-call timing).
         inner: back-to-back calls per timed repetition (default: about 1 ms worth; 1 with ``setup``).
-        l2_flush: force the flush on/off (default: ``--l2-flush``, auto by ``nbytes`` or call time).
-        nbytes: bytes the op moves, for the automatic L2-flush choice.
+        l2_flush: force the flush on/off (default: ``--l2-flush``; auto: by ``nbytes``, on without it).
+        nbytes: bytes the op moves, for the automatic L2-flush choice (give the same to every peer).
     """
     reps, warmup = _reps_warmup(bench, reps, warmup)
     for _ in range(warmup):
@@ -354,10 +353,10 @@ def time_fn(fn, bench: "Bench | None" = None, *, reps: int | None = None, warmup
     torch.cuda.synchronize()
     host = _host_call_ms(fn, setup)
     torch.cuda.synchronize()
-    one = _one_call_ms(fn, setup, host)
-    flush = _want_flush(bench, l2_flush, nbytes, one)
+    flush = _want_flush(bench, l2_flush, nbytes)
     if flush or setup is not None:
         return _per_call(fn, reps, setup, flush, host, "events")
+    one = _one_call_ms(fn, setup, host)
     n_in = _auto_inner(bench, inner, one)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -475,9 +474,9 @@ def time_graph(fn, bench: "Bench | None" = None, *, reps: int | None = None, inn
     g1.replay()
     torch.cuda.synchronize()
     host = _host_call_ms(g1.replay, None)
-    one = _one_call_ms(g1.replay, None, host)
-    if _want_flush(bench, l2_flush, nbytes, one):
+    if _want_flush(bench, l2_flush, nbytes):
         return _per_call(g1.replay, reps, None, True, host, "graph")
+    one = _one_call_ms(g1.replay, None, host)
     n_in = _auto_inner(bench, inner, one)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):

@@ -37,7 +37,8 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pd_kernels as pk  # noqa: E402
-from benchmarks._harness import Bench, dynamo_compiled_frames, parser, strict_dynamo, time_fn  # noqa: E402
+from benchmarks._harness import (Bench, dynamo_compiled_frames, parser, strict_dynamo, time_fn,  # noqa: E402
+                                time_host)
 
 # SPEC section 8 workload: median 2 spans, mean 3.1, p90 6; ~81 tokens a span; prompts tens to hundreds
 FULL = dict(spans=[1, 2, 4, 8, 16], span_len=[32, 80, 160], prefix=[128, 512, 2048], batch=[1, 8])
@@ -134,6 +135,9 @@ def run_point(bench, label, seqs, cfg, args, gen):
     layout, q, kc, vc, bt, lens = make_inputs(seqs, Hq, Hkv, D, args.page_size, dtype, dev, gen)
     pairs = int(layout.to_dense_mask().sum())
     flops = 4.0 * D * Hq * pairs
+    # one byte count for every implementation of the point, so all get the same L2-flush choice
+    nbytes = (2 * kc.numel() + 2 * q.numel()) * q.element_size()
+    timed = lambda f, **kw: time_fn(f, bench, nbytes=nbytes, **kw)  # noqa: E731
     base = dict(case=label, Tq=layout.num_queries, keys=sum(lens), pairs=pairs)
 
     # layout build (host + one copy), as the decoder pays it each step
@@ -142,9 +146,9 @@ def run_point(bench, label, seqs, cfg, args, gen):
         from pd_kernels.ops.triton.span_attention import choose_block_m
         lay.tiles(choose_block_m(lay.max_segment, G) // G)
         return lay
-    t_layout = time_fn(build_layout, bench, reps=min(args.reps, 20))
+    t_layout = time_host(build_layout, bench, reps=min(args.reps, 20), inner=1, sync=True)   # host work + copy
     out = torch.empty_like(q)
-    t = time_fn(lambda: pk.span_attention(q, kc, vc, bt, layout, out=out, backend="triton"), bench)
+    t = timed(lambda: pk.span_attention(q, kc, vc, bt, layout, out=out, backend="triton"))
     bench.row(impl="triton", timing=t, flops=flops, layout_build_ms=round(t_layout.median_ms, 4), **base)
 
     kd, vd = dense_kv(kc, bt, lens), dense_kv(vc, bt, lens)
@@ -161,18 +165,18 @@ def run_point(bench, label, seqs, cfg, args, gen):
             ran_compiled = compiled and dynamo_compiled_frames() > frames   # a compiled frame, not eager flex
             if compiled and not ran_compiled:
                 raise RuntimeError("torch.compile(flex_attention) compiled no frame: it would run eager flex")
-            t_mask = time_fn(build, bench, reps=min(args.reps, 10), warmup=1)
-            t = time_fn(lambda: fa(qf, k, v, block_mask=bm, enable_gqa=True), bench)
+            t_mask = time_host(build, bench, reps=min(args.reps, 10), warmup=1, inner=1, sync=True)
+            t = timed(lambda: fa(qf, k, v, block_mask=bm, enable_gqa=True))
             bench.row(impl="flex" if compiled else "flex-eager", timing=t, flops=flops,
                       mask_build_ms=round(t_mask.median_ms, 4), flex_compiled=ran_compiled, **base)
         except Exception as e:  # keep the sweep going; the error is in the JSON
             bench.row(impl="flex" if compiled else "flex-eager", timing=None, flex_compiled=False,
                       error=f"{type(e).__name__}: {str(e)[:200]}", **base)
     qp, mask = padded_queries(layout, q, lens)
-    t = time_fn(lambda: sdpa_reference_style(qp, kd, vd, mask, G), bench)
+    t = timed(lambda: sdpa_reference_style(qp, kd, vd, mask, G))
     bench.row(impl="sdpa-mask", timing=t, flops=flops, **base)
     kr, vr = kd.repeat_interleave(G, dim=1), vd.repeat_interleave(G, dim=1)
-    t = time_fn(lambda: torch.nn.functional.scaled_dot_product_attention(qp, kr, vr), bench)
+    t = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qp, kr, vr))
     bench.row(impl="sdpa-nomask", timing=t, flops=flops, **base)
 
 

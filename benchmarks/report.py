@@ -195,7 +195,11 @@ def plots(data: dict, stem: str) -> list:
         axs[1].set(xlabel="steps ratio", ylabel="wall ms per request (median)")
         axs[2].set(xlabel="tau (steps ratio 1)", ylabel="wall ms per request (median)")
         for a in axs:
-            a.legend(fontsize=7)
+            if a.get_lines():
+                a.legend(fontsize=7)
+            else:
+                a.text(0.5, 0.5, "no setting of this sweep in the run", ha="center", va="center",
+                       transform=a.transAxes, fontsize=8)
         fig.suptitle(f"PD knob sweep, batch 1, {dev}{tag}", fontsize=9)
         fig.tight_layout()
         out.append(stem + "_sweep.png")
