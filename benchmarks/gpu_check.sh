@@ -71,7 +71,7 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>
 run_step build_cuda 300 $PY -c "import pd_kernels._cuda_ext as e; p = e.load_problem(); print('cuda extension:', p or 'ok'); raise SystemExit(1 if p else 0)"
 
 # quick sweeps first: the end-to-end suite is the first result
-run_step bench_decoder_quick 240 $PY benchmarks/bench_decoder.py --quick --out "$OUT/bench_decoder_quick.json" \
+run_step bench_decoder_quick 270 $PY benchmarks/bench_decoder.py --quick --out "$OUT/bench_decoder_quick.json" \
   --report "$OUT/decoder_quick"
 
 TAIL=40 run_step tests 300 $PY -m pytest -q tests -p no:cacheprovider -ra
