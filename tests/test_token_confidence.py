@@ -104,6 +104,32 @@ def test_row_pass_matches_reference(backend, dtype, T, kind, poison):
     _check_conf(conf, x, kind, T, sup.cpu(), 3, 11)
 
 
+@pytest.mark.parametrize("T", [0.0, 0.7], ids=["greedy", "T0.7"])
+def test_bf16_rows(T, poison):
+    """bf16 logits through the Triton row pass: full chunks read as int32 pairs (upcast by shift and mask, exact
+    in the interpreter too), the partial chunk and the re-read of the winning vector upcast after the load;
+    an odd row stride (no pairs) and a column offset of one element (rows not 4-byte aligned) as well."""
+    from pd_kernels.ops.triton.unmask import token_confidence_triton
+
+    dev = _device()
+    big = make_logits(7, 1202, torch.bfloat16, seed=21).to(dev)
+    odd = make_logits(7, 1201, torch.bfloat16, seed=23).to(dev)
+    sup = torch.tensor([7, 640], device=dev)
+    for x in (big[:, :1200], big[:, 1:1201], odd):  # pairs (stride 1202); offset by one element; odd stride
+        N = x.shape[0]
+        for kind in KINDS:
+            tok, conf = _empty_out(N, dev, poison)
+            token_confidence_triton(x, tok, conf, sup, None, None, None, 4, 2, kind, T, block_v=256)
+            rt, _ = token_confidence_ref(x.cpu(), kind, T, 4, 2, sup.cpu())
+            assert torch.equal(tok.cpu(), rt), kind
+            _check_conf(conf, x, kind, T, sup.cpu(), 4, 2)
+    y = make_logits(5, 1024, torch.bfloat16, seed=22).to(dev)  # stride 1024: the pairs path
+    tok, conf = token_confidence(y, confidence="neg_entropy", suppress_ids=sup, backend="triton")
+    rt, _ = token_confidence_ref(y.cpu(), "neg_entropy", suppress_ids=sup.cpu())
+    assert torch.equal(tok.cpu(), rt)
+    _check_conf(conf, y, "neg_entropy", 0.0, sup.cpu())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N,V", [(1, 152064), (3, 151936), (3, 50257), (31, 1000), (257, 1000), (1, 1), (3, 3),
                                  (31, 31), (3, 257)], ids=lambda v: str(v))

@@ -70,8 +70,12 @@ _F32 = torch.float32
 _SUP_DTYPES = (torch.int32, torch.int64)
 
 
-def _key_tensor(t: torch.Tensor, name: str, N: int, dev: torch.device, one_ok: bool) -> torch.Tensor:
-    """A seed / offset tensor: int64, on ``dev``, 1-D contiguous with N entries (or 1 where ``one_ok``)."""
+def _key(t, name: str, N: int, dev: torch.device, one_ok: bool) -> tuple[torch.Tensor, int]:
+    """A seed / offset given as a tensor: int64, on ``dev``, 1-D contiguous with N entries (or 1 where
+    ``one_ok``); returned with 0 for the int form. Anything else raises, naming the argument."""
+    if not isinstance(t, torch.Tensor):
+        forms = "an int64 tensor ([1] or [N])" if one_ok else "an int64 tensor [N]"
+        raise ValueError(f"{name} must be an int in [0, 2^63) or {forms}, got {t!r}")
     if t.dtype != _I64:
         raise TypeError(f"{name} tensor must be int64, got {t.dtype}")
     if t.device != dev:
@@ -82,7 +86,23 @@ def _key_tensor(t: torch.Tensor, name: str, N: int, dev: torch.device, one_ok: b
         raise ValueError(f"{name} tensor must have shape {want}, got {tuple(t.shape)}")
     if t.dim() == 0:
         t = t.reshape(1)
-    return t if t.is_contiguous() else t.contiguous()
+    return (t if t.is_contiguous() else t.contiguous()), 0
+
+
+def _check_suppress(suppress_ids, dev: torch.device) -> None:
+    if not isinstance(suppress_ids, torch.Tensor) or suppress_ids.dim() != 1:
+        raise ValueError("suppress_ids must be a 1-D tensor of ids")
+    if suppress_ids.dtype not in _SUP_DTYPES:
+        raise TypeError(f"suppress_ids must be int32 or int64, got {suppress_ids.dtype}")
+    if suppress_ids.device != dev:
+        raise ValueError(f"suppress_ids is on {suppress_ids.device}, expected {dev} (all inputs on one device)")
+
+
+def _check_out(token, conf, N: int, dev: torch.device) -> None:
+    check_tensor(token, "out[0] (token)", dim=1, dtypes=(_I64,), device=dev)
+    check_tensor(conf, "out[1] (conf)", dim=1, dtypes=(_F32,), device=dev)
+    check(token.shape[0] == N and conf.shape[0] == N, f"out tensors must have {N} entries")
+    check(token.is_contiguous() and conf.is_contiguous(), "out tensors must be contiguous")
 
 
 def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperature: float = 0.0,
@@ -157,25 +177,14 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
         raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
     dev = logits.device
     seed_t = offset_t = None
-    if type(seed) is int and 0 <= seed < 2**63:
-        pass
-    elif isinstance(seed, torch.Tensor):
-        seed_t, seed = _key_tensor(seed, "seed", N, dev, False), 0
-    else:
-        raise ValueError(f"seed must be an int in [0, 2^63) or an int64 tensor [N], got {seed!r}")
-    if type(offset) is int and 0 <= offset < 2**63:
-        pass
-    elif isinstance(offset, torch.Tensor):
-        offset_t, offset = _key_tensor(offset, "offset", N, dev, True), 0
-    else:
-        raise ValueError(f"offset must be an int in [0, 2^63) or an int64 tensor ([1] or [N]), got {offset!r}")
+    if not (type(seed) is int and 0 <= seed < 2**63):
+        seed_t, seed = _key(seed, "seed", N, dev, False)
+    if not (type(offset) is int and 0 <= offset < 2**63):
+        offset_t, offset = _key(offset, "offset", N, dev, True)
     if suppress_ids is not None:
-        if not isinstance(suppress_ids, torch.Tensor) or suppress_ids.dim() != 1:
-            raise ValueError("suppress_ids must be a 1-D tensor of ids")
-        if suppress_ids.dtype not in _SUP_DTYPES:
-            raise TypeError(f"suppress_ids must be int32 or int64, got {suppress_ids.dtype}")
-        if suppress_ids.device != dev:
-            raise ValueError(f"suppress_ids is on {suppress_ids.device}, expected {dev} (all inputs on one device)")
+        if not (type(suppress_ids) is torch.Tensor and suppress_ids.dim() == 1 and suppress_ids.dtype in _SUP_DTYPES
+                and suppress_ids.device == dev):
+            _check_suppress(suppress_ids, dev)
         if suppress_ids.shape[0] == 0:
             suppress_ids = None
         elif suppress_ids.stride(0) != 1:
@@ -185,10 +194,11 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
         conf = torch.empty(N, dtype=_F32, device=dev)
     else:
         token, conf = out
-        check_tensor(token, "out[0] (token)", dim=1, dtypes=(_I64,), device=dev)
-        check_tensor(conf, "out[1] (conf)", dim=1, dtypes=(_F32,), device=dev)
-        check(token.shape[0] == N and conf.shape[0] == N, f"out tensors must have {N} entries")
-        check(token.is_contiguous() and conf.is_contiguous(), "out tensors must be contiguous")
+        # one cheap test for the common case; the detailed checks (and messages) only when it fails
+        if not (type(token) is torch.Tensor and type(conf) is torch.Tensor and token.dtype is _I64
+                and conf.dtype is _F32 and token.shape == conf.shape == (N,) and token.is_contiguous()
+                and conf.is_contiguous() and token.device == dev and conf.device == dev):
+            _check_out(token, conf, N, dev)
     if N == 0:
         return token, conf
     threshold = None

@@ -207,11 +207,11 @@ def _row_kernel(
     x_ptr, stride, V,
     sup_ptr, n_sup, thr_ptr,
     seed_ptr, off_ptr, seed_lo, seed_hi, off_lo, off_hi, inv_t,
-    tok_ptr, conf_ptr, fpart_ptr, ipart_ptr,
+    tok_ptr, conf_ptr, part_ptr,
     chunks_per_split, n_split,
     KIND: tl.constexpr, SAMPLE: tl.constexpr, SEED_T: tl.constexpr, OFF_MODE: tl.constexpr,
     HAS_SUP: tl.constexpr, HAS_THR: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_V: tl.constexpr, VEC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, BF16_PAIRS: tl.constexpr, INTERP: tl.constexpr,
 ):
     row = tl.program_id(0)
     sp = tl.program_id(1)
@@ -220,6 +220,9 @@ def _row_kernel(
     o_j = tl.arange(0, VEC)
     o2 = o_r[:, None] * VEC + o_j[None, :]
     NEG_INF = float("-inf")
+    if BF16_PAIRS:  # the launcher checked: 4-byte aligned rows
+        p_pairs = p_row.to(tl.pointer_type(tl.int32))
+        o_w = o_r[:, None] * (VEC // 2) + tl.arange(0, VEC // 2)[None, :]
     if SAMPLE:
         scale = inv_t * _LOG2E
         h_row = _row_state(row, seed_ptr, off_ptr, seed_lo, seed_hi, off_lo, off_hi, SEED_T, OFF_MODE)
@@ -256,7 +259,14 @@ def _row_kernel(
     for c in range(c_lo, c_full):
         c0 = c * BLOCK_V
         cols = c0 + o2
-        x = tl.load(p_row + cols).to(tl.float32)  # fp32 right after the load: all arithmetic below is fp32
+        if BF16_PAIRS:
+            # bf16 read as int32 pairs: the upcast is one shift / one mask per element (the bf16 -> fp32
+            # conversion of a whole 16-byte vector costs 1.5 instructions per element), exact in the interpreter
+            wv = tl.load(p_pairs + c * (BLOCK_V // 2) + o_w)
+            x = tl.reshape(tl.join((wv << 16).to(tl.float32, bitcast=True),
+                                   (wv & -65536).to(tl.float32, bitcast=True)), [BLOCK_V // VEC, VEC])
+        else:
+            x = tl.load(p_row + cols).to(tl.float32)  # fp32 right after the load: all arithmetic below is fp32
         if HAS_SUP:
             if (sup_hi >= c0) & (sup_lo - c0 < BLOCK_V):
                 x = _mask(x, cols, sup_ptr, n_sup, thr, HAS_SUP, False)
@@ -302,16 +312,16 @@ def _row_kernel(
         bx_m = mx
 
     if SPLIT:
-        pf = fpart_ptr + (row * n_split + sp).to(tl.int64) * 6
+        pf = part_ptr + (row * n_split + sp).to(tl.int64) * 8
+        pi = pf.to(tl.pointer_type(tl.int32))
         tl.store(pf + 0, mx)
         tl.store(pf + 1, t2_m)
         tl.store(pf + 2, s_m)
         tl.store(pf + 3, w_m)
         tl.store(pf + 4, bk_m)
         tl.store(pf + 5, bx_m)
-        pi = ipart_ptr + (row * n_split + sp).to(tl.int64) * 2
-        tl.store(pi + 0, tok)
-        tl.store(pi + 1, bi_m)
+        tl.store(pi + 6, tok)
+        tl.store(pi + 7, bi_m)
     else:
         _finish(tok_ptr, conf_ptr, row, mx, t2_m, s_m, w_m, tok, bi_m, bx_m, scale, KIND, SAMPLE)
 
@@ -340,19 +350,19 @@ def _finish(tok_ptr, conf_ptr, row, m, t2, s, w, tok, bi, bx, scale, KIND: tl.co
 
 
 @triton.jit(do_not_specialize=["n_split", "inv_t"])
-def _merge_kernel(tok_ptr, conf_ptr, fpart_ptr, ipart_ptr, n_split, inv_t,
+def _merge_kernel(tok_ptr, conf_ptr, part_ptr, n_split, inv_t,
                   KIND: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_S: tl.constexpr):
     row = tl.program_id(0)
     o = tl.arange(0, BLOCK_S)
     ms = o < n_split
     NEG_INF = float("-inf")
-    pf = fpart_ptr + (row * n_split + o).to(tl.int64) * 6
-    pi = ipart_ptr + (row * n_split + o).to(tl.int64) * 2
+    pf = part_ptr + (row * n_split + o).to(tl.int64) * 8
+    pi = pf.to(tl.pointer_type(tl.int32))
     ms_ = tl.load(pf + 0, mask=ms, other=NEG_INF)
     t2s = tl.load(pf + 1, mask=ms, other=NEG_INF)
     ss = tl.load(pf + 2, mask=ms, other=0.0)
     ws = tl.load(pf + 3, mask=ms, other=0.0)
-    toks = tl.load(pi + 0, mask=ms, other=-1)
+    toks = tl.load(pi + 6, mask=ms, other=-1)
     # splits are combined with the rules that merge lanes (first index among equal maxima, etc.)
     mx = tl.max(ms_, axis=0)
     found = mx > NEG_INF
@@ -369,7 +379,7 @@ def _merge_kernel(tok_ptr, conf_ptr, fpart_ptr, ipart_ptr, n_split, inv_t,
     if SAMPLE:
         bks = tl.load(pf + 4, mask=ms, other=NEG_INF)
         bxs = tl.load(pf + 5, mask=ms, other=NEG_INF)
-        bis = tl.load(pi + 1, mask=ms, other=-1)
+        bis = tl.load(pi + 7, mask=ms, other=-1)
         bk = tl.max(bks, axis=0)
         bi = tl.min(tl.where(bks == bk, bis, _BIG), axis=0)
         bx = tl.max(tl.where(bis == bi, bxs, NEG_INF), axis=0)
@@ -430,27 +440,28 @@ def token_confidence_triton(logits: torch.Tensor, token: torch.Tensor, conf: tor
     n_sup = 0 if suppress_ids is None else suppress_ids.shape[0]
     if sample:
         off_mode = 0 if offset_t is None else (2 if offset_t.shape[0] == N and N > 1 else 1)
+        keys = (_s32(seed), _s32(seed >> 32), _s32(offset), _s32(offset >> 32))
+        inv_t = 1.0 / temperature
     else:
         off_mode, seed_t, offset_t = 0, None, None  # greedy: no random numbers, one variant
+        keys = (0, 0, 0, 0)
+        inv_t = 1.0
     split = n_split > 1
-    if split:
-        fpart = torch.empty((N, n_split, 6), dtype=torch.float32, device=dev)
-        ipart = torch.empty((N, n_split, 2), dtype=torch.int32, device=dev)
-    else:
-        fpart, ipart = conf, token  # unused
-    inv_t = 1.0 / temperature if sample else 1.0
+    # split partial states: [N, splits, 8] fp32, words 6 and 7 holding int32 (one allocation)
+    part = torch.empty((N, n_split, 8), dtype=torch.float32, device=dev) if split else conf
     kid = _KINDS[kind]
     _row_kernel[(N, n_split)](
         logits, logits.stride(0), V, suppress_ids if n_sup else token, n_sup,
         threshold if threshold is not None else conf,
-        seed_t if seed_t is not None else token, offset_t if offset_t is not None else token,
-        _s32(seed), _s32(seed >> 32), _s32(offset), _s32(offset >> 32), inv_t,
-        token, conf, fpart, ipart, cps, n_split,
+        seed_t if seed_t is not None else token, offset_t if offset_t is not None else token, *keys, inv_t,
+        token, conf, part, cps, n_split,
         KIND=kid, SAMPLE=sample, SEED_T=seed_t is not None, OFF_MODE=off_mode, HAS_SUP=n_sup > 0,
         HAS_THR=threshold is not None, SPLIT=split, BLOCK_V=block_v, VEC=vec, INTERP=_INTERP, num_warps=nw,
+        BF16_PAIRS=logits.dtype == torch.bfloat16 and vec > 1 and logits.stride(0) % 2 == 0
+        and logits.data_ptr() % 4 == 0,
     )
     if split:
-        _merge_kernel[(N,)](token, conf, fpart, ipart, n_split, inv_t, KIND=kid, SAMPLE=sample,
+        _merge_kernel[(N,)](token, conf, part, n_split, inv_t, KIND=kid, SAMPLE=sample,
                             BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=1)
 
 
