@@ -3,7 +3,7 @@
 //
 // Row pass: block (row, split) streams its slice of V once, 16 bytes per thread per load (two loads in
 // flight), each thread with its own online state: running max m (and its column), s = sum 2^t and
-// w = sum 2^t t with t = (x - max(m, -3e38)) * scale (log2 units: the subtraction first, so the top term is
+// w = sum 2^t t with t = (x - max(m, -FLT_MAX)) * scale (log2 units: the subtraction first, so the top term is
 // exactly 1; a row that keeps one token has prob 1 and neg_entropy 0 exactly), the second largest t2
 // (margin), and for sampling the best key. The steady state of one 16-byte vector is: upcast, vector max, compare with m (and with the
 // thread's next suppressed vector), then sub / mul / ex2.approx.ftz / add per element; everything else is out of line:
@@ -35,7 +35,7 @@ constexpr int kThreads = 256;
 // is <= the best key so far cannot win. Must equal reference.unmask.GUMBEL_REACH (checked by a test).
 constexpr float kGumbelReach = 22.875f;
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kShiftFloor = -3.0e38f;  // the shift while a thread has seen no usable entry
+constexpr float kShiftFloor = -3.40282347e38f;  // -FLT_MAX: the shift while a thread has seen nothing usable
 
 // ---- counter-based hash (same arithmetic as reference/unmask.py and the Triton kernel) ----
 __device__ __forceinline__ uint32_t rotl32(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
@@ -115,7 +115,7 @@ __device__ __forceinline__ float vmax(const float* y) {
   return a;
 }
 
-// Per-thread (and, merged, per-row) state. m, t2, bx in units of x; s, w against the shift ms = max(m, -3e38).
+// Per-thread (and, merged, per-row) state. m, t2, bx in units of x; s, w against the shift ms = max(m, -FLT_MAX).
 struct RowState {
   float m, ms, s, w, t2, bk, bx;
   int32_t i1, bi;

@@ -5,12 +5,15 @@ Row pass (``_row_kernel``): program (row, split) streams its slice of the row on
 bf16/fp16, 4 fp32), held by one thread, and is a *lane*. A lane sees its vectors in increasing column order
 and keeps an online state (``[R]`` tensors, R = BLOCK_V // VEC): its running max ``m`` and the chunk where
 it first reached it (not the column: that is recovered once after the loop by re-reading one vector),
-``s = sum 2^((y - m) log2 e)`` (in log2 units: one FFMA + one ``ex2`` per element), ``w = sum p t`` for
-``neg_entropy``, the second largest ``t2`` for ``margin``, and for sampling the best key with its column
-and logit. Per element the steady state costs: the upcast, a share of the vector max, one FFMA, one
-``ex2.approx.ftz`` and one add (plus a clamp and an FFMA for ``neg_entropy``); the rescale ``2^(m_old -
-m_new)``, the argmax and the ``t2`` update are per vector. NaN needs no flag: it reaches ``s`` through
-``ex2`` (NaN in, NaN out) and makes the confidence NaN; ``max`` ignores it, so it is never chosen.
+``s = sum 2^t`` with ``t = (x - m) * log2(e) / T`` (log2 units; the subtraction first, so the top term is
+exactly 1 and a row that keeps a single token has ``prob`` 1 and ``neg_entropy`` 0 exactly),
+``w = sum 2^t t`` for ``neg_entropy``, the second largest ``t2`` for ``margin``, and for sampling the best
+key with its column and logit. Per element the steady state costs the upcast (bf16 full chunks are read as
+int32 pairs: one shift or mask per element), a share of the vector max, a subtract, a multiply, one
+``ex2.approx.ftz`` and an add (plus a clamp and an FFMA for ``neg_entropy``, a top-2 for ``margin``); the
+rescale ``2^(m_old - m_new)``, the argmax and the ``t2`` update are per vector. NaN needs no flag: it
+reaches ``s`` through ``ex2`` (NaN in, NaN out) and makes the confidence NaN; ``max`` ignores it, so it is
+never chosen. A row with no usable entry ends with ``m = -inf``: token -1.
 
 Suppressed ids (decoding always suppresses MASK): only chunks that overlap ``[min id, max id]`` take the
 per-id compare (a block-uniform branch, one chunk per row for one id). The top-k / top-p floor
@@ -18,10 +21,12 @@ per-id compare (a block-uniform branch, one chunk per row for one id). The top-k
 stride is divisible by 16 elements); the last, partial chunk is peeled out of the loop.
 
 Sampling: the key of an element is ``y + g`` with ``y = x / T`` (an fp32 multiply by the reciprocal) and
-``g`` = :func:`pd_kernels.reference.unmask.gumbel_from_bits` of a counter-based hash of (row key, column).
-The noise is computed only for chunks where some lane can still win: ``max(y) + GUMBEL_REACH > best key``
-(one block-wide ``max`` per chunk decides, so the branch is uniform). Where most of the row lies more than
-about 23 below the best key (low temperatures, peaked rows, top-k / top-p), chunks cost what greedy ones do.
+``g`` = :func:`pd_kernels.reference.unmask.gumbel_from_bits` of a counter-based hash of (row key, column),
+the row key being the row's (seed, counter) (``_row_state``), never its position. The noise is computed
+only for chunks where some lane can still win: ``max(y) + GUMBEL_REACH > best key`` (one block-wide
+``max`` per chunk decides, so the branch is uniform). Where most of a row lies more than about 23 below
+the best key (low temperatures, peaked rows, top-k / top-p), chunks cost about what greedy ones do; a
+chunk in reach costs about 150 instructions per element (hash, two libdevice logs, the key).
 
 The lanes are merged once, after the loop, with the rules that merge splits: global max; first index among
 equal maxima; ``t2 = max(max_l t2_l, max over the other lanes of m_l)``; ``s = sum_l s_l 2^(m_l - m)``,
@@ -29,9 +34,12 @@ equal maxima; ``t2 = max(max_l t2_l, max over the other lanes of m_l)``; ``s = s
 grid must still cover the SMs) each program writes its merged partial state and ``_merge_kernel`` (one
 program per row) combines them.
 
-SASS per element of the main loop (sm_90, Triton 3.9 here, ``tests/test_triton_compile.py`` prints it) and
-registers: see the compile test's summary; the goals (issue 14) are <= 12 for greedy ``prob`` and
-``neg_entropy`` with a suppressed id, <= 20 with sampling on the steady path.
+Measured by ``tests/test_triton_compile.py`` (sm_90 SASS, not run: no GPU), steady path of the main loop
+per bf16 element at V = 152064, BLOCK_V 4096 x 8 warps, one suppressed id, Triton 3.9 (3.6): greedy
+``prob`` 7.9 (8.3), ``neg_entropy`` 10.8 (10.6), ``margin`` 12.8 (13.1); sampled ``prob`` 9.9 (10.5),
+``neg_entropy`` 12.3 (13.0). Issue 14's goals: <= 12 greedy ``prob`` / ``neg_entropy``, <= 20 sampling; the
+previous kernel took 29 / 36 / 106. Registers 61-64 greedy (4 CTAs of 256 threads per SM), 113-128
+sampling (2 CTAs), no spills.
 
 Exact arithmetic on a GPU, emulated in the interpreter (``INTERP``): ``ex2.approx.ftz`` is ``tl.exp2``;
 the noise uses libdevice ``log``/``log1p`` (accurate, also where ``-log1p(-w)`` is tiny) and ``mul_rn`` /
@@ -60,6 +68,7 @@ _POLICIES = {"threshold": 0, "schedule": 1, "pd_threshold": 2}
 _REACH = tl.constexpr(GUMBEL_REACH)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _BIG = tl.constexpr(2147483647)
+_FLOOR = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: a lane's shift while it has seen nothing usable
 _INTERP = triton_interpreter()  # TRITON_INTERPRET is read once, before Triton is imported
 
 
@@ -144,7 +153,7 @@ def _consume(x, cols, c, m, ms, s, w, t2, ci, bk, bi, bx, h_row, inv_t, scale,
              KIND: tl.constexpr, SAMPLE: tl.constexpr, INTERP: tl.constexpr):
     """One chunk ``x`` fp32 ``[R, VEC]`` (suppressed / filtered entries already -inf) into the lane states.
 
-    Every term is ``2^t`` with ``t = (x - ms) * scale`` (log2 units) and ``ms = max(m, -3e38)`` the lane's
+    Every term is ``2^t`` with ``t = (x - ms) * scale`` (log2 units) and ``ms = max(m, -FLT_MAX)`` the lane's
     shift (finite, so -inf entries stay -inf while the lane has seen nothing usable): the subtraction first,
     so the top term is exactly 2^0 = 1 (a row that keeps one token has prob exactly 1 and neg_entropy 0)."""
     NEG_INF = float("-inf")
@@ -156,9 +165,10 @@ def _consume(x, cols, c, m, ms, s, w, t2, ci, bk, bi, bx, h_row, inv_t, scale,
         sec = vmax
     up = vmax > m
     mn = tl.maximum(m, vmax)
-    msn = tl.maximum(mn, -3.0e38)
-    # rescale of the old sums, 2^((ms - msn) scale): nothing seen yet (-3e38) -> 2^-256 = 0; no change -> 1
-    dl = tl.maximum((ms - msn) * scale, -256.0)
+    msn = tl.maximum(mn, _FLOOR)
+    # rescale of the old sums, 2^((ms - msn) scale): nothing seen yet (-FLT_MAX) -> 2^-256 = 0; no change -> 1.
+    # Clamped before the multiply (no overflow to -inf; the same result)
+    dl = tl.maximum(ms - msn, -256.0 / scale) * scale
     alpha = tl.exp2(dl)
     t = (x - msn[:, None]) * scale
     p = tl.exp2(t)
@@ -243,7 +253,7 @@ def _row_kernel(
 
     R: tl.constexpr = BLOCK_V // VEC
     m = tl.full([R], NEG_INF, tl.float32)
-    ms = tl.full([R], -3.0e38, tl.float32)
+    ms = tl.full([R], _FLOOR, tl.float32)
     s = tl.zeros([R], tl.float32)
     w = tl.zeros([R], tl.float32)
     t2 = tl.full([R], NEG_INF, tl.float32)
@@ -292,9 +302,9 @@ def _row_kernel(
     xv = tl.load(p_row + wcols, mask=wcols < tl.where(found, V, 0), other=NEG_INF).to(tl.float32)
     xv = _mask(xv, wcols, sup_ptr, n_sup, thr, HAS_SUP, HAS_THR)
     tok = tl.where(found, win + tl.min(tl.where(xv == mx, o_j, VEC), axis=0), -1)
-    msx = tl.maximum(mx, -3.0e38)
+    msx = tl.maximum(mx, _FLOOR)
     live = m > NEG_INF
-    dl = tl.where(live, (ms - msx) * scale, 0.0)
+    dl = tl.where(live, ms - msx, 0.0) * scale
     alpha = tl.where(live, tl.exp2(dl), 0.0)
     s_m = tl.sum(alpha * s, axis=0)  # NaN anywhere (a NaN logit, an inf - inf) stays NaN
     w_m = tl.sum(alpha * (w + dl * s), axis=0) if KIND == 2 else tl.zeros([], tl.float32)
@@ -329,7 +339,7 @@ def _row_kernel(
 @triton.jit
 def _finish(tok_ptr, conf_ptr, row, m, t2, s, w, tok, bi, bx, scale, KIND: tl.constexpr, SAMPLE: tl.constexpr):
     """Token and confidence from a row's merged state: m, t2 and bx (the sampled token's logit) in units of x,
-    s and w against the shift max(m, -3e38) (see ``_consume``)."""
+    s and w against the shift max(m, -FLT_MAX) (see ``_consume``)."""
     if SAMPLE:
         token = bi
         xt = bx
@@ -369,7 +379,7 @@ def _merge_kernel(tok_ptr, conf_ptr, part_ptr, n_split, inv_t,
     tok = tl.where(found, tl.min(tl.where((ms_ == mx) & (toks >= 0), toks, _BIG), axis=0), -1)
     scale = inv_t * _LOG2E if SAMPLE else _LOG2E + tl.zeros([], tl.float32)
     live = ms_ > NEG_INF
-    dl = tl.where(live, (tl.maximum(ms_, -3.0e38) - tl.maximum(mx, -3.0e38)) * scale, 0.0)
+    dl = tl.where(live, ms_ - mx, 0.0) * scale
     alpha = tl.where(live, tl.exp2(dl), 0.0)
     s = tl.sum(alpha * ss, axis=0)
     w = tl.sum(alpha * (ws + dl * ss), axis=0) if KIND == 2 else tl.zeros([], tl.float32)
