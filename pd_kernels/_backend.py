@@ -14,15 +14,25 @@ extension loads, else Triton; on CPU tensors the torch reference.
 Asking explicitly for a backend that cannot run (not implemented for the op, Triton missing, CPU
 tensors without the interpreter, extension that fails to build) raises :class:`BackendUnavailable` that
 says what is missing. It never silently falls back.
+
+Dispatch (:func:`eager`): every op is a registered ``torch.library`` op (fake implementation, opcheck,
+``torch.compile``), but a registered Python custom op costs tens of microseconds per call before any work
+(its autograd / ADInplaceOrView / dynamo-disable wrappers). So a public op function calls its
+implementation directly when nothing above eager execution needs to see the op (plain tensors, no
+compilation, no dispatch mode, no functorch transform) and goes through ``torch.ops.pd_kernels.*`` otherwise.
+Both paths run the same implementation function.
 """
 from __future__ import annotations
 
 import contextlib
-import os
+import functools
+import importlib
 import threading
 import warnings
 
 import torch
+
+from ._checks import env_flag, getenv
 
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
@@ -84,19 +94,52 @@ def current_backend() -> str:
         return stack[-1]
     if _process_backend is not None:
         return _process_backend
-    env = os.environ.get("PD_KERNELS_BACKEND")
+    env = getenv("PD_KERNELS_BACKEND")
     return _check_choice(env) if env else "auto"
 
 
+@functools.cache
+def triton_module(op_module: str):
+    """``pd_kernels.ops.triton.<op_module>``, imported on first use (``import pd_kernels`` never needs Triton)
+    and cached: an import statement inside the hot path would cost about a microsecond per call."""
+    return importlib.import_module(f"pd_kernels.ops.triton.{op_module}")
+
+
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def eager(t: torch.Tensor) -> bool:
+    """True when an op call on ``t`` (its first tensor argument) may run the op's implementation directly:
+    ``t`` is a plain, non-meta tensor, and no ``torch.compile`` trace, ``TorchDispatchMode`` (fake tensors,
+    functionalization, user modes) or functorch transform is active. Otherwise the call goes through the
+    registered op so that those layers see it. Costs well under a microsecond.
+
+    The direct path skips what only autograd and tracing need from the registered op: it does not bump the
+    version counters of the tensors a kernel mutates (ops are inference-only: none has a backward)."""
+    return (type(t) is torch.Tensor and not t.is_meta and not _is_compiling() and _dispatch_modes() == 0
+            and not _functorch_active())
+
+
 def triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env_flag("TRITON_INTERPRET")
+
+
+_triton_import_error: str | None = None
+_triton_checked = False
 
 
 def _triton_problem(device: torch.device) -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - triton is a dependency on Linux
-        return f"Triton is not importable ({e})"
+    global _triton_checked, _triton_import_error
+    if not _triton_checked:
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # pragma: no cover - triton is a dependency on Linux
+            _triton_import_error = f"Triton is not importable ({e})"
+        _triton_checked = True
+    if _triton_import_error is not None:
+        return _triton_import_error
     if device.type == "cuda":
         return None
     if device.type == "cpu" and triton_interpreter():

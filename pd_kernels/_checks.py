@@ -6,9 +6,32 @@ import os
 import torch
 
 
+# ``os.environ.get`` costs about a microsecond (it encodes the key and decodes the value on every call) and
+# op calls read two variables each; the mapping behind ``os.environ`` is read directly where it exists
+# (POSIX: bytes keys). It is the same mapping ``os.environ[...] = ...`` updates, so changes are seen at once.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_FAST = isinstance(_ENV_DATA, dict) and os.name == "posix"
+
+
+def getenv(name: str, default: str = "") -> str:
+    """``os.environ.get(name, default)``, cheaper (about 0.1 us)."""
+    if _ENV_FAST:
+        v = _ENV_DATA.get(name.encode())
+        return default if v is None else v.decode()
+    return os.environ.get(name, default)
+
+
+def env_flag(name: str) -> bool:
+    """True when the variable is set to something other than empty or ``0``."""
+    if _ENV_FAST:
+        v = _ENV_DATA.get(name.encode())
+        return v is not None and v != b"" and v != b"0"
+    return os.environ.get(name, "0") not in ("", "0")
+
+
 def debug_enabled() -> bool:
     """``PD_KERNELS_DEBUG=1`` turns on checks that read device values (they sync with the host)."""
-    return os.environ.get("PD_KERNELS_DEBUG", "0") not in ("", "0")
+    return env_flag("PD_KERNELS_DEBUG")
 
 
 def check(cond: bool, msg: str) -> None:
@@ -26,7 +49,7 @@ def check_tensor(t, name: str, *, dim: int | None = None, dtypes=None, device=No
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device} (all inputs on one device)")
-    if last_contig and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+    if last_contig and t.dim() > 0 and t.stride(-1) != 1 and t.shape[-1] > 1:
         raise ValueError(f"{name} must have a unit stride in its last dim, got strides {t.stride()}")
 
 

@@ -125,7 +125,13 @@ class PagedKVCache:
 
     # ---- views -----------------------------------------------------------------------------------
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(k_cache[layer], v_cache[layer])``, each ``[num_pages, page_size, Hkv, D]`` (views)."""
+        """``(k_cache[layer], v_cache[layer])``, each ``[num_pages, page_size, Hkv, D]`` (views).
+
+        ``layer`` must be in ``[0, num_layers)``: a negative index is an error, not the last layer (a model's
+        ``layer_idx`` is never negative, so one here is a bug upstream)."""
+        n = self.k_cache.shape[0]
+        if isinstance(layer, bool) or not hasattr(layer, "__index__") or not 0 <= layer.__index__() < n:
+            raise IndexError(f"PagedKVCache.layer: layer must be an int in [0, {n}), got {layer!r}")
         return self.k_cache[layer], self.v_cache[layer]
 
     def block_tables(self, seqs: list[int]) -> torch.Tensor:

@@ -254,3 +254,23 @@ def test_cuda_matches_triton_bf16(T):
     _assert_same(vc, vc2)
     _assert_same(kc, ek)
     _assert_same(vc, ev)
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 1.0, True, None])
+def test_cache_layer_index_is_checked(bad):
+    """``layer(-1)`` is an error, not the last layer (issue: never silently wrong)."""
+    cache = pk.PagedKVCache(3, 2, 8, num_pages=4, page_size=4, dtype=torch.float32, device="cpu")
+    with pytest.raises(IndexError, match="layer must be an int"):
+        cache.layer(bad)
+    k, v = cache.layer(2)
+    assert k.shape == (4, 4, 2, 8) and k.data_ptr() == cache.k_cache[2].data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(4, 2, 0), (4, 0, 8)])
+def test_empty_head_geometry_is_an_error(shape, backend):
+    """A head dim or head count of 0 is refused with a clear error (Triton used to divide by zero)."""
+    k = torch.zeros(shape)
+    kc = torch.zeros(2, 4, shape[1], shape[2])
+    with pytest.raises(ValueError, match="head dim >= 1"):
+        pk.paged_kv_write(k, k.clone(), kc, kc.clone(), torch.arange(4), backend=backend)

@@ -4,21 +4,18 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check, check_tensor, debug_enabled
+from .._checks import FLOAT_DTYPES, check_tensor, debug_enabled
 from ..reference.kv_cache import paged_kv_write_ref
-from . import cuda_fake
+from .._cuda_ext import cuda_fake
 
 OP = "paged_kv_write"
 _backend.register_op_backends(OP, ("torch", "triton", "cuda"))
 
 
-@torch.library.custom_op("pd_kernels::paged_kv_write", mutates_args=("k_cache", "v_cache"))
-def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor, backend: str) -> None:
+def _paged_kv_write_impl(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor, backend: str) -> None:
     if backend == "triton":
-        from .triton.kv_cache import paged_kv_write_triton
-
-        paged_kv_write_triton(k, v, k_cache, v_cache, slot_mapping)
+        _backend.triton_module("kv_cache").paged_kv_write_triton(k, v, k_cache, v_cache, slot_mapping)
     elif backend == "cuda":
         # the CUDA kernel is a byte copy: cast first when the new K/V come in another dtype
         if k.dtype != k_cache.dtype:
@@ -30,7 +27,11 @@ def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
         raise ValueError(f"unknown backend {backend!r}")
 
 
-@_paged_kv_write_op.register_fake
+_op = torch.library.custom_op("pd_kernels::paged_kv_write", _paged_kv_write_impl,
+                              mutates_args=("k_cache", "v_cache"))
+
+
+@_op.register_fake
 def _(k, v, k_cache, v_cache, slot_mapping, backend):
     return None
 
@@ -41,29 +42,38 @@ def _(k, v, k_cache, v_cache, slot_mapping):
 
 
 def _validate(k, v, k_cache, v_cache, slot_mapping) -> None:
+    # metadata only; messages are formatted only on failure (this runs on every call of the decode step)
     dev = k.device
     check_tensor(k, "k", dtypes=FLOAT_DTYPES)
-    check(k.dim() in (3, 4), f"k must be [T, Hkv, D] or [L, T, Hkv, D], got shape {tuple(k.shape)}")
+    kd = k.dim()
+    if kd != 3 and kd != 4:
+        raise ValueError(f"k must be [T, Hkv, D] or [L, T, Hkv, D], got shape {tuple(k.shape)}")
     check_tensor(v, "v", dtypes=FLOAT_DTYPES, device=dev)
-    check(v.shape == k.shape, f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
-    cdim = k.dim() + 1
+    ks = k.shape
+    if v.shape != ks:
+        raise ValueError(f"v shape {tuple(v.shape)} != k shape {tuple(ks)}")
+    if ks[-1] < 1 or ks[-2] < 1:
+        raise ValueError(f"k must have at least one head and a head dim >= 1, got shape {tuple(ks)}")
+    cdim = kd + 1
     check_tensor(k_cache, "k_cache", dim=cdim, dtypes=FLOAT_DTYPES, device=dev)
     check_tensor(v_cache, "v_cache", dim=cdim, dtypes=FLOAT_DTYPES, device=dev)
-    check(k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype,
-          f"k_cache {tuple(k_cache.shape)}/{k_cache.dtype} and v_cache {tuple(v_cache.shape)}/{v_cache.dtype} differ")
-    check(k_cache.stride() == v_cache.stride(), "k_cache and v_cache must have the same strides")
-    lead = (k.shape[0],) if k.dim() == 4 else ()
-    check(k_cache.shape[:len(lead)] == lead and k_cache.shape[-2:] == k.shape[-2:],
-          f"cache shape {tuple(k_cache.shape)} does not fit k {tuple(k.shape)} "
-          f"(expected [{'L, ' if lead else ''}P, page_size, {k.shape[-2]}, {k.shape[-1]}])")
+    cs, cst = k_cache.shape, k_cache.stride()
+    if v_cache.shape != cs or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"k_cache {tuple(cs)}/{k_cache.dtype} and v_cache {tuple(v_cache.shape)}/"
+                         f"{v_cache.dtype} differ")
+    if v_cache.stride() != cst:
+        raise ValueError("k_cache and v_cache must have the same strides")
+    pdim = kd - 3          # 1 with a layer dim, else 0
+    if (pdim and cs[0] != ks[0]) or cs[-2:] != ks[-2:]:
+        raise ValueError(f"cache shape {tuple(cs)} does not fit k {tuple(ks)} "
+                         f"(expected [{'L, ' if pdim else ''}P, page_size, {ks[-2]}, {ks[-1]}])")
     # pages must be laid out so that (page, in-page offset) is one "slot" dim: stride(page) = ps * stride(slot)
-    pdim = len(lead)
-    check(k_cache.stride(pdim) == k_cache.shape[pdim + 1] * k_cache.stride(pdim + 1),
-          f"k_cache pages must be stored whole (stride(page) == page_size * stride(slot)), got strides {k_cache.stride()}")
+    if cst[pdim] != cs[pdim + 1] * cst[pdim + 1]:
+        raise ValueError(f"k_cache pages must be stored whole (stride(page) == page_size * stride(slot)), "
+                         f"got strides {cst}")
     check_tensor(slot_mapping, "slot_mapping", dim=1, dtypes=(torch.int64,), device=dev)
-    check(slot_mapping.shape[0] == k.shape[-3],
-          f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[-3]} tokens")
-    check(slot_mapping.stride(0) == 1 or slot_mapping.shape[0] <= 1, "slot_mapping must be contiguous")
+    if slot_mapping.shape[0] != ks[-3]:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {ks[-3]} tokens")
 
 
 def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -90,4 +100,7 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
             raise IndexError(f"paged_kv_write: slots {slot_mapping[bad][:8].tolist()} outside "
                              f"[-1, {num_slots}) (num_pages * page_size)")
     b = _backend.resolve(OP, backend, k.device)
-    torch.ops.pd_kernels.paged_kv_write(k, v, k_cache, v_cache, slot_mapping, b)
+    if _backend.eager(k):
+        _paged_kv_write_impl(k, v, k_cache, v_cache, slot_mapping, b)
+    else:
+        torch.ops.pd_kernels.paged_kv_write(k, v, k_cache, v_cache, slot_mapping, b)

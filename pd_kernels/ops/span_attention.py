@@ -21,17 +21,15 @@ OP = "span_attention"
 _backend.register_op_backends(OP, ("torch", "triton"))
 
 
-@torch.library.custom_op("pd_kernels::span_attention", mutates_args=("out", "o_part", "ml"))
-def _span_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+def _span_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                        q_pos: torch.Tensor, q_seq: torch.Tensor, q_kv: torch.Tensor, tiles: torch.Tensor,
                        out: torch.Tensor, scale: float, block_m: int, num_splits: int, backend: str,
                        o_part: Optional[torch.Tensor] = None, ml: Optional[torch.Tensor] = None) -> None:
     # o_part / ml: optional split-K workspace (a static layout's), so a captured call allocates nothing
     if backend == "triton":
-        from .triton.span_attention import kernel_config, span_attention_triton
-
-        bn, warps, stages = kernel_config(block_m, q.shape[-1], q.is_cuda)
-        span_attention_triton(q, k_cache, v_cache, block_table, q_pos, tiles, out, scale, block_m, num_splits,
+        sak = _backend.triton_module("span_attention")
+        bn, warps, stages = sak.kernel_config(block_m, q.shape[-1], q.is_cuda)
+        sak.span_attention_triton(q, k_cache, v_cache, block_table, q_pos, tiles, out, scale, block_m, num_splits,
                               block_n=bn, num_warps=warps, num_stages=stages, o_part=o_part, ml=ml)
     elif backend == "torch":
         span_attention_ref_tensors(q, k_cache, v_cache, block_table, q_seq, q_kv, scale, out=out)
@@ -39,7 +37,10 @@ def _span_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         raise ValueError(f"unknown backend {backend!r}")
 
 
-@_span_attention_op.register_fake
+_op = torch.library.custom_op("pd_kernels::span_attention", _span_attention_impl, mutates_args=("out", "o_part", "ml"))
+
+
+@_op.register_fake
 def _(q, k_cache, v_cache, block_table, q_pos, q_seq, q_kv, tiles, out, scale, block_m, num_splits, backend,
       o_part=None, ml=None):
     return None
@@ -135,19 +136,23 @@ def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         else:
             tiles = layout.tiles(layout.tokens_per_tile)[:0]
     elif b == "triton":
-        from .triton.span_attention import MAX_SPLITS, choose_block_m, choose_splits, kernel_config
-
+        sak = _backend.triton_module("span_attention")
         G = q.shape[1] // k_cache.shape[2]
-        block_m = choose_block_m(layout.max_segment, G)
+        block_m = sak.choose_block_m(layout.max_segment, G)
         tiles = layout.tiles(block_m // G)
         if num_splits is None:
-            bn = kernel_config(block_m, q.shape[-1], q.is_cuda)[0]
-            splits = choose_splits(tiles.shape[0], k_cache.shape[2], layout.max_kv, bn, q.device)
+            bn = sak.kernel_config(block_m, q.shape[-1], q.is_cuda)[0]
+            splits = sak.choose_splits(tiles.shape[0], k_cache.shape[2], layout.max_kv, bn, q.device)
         else:
-            check(1 <= int(num_splits) <= MAX_SPLITS, f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+            check(1 <= int(num_splits) <= sak.MAX_SPLITS,
+                  f"num_splits must be in [1, {sak.MAX_SPLITS}], got {num_splits}")
             splits = int(num_splits)
     else:
         tiles = torch.zeros((0, TILE_COLS), dtype=torch.int32, device=q.device)
-    torch.ops.pd_kernels.span_attention(q, k_cache, v_cache, block_table, layout.q_pos, layout.q_seq, layout.q_kv,
-                                        tiles, out, scale, block_m, splits, b, o_part, ml)
+    args = (q, k_cache, v_cache, block_table, layout.q_pos, layout.q_seq, layout.q_kv, tiles, out, scale, block_m,
+            splits, b, o_part, ml)
+    if _backend.eager(q):
+        _span_attention_impl(*args)
+    else:
+        torch.ops.pd_kernels.span_attention(*args)
     return out

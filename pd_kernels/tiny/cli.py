@@ -61,7 +61,7 @@ def train_main(args) -> int:
     print(f"done in {time.perf_counter() - t0:.0f} s ({h['wall_s'] / cfg.steps:.3f} s/step), final loss "
           f"{h['loss'][-1]:.4f}; wrote {os.path.abspath(args.out)}"
           + ("" if os.path.exists(os.path.join(args.out, "loss.png")) else
-             " (loss.png not written: pip install 'pd_kernels[plot]')"))
+             " (loss.png not written: pip install 'pd_kernels[bench]')"))
     if args.eval:
         from . import evaluate
         from .checkpoint import load

@@ -167,5 +167,5 @@ def run(model_dir: str | None, out_dir: str, *, n: int = 200, quick: bool = Fals
     with open(os.path.join(out_dir, "quality.json"), "w") as f:
         json.dump(doc, f, indent=1)
     if not plot(rows, os.path.join(out_dir, "quality.png"), f"tiny planned-diffusion model, {n} held-out prompts"):
-        log("matplotlib is not installed: quality.png not written (pip install 'pd_kernels[plot]')")
+        log("matplotlib is not installed: quality.png not written (pip install 'pd_kernels[bench]')")
     return doc

@@ -7,6 +7,8 @@ Slots ``< 0`` (padding) or ``>= num_slots`` are masked out: a bad slot never wri
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -44,26 +46,37 @@ def _paged_kv_write_kernel(
 
 def paged_kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
-    """Shapes as :func:`pd_kernels.paged_kv_write` (inputs already validated)."""
-    if k.dim() == 3:
-        k, v, k_cache, v_cache = k.unsqueeze(0), v.unsqueeze(0), k_cache.unsqueeze(0), v_cache.unsqueeze(0)
-    L, T, H, D = k.shape
+    """Shapes as :func:`pd_kernels.paged_kv_write` (inputs already validated).
+
+    Host cost matters (this runs twice per layer per decode step in eager mode): no views are made, the
+    strides are read once, and a 3-dim (one-layer) write is the 4-dim one with a single layer of stride 0."""
+    ks, kst, vst, cst = k.shape, k.stride(), v.stride(), k_cache.stride()
+    if len(ks) == 3:
+        L, (T, H, D) = 1, ks
+        s_k, s_v, s_c = (0,) + kst, (0,) + vst, (0,) + cst
+    else:
+        L, T, H, D = ks
+        s_k, s_v, s_c = kst, vst, cst
     if T == 0 or L == 0:
         return
-    num_slots = k_cache.shape[1] * k_cache.shape[2]
-    BLOCK_H, BLOCK_D = triton.next_power_of_2(H), triton.next_power_of_2(D)
-    # ~4K elements per program: enough bytes in flight per SM without register pressure. BLOCK_T depends
-    # on the head geometry only, never on T: a decode loop whose token count changes every step (1 AR
-    # token, then a round of spans) reuses one compiled kernel; a short T just masks lanes.
-    BLOCK_T = max(1, 4096 // (BLOCK_H * BLOCK_D))
-    grid = (triton.cdiv(T, BLOCK_T), L)
+    cs = k_cache.shape
+    num_slots = cs[-4] * cs[-3]
+    block_h, block_d, block_t = _blocks(H, D)
     # the page and in-page dims of a cache are merged into one slot dim: valid because
     # stride(page) == page_size * stride(in-page), checked by the public op.
-    _paged_kv_write_kernel[grid](
+    _paged_kv_write_kernel[((T + block_t - 1) // block_t, L)](
         k, v, k_cache, v_cache, slot_mapping, T, num_slots,
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        k_cache.stride(0), k_cache.stride(2), k_cache.stride(3),
-        H=H, D=D, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
+        s_k[0], s_k[1], s_k[2], s_v[0], s_v[1], s_v[2], s_c[0], s_c[2], s_c[3],
+        H=H, D=D, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=4,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _blocks(H: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_D, BLOCK_T) of a head geometry. ~4K elements per program: enough bytes in flight per SM
+    without register pressure. BLOCK_T depends on the head geometry only, never on T: a decode loop whose
+    token count changes every step (1 AR token, then a round of spans) reuses one compiled kernel; a short T
+    just masks lanes."""
+    bh, bd = triton.next_power_of_2(H), triton.next_power_of_2(D)
+    return bh, bd, max(1, 4096 // (bh * bd))
