@@ -7,41 +7,42 @@ import os
 import time
 
 
-def add_train_parser(sub) -> argparse.ArgumentParser:
+TRAIN_HELP = ("train the tiny planned-diffusion model from scratch on its synthetic task (CPU, under 30 min) and "
+              "write a checkpoint directory (transformers Qwen2 files, tokenizer, pd_kernels.json, loss.png); "
+              "the defaults reproduce the shipped checkpoint")
+EVAL_HELP = ("accuracy against critical path of the tiny planned-diffusion model: decode held-out prompts of its "
+             "task in modes ar, pd, pd-da and diffusion, sweeping the steps ratio r and the threshold tau; write "
+             "quality.json and quality.png")
+
+
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m pd_kernels train``."""
     from .train import TrainConfig
 
     d = TrainConfig()
-    p = sub.add_parser("train", help="train the tiny planned-diffusion model from scratch (CPU, about 30 min)",
-                       description="Train the tiny planned-diffusion model on its synthetic task and write a "
-                                   "checkpoint directory (transformers Qwen2 files, tokenizer, pd_kernels.json, "
-                                   "loss.png). The defaults reproduce the shipped checkpoint.")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of data, noise and initialisation (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch CPU threads (default: %(default)s, as the shipped checkpoint was trained; another "
                         "count changes float reduction order, so the weights may differ bit-wise)")
     p.add_argument("--eval", type=int, default=50, metavar="N",
                    help="after training, decode N held-out prompts per mode and print the accuracy (0: skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
-def add_eval_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("eval", help="accuracy against critical path of the tiny planned-diffusion model",
-                       description="Decode held-out prompts of the tiny model's task in modes ar, pd, pd-da and "
-                                   "diffusion, sweeping the steps ratio r and the threshold tau; write "
-                                   "quality.json and quality.png (accuracy against critical path).")
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m pd_kernels eval``."""
     p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped tiny model)")
     p.add_argument("--out", default="pd_quality", help="results directory (default: %(default)s)")
     p.add_argument("--n", type=int, default=200, help="held-out prompts (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="r in (0.25, 1), tau 0.9 only")
     p.add_argument("--backend", default=None, choices=["torch", "triton", "cuda", "auto"],
                    help="pd_kernels backend (default: torch on CPU, auto on a GPU)")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    return p
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="where to run (default: cuda if "
+                   "available, else cpu)")
 
 
 def train_main(args) -> int:
@@ -49,8 +50,9 @@ def train_main(args) -> int:
 
     from .train import TrainConfig, train
 
-    if args.steps < 1 or args.batch_size < 1:
-        raise SystemExit("pd-kernels train: --steps and --batch-size must be >= 1")
+    if min(args.steps, args.batch_size, args.threads) < 1:
+        raise ValueError(f"--steps, --batch-size and --threads must be >= 1, got {args.steps}, {args.batch_size} "
+                         f"and {args.threads}")
     cfg = dataclasses.replace(TrainConfig(), seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, threads=args.threads)
     print(f"training the tiny planned-diffusion model: {cfg.steps} steps of {cfg.batch_size} sequences, "
@@ -82,7 +84,7 @@ def eval_main(args) -> int:
     from . import evaluate
 
     if args.n < 1:
-        raise SystemExit("pd-kernels eval: --n must be >= 1")
+        raise ValueError(f"--n must be >= 1, got {args.n}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backend = args.backend or ("torch" if device == "cpu" else None)
     if device == "cpu":
