@@ -72,7 +72,15 @@ def load(path: str, *, device="cpu", dtype: torch.dtype = torch.float32) -> Tiny
     tok = TinyTokenizer.load(path)
     if dataclasses.asdict(tok.tags) != {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["tags"].items()}:
         raise ValueError(f"{path}: the control-tag ids of {META_FILE} do not match the tokenizer's vocabulary")
-    model = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 2.7 MB model: no "Loading weights" bar on stderr
+    try:
+        model = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     if model.config.vocab_size < len(tok):
         raise ValueError(f"{path}: model vocabulary {model.config.vocab_size} < tokenizer's {len(tok)}")
     return TinyPD(model, tok, int(meta["length_scale"]), int(meta["diffusion_len"]), os.path.abspath(path))
