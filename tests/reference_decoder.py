@@ -136,7 +136,8 @@ class ReferenceDecoder:
         out = self.model(input_ids=ids, attention_mask=self._mask(), position_ids=torch.arange(len(self.x))[None],
                          use_cache=False)
         logits = out.logits[0].float()
-        logits[:, self.tags.mask] = float("-inf")   # MASK is never predicted
+        if self.mode != "ar":
+            logits[:, self.tags.mask] = float("-inf")   # MASK is never predicted (an AR model does not know it)
         return logits
 
     # ---- phases --------------------------------------------------------------------------------------
@@ -150,11 +151,11 @@ class ReferenceDecoder:
                 tok = forced[len(out)]
             if tok == self.tags.eos or (tok == self.tags.sync and self.mode != "ar"):
                 return out, ("eos" if tok == self.tags.eos else "sync")
-            if len(self.x) - self.n_prompt >= budget:
-                return out, "length"
             self.x.append(tok)
             self.seg.append(None)
             out.append(tok)
+            if len(self.x) - self.n_prompt >= budget:   # budget spent: no forward of a token that cannot be kept
+                return out, "length"
 
     def _diffuse(self, spans: list[tuple[int, int]]) -> None:
         """spans: (first position, number of masks) with masks at first+1 .. first+masks."""
