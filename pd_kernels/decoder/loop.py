@@ -187,6 +187,7 @@ class Decoder:
     def __init__(self, model, config=None, *, max_batch: int = 8, backend: str | None = None, on_step=None,
                  cuda_graphs: bool = False, static_step: bool | None = None, buckets=None):
         config, max_batch = check_decoder_args(model, config, max_batch, backend, on_step, buckets)
+        op_features()   # probe the op once, here: never inside a (captured) step
         self.model = model if is_enabled(model) else enable(model)
         self.cfg = config
         self.max_batch = max_batch
