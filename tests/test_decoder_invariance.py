@@ -10,11 +10,16 @@ Greedy needs nothing but row-independent ops and a decoder that feeds no batch p
 Sampling also needs the noise keyed per request: (its seed, its own step counter, the absolute position).
 The op on this branch keys it by the packed row (one seed and offset for all rows): those tests are
 ``xfail(strict=True)`` until the per-row keys of the tokconf branch land (then they pass and the marks go).
+Meanwhile ``test_sampled_invariance_decoder_side`` checks the decoder's half with a stand-in op that keys
+the noise of row r by (seed[r], offset[r]) only (the reference, one row at a time).
 """
 import pytest
+import torch
 
+import pd_kernels.decoder.step as step_mod
 from pd_kernels.decoder import DecodeConfig, Decoder, make_plan
 from pd_kernels.decoder.step import op_features
+from pd_kernels.reference.unmask import token_confidence_ref
 from pd_kernels.models import TINY_TAGS, tiny_model
 
 T = TINY_TAGS
@@ -104,3 +109,39 @@ def test_batch_invariant_triton(model, sampled):
     idx = [1, 2, 4, 6]
     _check(model, cfg, prompts=[PROMPTS[i] for i in idx], plans=[PLANS[i] for i in idx], arrivals=("joining",),
            backend="triton", static_step=True)
+
+
+def _row_keyed_token_confidence(logits, *, confidence, temperature, seed, offset, top_p, suppress_ids, out, backend):
+    """Stand-in for the tokconf op: the noise of row r depends on (seed[r], offset[r], column) only."""
+    assert top_p == 1.0
+    seed, offset = seed.tolist(), offset.tolist()
+    tok, conf = zip(*(token_confidence_ref(logits[r:r + 1], confidence, temperature, seed[r], offset[r], suppress_ids)
+                      for r in range(logits.shape[0])))
+    tok, conf = torch.cat(tok), torch.cat(conf)
+    if out is None:
+        return tok, conf
+    out[0].copy_(tok)
+    out[1].copy_(conf)
+    return out
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("mode", ["pd", "ar"])
+def test_sampled_invariance_decoder_side(model, mode, static, monkeypatch):
+    """The decoder's half of sampled batch invariance: with an op that keys noise per row, the per-row keys the
+    decoder passes (request seed, its own step counter, position) make a request's sampled tokens the same
+    alone, together, reversed and joining; and per-request seeds are honoured."""
+    monkeypatch.setattr(step_mod, "token_confidence", _row_keyed_token_confidence)
+    monkeypatch.setitem(step_mod._OP_FEATURES, "row_keys", True)
+    cfg = _cfg(mode, temperature=1.0, seed=11)
+    alone = _check(model, cfg, backend="torch", static_step=static)
+    greedy = _alone(model, _cfg(mode), PROMPTS, PLANS, backend="torch")
+    assert alone != greedy   # the noise did change the tokens
+    if mode == "pd" and not static:
+        seeds = [5, 6, 7, 8]
+        out = Decoder(model, cfg, max_batch=4, backend="torch").generate(PROMPTS[:4], PLANS[:4], seeds=seeds)
+        for i in range(4):
+            one = Decoder(model, cfg, backend="torch").generate([PROMPTS[i]], [PLANS[i]], seeds=[seeds[i]])[0]
+            assert _result(out[i]) == _result(one)
+        other = Decoder(model, cfg, backend="torch").generate([PROMPTS[0]], [PLANS[0]], seeds=[99])[0]
+        assert other.spans != out[0].spans
