@@ -730,8 +730,9 @@ class Decoder:
         r.plan.append(tok)
         r.toks.append(tok)
         r.stats.plan_tokens += 1
-        self._emit(ev.PlanToken(r.idx, r.stats.rounds + 1, r.length - 1, tok))
-        if r.new_tokens >= r.budget:   # the budget is spent: no forward of a token that cannot be kept
+        if self._events is not None:
+            self._events.append(ev.PlanToken(r.idx, r.stats.rounds + 1, r.length - 1, tok))
+        if r.length - len(r.prompt) >= r.budget:   # the budget is spent: no forward of a token it cannot keep
             self._end_plan(r, "length")
 
 
