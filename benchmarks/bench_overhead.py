@@ -31,6 +31,7 @@ on a GPU with CUDA graphs this time adds to every step, because each step ends w
     python benchmarks/bench_overhead.py --out benchmarks/results/overhead_cpu.json
     python benchmarks/bench_overhead.py --what decoder --out benchmarks/results/decoder_host_cpu.json
     python benchmarks/bench_overhead.py --smoke
+    python benchmarks/bench_overhead.py --ops commit_spans     # one op (the baselines always run)
 """
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ def make_cases(device):
 
     tokens = torch.full((64,), 7, dtype=torch.int64, device=device)
     row_dst = torch.arange(N, dtype=torch.int64, device=device)
-    row_span = (torch.arange(N, device=device) // 4).to(torch.int32)
+    span_rows = torch.tensor([[0, 4], [4, 4]], dtype=torch.int32, device=device)
     state = pk.SpanState.new(2, device)
     state.reset([0, 1], [4, 4], [4, 4])
     committed = torch.empty(2, dtype=torch.int32, device=device)
@@ -165,10 +166,11 @@ def make_cases(device):
          lambda b: ops.token_confidence(logits, tok, conf, sup, None, 0, 0, "prob", 0.0, b),
          lambda: token_confidence_ref(logits, "prob", 0.0, 0, 0, sup)),
         ("commit_spans",
-         lambda b: pk.commit_spans(tok, conf, row_dst, row_span, tokens, state, policy="threshold",
+         lambda b: pk.commit_spans(tok, conf, row_dst, span_rows, tokens, state, policy="threshold",
                                    mask_id=7, out=(committed, done), backend=b),
-         lambda b: ops.commit_spans(tok, conf, row_dst, row_span, tokens, state.masks_left, state.step,
-                                    state.num_steps, state.deferred, committed, done, "threshold", 0.9, 7, b),
+         lambda b: ops.commit_spans(tok, conf, row_dst, span_rows, tokens, state.masks_left, state.step,
+                                    state.num_steps, state.deferred, state.arrivals, committed, done, "threshold",
+                                    0.9, 7, b),
          None),
     ]
     return cases
@@ -280,6 +282,7 @@ def decoder_host_time(batch: int, *, spans: int, span_len: int, rounds: int, pro
 def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=2000, help="back-to-back calls per timed batch")
+    p.add_argument("--ops", default="", help="comma-separated op names to time (default: every op)")
     p.add_argument("--what", default="ops,decoder", help="sections to run: ops, decoder")
     p.add_argument("--dec-batches", default="1,8", help="decoder rows: batch sizes")
     p.add_argument("--dec-spans", type=int, default=3, help="decoder rows: spans per round")
@@ -314,7 +317,10 @@ def main(argv=None) -> None:
         return
     for name, fn in baselines(device):
         row(host_us(fn, args.calls, reps), impl=name, op="-", backend="-", path="baseline", launch="real")
+    only = set(filter(None, args.ops.split(",")))
     for op, public, registered, ref in make_cases(device):
+        if only and op not in only:
+            continue
         if ref is not None:
             row(host_us(ref, args.calls, reps), impl="ref", op=op, backend="torch", path="reference fn",
                 launch="real")

@@ -43,11 +43,11 @@ def make_step(N: int, V: int, dtype, device, seed: int = 0):
     S = max(1, math.ceil(N / SPAN_LEN))
     seq = torch.full((N + 2 * S + 16,), MASK, dtype=torch.int64, device=device)
     row_dst = torch.arange(N, dtype=torch.int64, device=device) + 16
-    row_span = (torch.arange(N, device=device) // SPAN_LEN).to(torch.int32)
-    lens = torch.bincount(row_span.long().cpu(), minlength=S).tolist()
+    lens = [min(SPAN_LEN, N - j * SPAN_LEN) for j in range(S)]
+    span_rows = torch.tensor([[j * SPAN_LEN, L] for j, L in enumerate(lens)], dtype=torch.int32, device=device)
     state = SpanState.new(S, device)
     state.reset(list(range(S)), lens, [max(1, L // 4) for L in lens])
-    return logits, seq, row_dst, row_span, state, lens
+    return logits, seq, row_dst, span_rows, state, lens
 
 
 def reference_rows(logits):
@@ -56,10 +56,10 @@ def reference_rows(logits):
     return x0, conf
 
 
-def reference_step(rows_fn, logits, seq, row_dst, span_rows, steps, k):
+def reference_step(rows_fn, logits, seq, row_dst, rows_by_span, steps, k):
     """The PD reference's per-span loop (block_unmask): topk by confidence per span, host syncs."""
     x0, conf = rows_fn(logits)
-    for j, rows in enumerate(span_rows):
+    for j, rows in enumerate(rows_by_span):
         masked = seq[row_dst[rows]] == MASK
         m = int(masked.sum().item())
         if m == 0:
@@ -99,13 +99,13 @@ def main(argv=None):
     compiled_rows = torch.compile(reference_rows, dynamic=False) if "compiled" in impls else None
 
     for N in Ns:
-        logits, seq0, row_dst, row_span, state0, lens = make_step(N, V, dtype, device)
+        logits, seq0, row_dst, span_rows, state0, lens = make_step(N, V, dtype, device)
         nbytes = logits.numel() * logits.element_size()
         copy_dst = torch.empty_like(logits)
         t_copy = time_fn(lambda: copy_dst.copy_(logits), bench)
         copy_bw = 2 * nbytes / (t_copy.median_ms * 1e-3) / 1e9
         floor_us = nbytes / (copy_bw * 1e9) * 1e6
-        span_rows = [torch.nonzero(row_span == j).squeeze(1) for j in range(len(lens))]
+        rows_by_span = [torch.arange(j * SPAN_LEN, j * SPAN_LEN + L, device=device) for j, L in enumerate(lens)]
         steps = max(1, max(lens) // 4)
         shape = f"N={N} V={V} {str(dtype).replace('torch.', '')}"
         seq = seq0.clone()
@@ -122,7 +122,7 @@ def main(argv=None):
                 if impl in ("reference", "compiled"):
                     fn_rows = reference_rows if impl == "reference" else compiled_rows
                     rows_fn = lambda: fn_rows(logits)  # noqa: E731
-                    step_fn = lambda: reference_step(fn_rows, logits, seq, row_dst, span_rows, steps, 0)  # noqa: E731
+                    step_fn = lambda: reference_step(fn_rows, logits, seq, row_dst, rows_by_span, steps, 0)  # noqa: E731
                 elif impl.startswith("triton["):  # row pass only, with a forced BLOCK_V x num_warps
                     from pd_kernels.ops.triton.unmask import token_confidence_triton
 
@@ -144,7 +144,7 @@ def main(argv=None):
 
                     def step_fn():
                         pd_kernels.token_confidence(logits, out=(tok, conf), backend=impl)
-                        pd_kernels.commit_spans(tok, conf, row_dst, row_span, seq, state, policy=args.policy,
+                        pd_kernels.commit_spans(tok, conf, row_dst, span_rows, seq, state, policy=args.policy,
                                                 out=(committed, done), backend=impl)
                 timer = time_graph if (args.graph and impl in ("triton", "cuda") and gpu) else time_fn
                 t_rows = timer(rows_fn, bench)

@@ -6,8 +6,12 @@
 // states are merged across the warp with shuffles, across warps in shared memory, and across splits by
 // a second small kernel. 16-byte vector loads when the row start and stride allow them.
 //
-// Commit: one block per span; rows are ranked against 256-row tiles staged in shared memory; the
-// decisions are kept in a scratch byte per row and the tokens written only after every rank is known.
+// Commit: one block per span, over its own rows only (span_rows), in three passes that mirror the Triton
+// kernel: pass 0 counts the masked rows and candidates and finds the top-1; pass A (schedule / pd_threshold,
+// only when the budget is below the candidate count) ranks each candidate against 512-row tiles of the span
+// staged in shared memory and keeps the candidate of rank budget - 1 (the pivot); pass B decides each row by
+// comparing it with the top-1 and the pivot, and writes. No decision is stored between passes, so spans of
+// any length loop over tiles; the all-done flag comes from the last block through an arrival counter.
 #include "unmask.h"
 
 #include <cuda_bf16.h>
@@ -297,31 +301,98 @@ cudaError_t dispatch_kind(const TokenConfidenceParams& p, cudaStream_t stream) {
 // ------------------------------------------------------------------------------------------------
 __device__ __forceinline__ float rank_key(float c) { return c != c ? -INFINITY : c; }
 
-__global__ void __launch_bounds__(kThreads) commit_kernel(CommitSpansParams p) {
-  const int32_t j = blockIdx.x;
-  const int64_t N = p.num_rows;
-  __shared__ float s_key[kThreads];
-  __shared__ int64_t s_dst[kThreads];
-  __shared__ int s_valid[kThreads];
-  __shared__ int s_cnt;
+constexpr int kCommitThreads = 256;
+constexpr int kCommitTile = 512;  // span rows staged in shared memory per pass-A tile (6 KB)
 
-  auto valid_row = [&](int64_t r) -> bool {
-    if (p.row_span[r] != j) return false;
-    const int64_t d = p.row_dst[r];
-    return d >= 0 && d < p.num_tokens && p.tokens[d] == p.mask_id;
-  };
+// Rank order: a beats b when its key is higher, or equal with a lower destination. A NaN key beats nothing
+// and is beaten by nothing (non-candidates in the staged tile).
+__device__ __forceinline__ bool beats(float ka, int64_t da, float kb, int64_t db) {
+  return ka > kb || (ka == kb && da < db);
+}
 
-  // pass 0: m = masked rows of span j
-  int m = 0;
-  for (int64_t b = 0; b < N; b += kThreads) {
-    const int64_t r = b + threadIdx.x;
-    m += __syncthreads_count(r < N && valid_row(r));
+struct CommitRow {
+  int64_t dst, tok;
+  float conf, key;
+  bool masked, cand;
+};
+
+// Row r of a span as seen by every pass: masked (destination inside `tokens` and holding mask_id; a
+// destination outside is never read), candidate (masked with a token >= 0), its rank key (NaN -> -inf).
+__device__ __forceinline__ CommitRow load_row(const CommitSpansParams& p, int64_t r) {
+  CommitRow v;
+  v.dst = p.row_dst[r];
+  v.masked = v.dst >= 0 && v.dst < p.num_tokens && p.tokens[v.dst] == p.mask_id;
+  v.tok = v.masked ? p.token[r] : -1;
+  v.cand = v.masked && v.tok >= 0;
+  v.conf = v.cand ? p.conf[r] : 0.f;
+  v.key = rank_key(v.conf);
+  return v;
+}
+
+// The best (key, dst) of the block, broadcast to every thread. Every thread must call it.
+__device__ __forceinline__ void block_best(float& key, int64_t& dst, float* s_key, int64_t* s_dst) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float k2 = __shfl_xor_sync(0xffffffffu, key, o);
+    const int64_t d2 = __shfl_xor_sync(0xffffffffu, dst, o);
+    if (beats(k2, d2, key, dst)) { key = k2; dst = d2; }
   }
-  if (threadIdx.x == 0) s_cnt = 0;
-  if (m == 0) {
-    if (threadIdx.x == 0) p.committed[j] = 0;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  if (lane == 0) { s_key[wid] = key; s_dst[wid] = dst; }
+  __syncthreads();
+  key = s_key[0];
+  dst = s_dst[0];
+  for (int w = 1; w < kCommitThreads / 32; ++w)
+    if (beats(s_key[w], s_dst[w], key, dst)) { key = s_key[w]; dst = s_dst[w]; }
+  __syncthreads();  // s_key / s_dst may be reused
+}
+
+// The last block of the launch folds all_done from the arrival counter alone (relaxed atomic: the
+// fact it needs, how many spans still have masks, travels in the counter itself) and resets it.
+__device__ __forceinline__ void arrive(const CommitSpansParams& p, int32_t left) {
+  const unsigned long long nz = left != 0 ? 1ull : 0ull;
+  const unsigned long long prev = atomicAdd(p.arrivals, 1ull + (nz << 32));
+  if ((prev & 0xffffffffull) == static_cast<unsigned long long>(p.num_spans - 1)) {
+    *p.all_done = (prev >> 32) + nz == 0;
+    *p.arrivals = 0ull;
+  }
+}
+
+__global__ void __launch_bounds__(kCommitThreads) commit_kernel(CommitSpansParams p) {
+  const int32_t j = blockIdx.x;
+  const int tid = threadIdx.x;
+  __shared__ float s_key[kCommitTile];
+  __shared__ int64_t s_dst[kCommitTile];
+  __shared__ float s_piv_key;
+  __shared__ int64_t s_piv_dst;
+  constexpr int64_t kNoDst = INT64_MAX;
+
+  const int64_t first = p.span_rows[2 * static_cast<int64_t>(j)];
+  const int64_t count = p.span_rows[2 * static_cast<int64_t>(j) + 1];
+  const int64_t lo = min(max(first, static_cast<int64_t>(0)), p.num_rows);
+  const int64_t hi = min(max(first + max(count, static_cast<int64_t>(0)), lo), p.num_rows);
+
+  // pass 0: masked rows m, candidates c, the top-1 candidate
+  int m = 0, c = 0;
+  float t_key = -INFINITY;
+  int64_t t_dst = kNoDst;
+  for (int64_t r0 = lo; r0 < hi; r0 += kCommitThreads) {
+    const int64_t r = r0 + tid;
+    CommitRow v{};
+    if (r < hi) v = load_row(p, r);
+    m += __syncthreads_count(v.masked);
+    c += __syncthreads_count(v.cand);
+    if (v.cand && beats(v.key, v.dst, t_key, t_dst)) { t_key = v.key; t_dst = v.dst; }
+  }
+  if (m == 0) {  // nothing to commit: the span's counters stay as they are
+    if (tid == 0) {
+      p.committed[j] = 0;
+      arrive(p, p.masks_left[j]);
+    }
     return;
   }
+  block_best(t_key, t_dst, s_key, s_dst);
+
   const int k = p.step[j], steps = p.num_steps[j], dfr = p.deferred[j];
   int budget = m;
   if (p.policy == 1) {
@@ -334,66 +405,73 @@ __global__ void __launch_bounds__(kThreads) commit_kernel(CommitSpansParams p) {
     const int per = k < steps ? m / max(steps - k, 1) : 0;
     budget = min(m, max(per, 1) + dfr);
   }
-  __syncthreads();
 
-  // pass 1: rank each masked row of the span against all of them, tile by tile
-  for (int64_t b = 0; b < N; b += kThreads) {
-    const int64_t i = b + threadIdx.x;
-    const bool vi = i < N && valid_row(i);
-    const float ci = vi ? p.conf[i] : 0.f;
-    const float ki = rank_key(ci);
-    const int64_t di = vi ? p.row_dst[i] : 0;
-    int rank = 0;
-    for (int64_t tb = 0; tb < N; tb += kThreads) {
-      const int64_t r = tb + threadIdx.x;
-      const bool vr = r < N && valid_row(r);
-      s_valid[threadIdx.x] = vr;
-      s_key[threadIdx.x] = vr ? rank_key(p.conf[r]) : 0.f;
-      s_dst[threadIdx.x] = vr ? p.row_dst[r] : 0;
+  // pass A: the pivot, the candidate of rank budget - 1 (default: below every candidate = all are in)
+  if (tid == 0) { s_piv_key = -INFINITY; s_piv_dst = kNoDst; }
+  __syncthreads();
+  if (p.policy != 0 && budget < c) {
+    const bool one_tile = hi - lo <= kCommitTile;
+    auto stage = [&](int64_t j0) {
+      for (int q = tid; q < kCommitTile && j0 + q < hi; q += kCommitThreads) {
+        const CommitRow v = load_row(p, j0 + q);
+        s_key[q] = v.cand ? v.key : NAN;
+        s_dst[q] = v.dst;
+      }
+    };
+    if (one_tile) {
+      stage(lo);
       __syncthreads();
-      if (vi) {
-        const int lim = static_cast<int>(min(static_cast<int64_t>(kThreads), N - tb));
-        for (int q = 0; q < lim; ++q) {
-          const float kq = s_key[q];
-          rank += s_valid[q] && (kq > ki || (kq == ki && s_dst[q] < di));
+    }
+    for (int64_t i0 = lo; i0 < hi; i0 += kCommitThreads) {
+      const int64_t i = i0 + tid;
+      CommitRow v{};
+      if (i < hi) v = load_row(p, i);
+      int rank = 0;
+      for (int64_t j0 = lo; j0 < hi; j0 += kCommitTile) {
+        if (!one_tile) {
+          __syncthreads();
+          stage(j0);
+          __syncthreads();
+        }
+        if (v.cand) {
+          const int lim = static_cast<int>(min(static_cast<int64_t>(kCommitTile), hi - j0));
+          for (int q = 0; q < lim && rank < budget; ++q) rank += beats(s_key[q], s_dst[q], v.key, v.dst);
         }
       }
-      __syncthreads();
+      if (v.cand && rank == budget - 1) { s_piv_key = v.key; s_piv_dst = v.dst; }  // one candidate
     }
-    bool take = false;
-    if (vi) {
-      const bool passes = ci >= p.tau;  // NaN never passes
-      if (p.policy == 0) take = rank == 0 || passes;
-      else if (p.policy == 1) take = rank < budget;
-      else take = rank == 0 || (rank < budget && passes);
-      p.flags[i] = take ? 1 : 0;
-    } else if (i < N && p.row_span[i] == j) {
-      p.flags[i] = 0;
-    }
-    if (take) atomicAdd(&s_cnt, 1);
   }
-  __syncthreads();  // every rank is known (and every mask test done) before any token is written
+  __syncthreads();  // the pivot is known, and every read of `tokens` is done before pass B writes
+  const float piv_key = s_piv_key;
+  const int64_t piv_dst = s_piv_dst;
 
-  // pass 2: write the committed tokens
-  for (int64_t r = threadIdx.x; r < N; r += kThreads) {
-    if (p.row_span[r] == j && p.flags[r]) p.tokens[p.row_dst[r]] = p.token[r];
+  // pass B: decide each row against the top-1 and the pivot, write, count
+  int cnt = 0;
+  for (int64_t r0 = lo; r0 < hi; r0 += kCommitThreads) {
+    const int64_t r = r0 + tid;
+    bool take = false;
+    if (r < hi) {
+      const CommitRow v = load_row(p, r);
+      if (v.cand) {
+        const bool top1 = v.key == t_key && v.dst == t_dst;
+        const bool in_b = !beats(piv_key, piv_dst, v.key, v.dst);  // at or above the pivot
+        const bool passes = v.conf >= p.tau;  // NaN never passes
+        if (p.policy == 0) take = top1 || passes;
+        else if (p.policy == 1) take = in_b;
+        else take = top1 || (in_b && passes);
+        if (take) p.tokens[v.dst] = v.tok;
+      }
+    }
+    cnt += __syncthreads_count(take);
   }
-  if (threadIdx.x == 0) {
-    const int cnt = s_cnt;
+  if (tid == 0) {
+    const int left = m - cnt;
     p.committed[j] = cnt;
-    p.masks_left[j] = m - cnt;
+    p.masks_left[j] = left;
     p.step[j] = k + 1;
     p.deferred[j] = p.policy == 2 ? budget - cnt : 0;
+    arrive(p, left);
   }
-}
-
-__global__ void all_done_kernel(const int32_t* masks_left, int64_t num_spans, bool* all_done) {
-  int left = 0;
-  for (int64_t b = 0; b < num_spans; b += blockDim.x) {
-    const int64_t r = b + threadIdx.x;
-    left |= __syncthreads_or(r < num_spans && masks_left[r] != 0);
-  }
-  if (threadIdx.x == 0) *all_done = left == 0;
 }
 
 }  // namespace
@@ -425,11 +503,11 @@ cudaError_t commit_spans(const CommitSpansParams& p, cudaStream_t stream) {
   if (p.num_spans == 0) {
     return cudaMemsetAsync(p.all_done, 1, 1, stream);
   }
-  if (p.num_spans > 0x7fffffff || p.policy < 0 || p.policy > 2) return cudaErrorInvalidValue;
-  commit_kernel<<<static_cast<unsigned>(p.num_spans), kThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  all_done_kernel<<<1, 256, 0, stream>>>(p.masks_left, p.num_spans, p.all_done);
+  if (p.num_spans > 0x7fffffff || p.num_rows > 0x7fffffff || p.policy < 0 || p.policy > 2 ||
+      p.arrivals == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  commit_kernel<<<static_cast<unsigned>(p.num_spans), kCommitThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -36,24 +36,25 @@ int token_confidence_num_splits(int64_t num_rows, int64_t vocab, int num_sms);
 
 cudaError_t token_confidence(const TokenConfidenceParams& p, cudaStream_t stream);
 
-// Commit: one block per span; updates tokens and the span state in place, writes committed[S] and
-// all_done[1] (bool stored as one byte).
+// Commit: one block per span, over that span's rows only; updates tokens and the span state in place, writes
+// committed[S], and the last block to finish writes all_done[1] (bool stored as one byte). One launch, no
+// workspace: `arrivals` is a counter owned by the span state, 0 between calls (the last block resets it).
 struct CommitSpansParams {
-  const int64_t* token;
-  const float* conf;
-  const int64_t* row_dst;
-  const int32_t* row_span;
+  const int64_t* token;     // [num_rows]; a negative token is never committed
+  const float* conf;        // [num_rows]
+  const int64_t* row_dst;   // [num_rows]: a row_dst outside [0, num_tokens) is never read or written
+  const int32_t* span_rows; // [num_spans, 2]: (first row, row count) per span id, clipped to [0, num_rows)
   int64_t num_rows;
   int64_t* tokens;
-  int64_t num_tokens;  // numel of tokens: a row_dst outside [0, num_tokens) is never read or written
+  int64_t num_tokens;  // numel of tokens
   int32_t* masks_left;
   int32_t* step;
   const int32_t* num_steps;
   int32_t* deferred;
+  unsigned long long* arrivals;  // [1]: low word = blocks arrived, high word = spans with masks left
   int64_t num_spans;
   int32_t* committed;
   bool* all_done;
-  int8_t* flags;  // workspace int8 [num_rows]
   int policy;     // 0 threshold, 1 schedule, 2 pd_threshold
   float tau;
   int64_t mask_id;

@@ -154,7 +154,7 @@ _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _KERNELS = {
     kvk: ("_paged_kv_write_kernel",),
     sak: ("_span_attn_fwd_kernel", "_span_attn_merge_kernel"),
-    umk: ("_row_kernel", "_merge_kernel", "_commit_kernel", "_all_done_kernel"),
+    umk: ("_row_kernel", "_merge_kernel", "_commit_kernel"),
 }
 
 
@@ -241,8 +241,8 @@ def _commit(policy, N):
     i32, i64 = torch.int32, torch.int64
     S = 3
     return lambda: umk.commit_spans_triton(
-        _meta((N,), i64), _meta((N,), torch.float32), _meta((N,), i64), _meta((N,), i32), _meta((4, 64), i64),
-        _meta((S,), i32), _meta((S,), i32), _meta((S,), i32), _meta((S,), i32), _meta((S,), i32),
+        _meta((N,), i64), _meta((N,), torch.float32), _meta((N,), i64), _meta((S, 2), i32), _meta((4, 64), i64),
+        _meta((S,), i32), _meta((S,), i32), _meta((S,), i32), _meta((S,), i32), _meta((1,), i64), _meta((S,), i32),
         _meta((1,), torch.bool), policy, 0.9, 151665)
 
 
@@ -275,7 +275,7 @@ def _cases():
     c["row-bf16-prob-greedy-V1000"] = _row_pass("bf16", "prob", False, 1, V=1000)  # BLOCK_V 1024, 4 warps
     for policy in ("threshold", "schedule", "pd_threshold"):
         c[f"commit-{policy}-N300"] = _commit(policy, 300)
-    c["commit-threshold-N5"] = _commit("threshold", 5)  # BLOCK 16
+    c["commit-threshold-N5"] = _commit("threshold", 5)  # fixed blocks: the same kernel as N300
     return c
 
 

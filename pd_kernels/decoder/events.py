@@ -34,6 +34,7 @@ class RoundStarted:
     round: int
     plan: tuple            # the round's AR tokens (terminator excluded)
     span_lengths: tuple    # masks per span
+    span_starts: tuple     # position of each span's first mask
 
 
 @dataclass(frozen=True)

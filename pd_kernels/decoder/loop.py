@@ -37,8 +37,8 @@ from .._checks import debug_enabled
 from ..layout import SeqQueries, SpanLayout, StaticSpanLayout
 from ..ops import SpanState, commit_spans
 from ..paged_cache import PagedKVCache
-from ..integrations.transformers import (StepContext, enable, forward_hidden, graph_capture_issues, is_enabled,
-                                          model_geometry)
+from ..integrations.transformers import (StepContext, check_model, enabled, forward_hidden, graph_capture_issues,
+                                          is_enabled, logits_for_rows, model_geometry)
 from . import events as ev
 from .inputs import check_cache_fits, check_decoder_args, check_forced_plans, check_prompts, check_seeds
 from .plan import parse_plan, text_outside_entries
@@ -141,8 +141,10 @@ class Decoder:
     """Batched planned-diffusion / AR / diffusion decoding of a transformers model on pd_kernels.
 
     Args:
-        model: a transformers causal LM (Qwen2/Llama family) in eval mode;
-            :func:`~pd_kernels.integrations.transformers.enable` is called on it if needed.
+        model: a transformers causal LM in eval mode (families in
+            :data:`~pd_kernels.integrations.transformers.VERIFIED_MODEL_TYPES`; a feature the kernels do not
+            implement raises ``UnsupportedModelError`` here). :meth:`generate` / :meth:`stream` switch it to
+            pd_kernels attention while they run and restore its own attention afterwards.
         config: :class:`DecodeConfig`.
         max_batch: most requests decoded together; further prompts wait and join as others finish.
         backend: pd_kernels backend of every op (``None``: the current default, see :func:`pd_kernels.use_backend`).
@@ -188,7 +190,9 @@ class Decoder:
                  cuda_graphs: bool = False, static_step: bool | None = None, buckets=None):
         config, max_batch = check_decoder_args(model, config, max_batch, backend, on_step, buckets)
         op_features()   # probe the op once, here: never inside a (captured) step
-        self.model = model if is_enabled(model) else enable(model)
+        if not is_enabled(model):  # refuse what pd_kernels cannot run; generate() enables it and restores it
+            check_model(model)
+        self.model = model
         self.cfg = config
         self.max_batch = max_batch
         self.backend = backend
@@ -212,9 +216,11 @@ class Decoder:
         if self.cuda_graphs and debug_enabled():
             raise ValueError("cuda_graphs=True cannot run with PD_KERNELS_DEBUG=1 (its checks read device values "
                              "on the host); use static_step=True to debug the same step eagerly")
-        if self.cuda_graphs and graph_capture_issues(self.model):
-            raise ValueError("cuda_graphs=True: this model's forward cannot be captured: "
-                             + "; ".join(graph_capture_issues(self.model)))
+        if self.cuda_graphs:
+            with enabled(self.model):
+                issues = graph_capture_issues(self.model)
+            if issues:
+                raise ValueError("cuda_graphs=True: this model's forward cannot be captured: " + "; ".join(issues))
         b = DEFAULT_BUCKETS if buckets is None else tuple(int(x) for x in buckets)
         if not b or b[0] < 1 or list(b) != sorted(set(b)):
             raise ValueError(f"buckets must be distinct positive sizes in ascending order, got {buckets!r}")
@@ -234,7 +240,9 @@ class Decoder:
         ``forced_plans[i]``: ``None`` or a list of rounds, each the AR tokens to force in that round (usually
         ending with ``<sync/>`` or EOS, see :func:`~pd_kernels.decoder.make_plan`); rounds past the list, or tokens
         past a round's list, are sampled. ``seeds[i]``: the RNG seed of request ``i`` (default: the config's
-        ``seed``). ``on_event``: ``callable(event)`` for each :mod:`~pd_kernels.decoder.events` event."""
+        ``seed``). ``on_event``: ``callable(event)`` for each :mod:`~pd_kernels.decoder.events` event. The model
+        runs on pd_kernels attention only during the call: its own attention is restored when it returns or
+        raises."""
         self._start(prompts, forced_plans, seeds)
         for e in self._loop(events=on_event is not None):
             on_event(e)
@@ -243,7 +251,8 @@ class Decoder:
     def stream(self, prompts, forced_plans=None, *, seeds=None):
         """Like :meth:`generate`, but returns an iterator over the events (:mod:`pd_kernels.decoder.events`) as
         they happen: plan tokens, span commits, finished spans and rounds, finished requests (each with its
-        :class:`GenerationResult`). Arguments are checked now; decoding runs as the iterator is consumed."""
+        :class:`GenerationResult`). Arguments are checked now; decoding runs as the iterator is consumed, with the
+        model on pd_kernels attention until the iterator is exhausted or closed."""
         self._start(prompts, forced_plans, seeds)
         return self._loop(events=True)
 
@@ -308,6 +317,7 @@ class Decoder:
             mask_free = cfg.mode == "ar" or not cfg.suppress_mask
             self.suppress = None if mask_free else torch.tensor([cfg.tags.mask], dtype=torch.int64, device=self.device)
         self._no_queries = SeqQueries.causal(0, 0)
+        self._left = np.zeros(self.state.num_spans, dtype=np.int64)   # masks_left of each span at its last step
         self._specials = frozenset(cfg.tags.specials)
         self.free_slots = list(range(nb - 1, -1, -1))
         self.queue = list(self.reqs)
@@ -320,16 +330,17 @@ class Decoder:
     def _loop(self, events: bool):
         """Admit and step until every request is done; yields the events of each step when ``events``."""
         self._events = [] if events else None
-        while self.queue or self.running:
-            while self.queue and self.free_slots:
-                self._admit(self.queue.pop(0))
-            with torch.no_grad():
-                self._step()
-            if self.on_step is not None:
-                self.on_step(self)
-            if self._events:
-                out, self._events = self._events, []
-                yield from out
+        with enabled(self.model):
+            while self.queue or self.running:
+                while self.queue and self.free_slots:
+                    self._admit(self.queue.pop(0))
+                with torch.no_grad():
+                    self._step()
+                if self.on_step is not None:
+                    self.on_step(self)
+                if self._events:
+                    out, self._events = self._events, []
+                    yield from out
 
     def _emit(self, event) -> None:
         if self._events is not None:
@@ -424,22 +435,22 @@ class Decoder:
             self._dyn_bt = self.cache.block_tables(desc.rows_of)
             self._dyn_key = (id(desc), desc.gen)
         host = np.concatenate([desc.in_idx, desc.slots, desc.rows, desc.dst, desc.seed, desc.offset, desc.forced,
-                               desc.val, desc.row_span, desc.span_rows.reshape(-1)])
+                               desc.val, desc.span_rows.reshape(-1)])
         dev = torch.from_numpy(host).to(self.device)   # every index of the step: one host-to-device copy
-        in_idx, slots, rows, dst, seed, offset, forced, val, row_span, span_rows = \
-            dev.split([nq, nq, nr, nr, nr, nr, na, na, ns, 2 * S])
+        in_idx, slots, rows, dst, seed, offset, forced, val, span_rows = \
+            dev.split([nq, nq, nr, nr, nr, nr, na, na, 2 * S])
         layout = self._dyn_layout
         ctx = StepContext(self.cache, layout, slots, self._dyn_bt, self.backend)
         hidden = forward_hidden(self.model, self.tokens_flat.index_select(0, in_idx), layout.q_pos[:nq], ctx)
         read = []
         if nr:
-            logits = self.model.get_output_embeddings()(hidden.index_select(0, rows))
+            logits = logits_for_rows(self.model, hidden, rows)
             tok, conf = choose_tokens(logits, cfg, seed, offset, self.suppress, None, self.backend)
             if na:
                 self.tokens_flat.index_copy_(0, dst[ns:], torch.where(forced.bool(), val, tok[ns:]))
             if ns:
-                commit_spans(tok[:ns], conf[:ns], dst[:ns], row_span.to(torch.int32), self.tokens_flat, self.state,
-                             policy=cfg.policy, tau=cfg.tau, mask_id=cfg.tags.mask, backend=self.backend)
+                commit_spans(tok[:ns], conf[:ns], dst[:ns], span_rows.view(S, 2).to(torch.int32), self.tokens_flat,
+                             self.state, policy=cfg.policy, tau=cfg.tau, mask_id=cfg.tags.mask, backend=self.backend)
             read.append(self.tokens_flat.index_select(0, dst))
         read.append(self.state.masks_left.to(torch.int64))
         self.graph_counts["dynamic"] += 1
@@ -500,11 +511,11 @@ class Decoder:
         input_ids = self.tokens_flat.index_select(0, bk.in_idx)
         ctx = StepContext(self.cache, bk.layout, bk.slots, self.cache.block_table, self.backend)
         hidden = forward_hidden(self.model, input_ids, bk.layout.q_pos, ctx)
-        logits = self.model.get_output_embeddings()(hidden.index_select(0, bk.rows))
+        logits = logits_for_rows(self.model, hidden, bk.rows)
         choose_tokens(logits, cfg, bk.seed, bk.offset, self.suppress, (bk.tok, bk.conf), self.backend)
         self.tokens_flat.index_copy_(0, bk.ar_dst, torch.where(bk.forced.bool(), bk.val, bk.tok))
-        bk.row_span32.copy_(bk.row_span)
-        commit_spans(bk.tok, bk.conf, bk.s_dst, bk.row_span32, self.tokens_flat, self.state, policy=cfg.policy,
+        bk.span_rows32.copy_(bk.span_rows)
+        commit_spans(bk.tok, bk.conf, bk.s_dst, bk.span_rows32, self.tokens_flat, self.state, policy=cfg.policy,
                      tau=cfg.tau, mask_id=cfg.tags.mask, out=(bk.committed, bk.all_done), backend=self.backend)
         bk.read[:bk.R].copy_(self.tokens_flat.index_select(0, bk.dst))
         bk.read[bk.R:].copy_(self.state.masks_left)
@@ -517,10 +528,18 @@ class Decoder:
         if ns:
             if self._events is not None:
                 self._commit_events(desc, vals)
-            ended = []
-            for sid in desc.span_ids[masks_left[desc.span_ids] == 0].tolist():
+            ended, sids = [], desc.span_ids
+            left = masks_left[sids]
+            # a span that committed nothing had no valid token in any masked row (commit_spans never commits a
+            # negative token): the next step would see the same, so it ends now, with its masks
+            stalled = (left > 0) & (left >= self._left[sids])
+            self._left[sids] = left
+            for sid in sids[(left == 0) | stalled].tolist():
                 r = self._by_slot[sid // ms]
                 s = r.round_spans[sid % ms]
+                if self._left[sid]:
+                    r.stats.plan_errors.append(f"round {r.stats.rounds}: span {s.index} stopped with "
+                                               f"{self._left[sid]} masks (no valid token)")
                 first, n = desc.span_rows[sid]
                 s.toks, s.active = vals[first:first + n].copy(), False
                 r.toks[s.start + s.moff:s.start + s.moff + s.masks] = s.toks.tolist()
@@ -611,9 +630,11 @@ class Decoder:
         self._reset_spans(r)
         r.phase = "diffusion"
         self._touch(r)
-        self._emit(ev.RoundStarted(r.idx, 1, (), (L,)))
+        self._emit(ev.RoundStarted(r.idx, 1, (), (L,), (n,)))
 
     def _reset_spans(self, r: _Request) -> None:
+        for s in r.round_spans:
+            self._left[s.sid] = s.masks
         steps = max(1, int(self.cfg.steps_ratio * max(s.masks for s in r.round_spans)))
         self.state.reset([s.sid for s in r.round_spans], [s.masks for s in r.round_spans],
                          [steps] * len(r.round_spans))
@@ -667,7 +688,8 @@ class Decoder:
         self._reset_spans(r)
         r.phase = "diffusion"
         self._touch(r)
-        self._emit(ev.RoundStarted(r.idx, r.stats.rounds, tuple(r.plan), tuple(fitted)))
+        self._emit(ev.RoundStarted(r.idx, r.stats.rounds, tuple(r.plan), tuple(fitted),
+                                   tuple(s.start + s.moff for s in spans)))
         r.plan = []
 
     def _add_answer(self, r: _Request, toks) -> None:
@@ -722,6 +744,10 @@ class Decoder:
         if r.phase == "prefill":
             r.phase = "plan"
         self._touch(r)
+        if tok < 0:   # token_confidence found no usable logit in the row (all suppressed, -inf or NaN)
+            r.stats.plan_errors.append(f"round {r.stats.rounds + 1}: no valid AR token")
+            self._end_plan(r, "no_token")
+            return
         if tok == tags.eos or (tok == tags.sync and self.cfg.mode != "ar"):
             self._end_plan(r, "eos" if tok == tags.eos else "sync")
             return

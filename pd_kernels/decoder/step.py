@@ -27,12 +27,15 @@ repacking and the layout update.
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..ops import token_confidence
+from .. import ops
+
+_pk = sys.modules[__name__.split(".")[0]]   # the package: pd_kernels.token_confidence is looked up per call
 
 @dataclass
 class Piece:
@@ -80,11 +83,6 @@ class StepDesc:
     @property
     def nr(self) -> int:
         return self.ns + self.na
-
-    @property
-    def row_span(self) -> np.ndarray:
-        """Span id of each span row ([ns]), from ``span_rows`` (for ``commit_spans(row_span=...)``)."""
-        return np.repeat(self.span_ids, self.span_rows[self.span_ids, 1])
 
     def tick(self) -> None:
         """Reuse for the next step: every request of the step has taken one more step."""
@@ -140,11 +138,12 @@ class Bucket:
     ``idx`` (int64, device) holds every index of a step, refilled by one host-to-device copy from ``staging``
     (pinned on CUDA): ``in_idx [Q]``, ``slots [Q]``, then per LM-head row ``rows``, ``dst`` (the row's real
     destination, read back after the step), ``s_dst`` (commit destination), ``ar_dst`` (AR write destination),
-    ``forced``, ``val``, ``row_span``, ``seed``, ``offset`` (each ``[R]``), then ``span_rows [S, 2]``.
+    ``forced``, ``val``, ``seed``, ``offset`` (each ``[R]``), then ``span_rows [S, 2]`` (rows past the step's
+    are in no span's range: :func:`~pd_kernels.commit_spans` never looks at them).
     Outputs: ``tok``, ``conf`` ``[R]``, ``read [R + S]`` (every row's token after the step, then every span's
     ``masks_left``: what the host reads)."""
 
-    FIELDS = ("rows", "dst", "s_dst", "ar_dst", "forced", "val", "row_span", "seed", "offset")
+    FIELDS = ("rows", "dst", "s_dst", "ar_dst", "forced", "val", "seed", "offset")
 
     def __init__(self, Q: int, R: int, S: int, layout, device):
         self.Q, self.R, self.S = Q, R, S
@@ -163,7 +162,7 @@ class Bucket:
         self.h = views(self.host)
         for name, t in views(self.idx).items():
             setattr(self, name, t)
-        self.row_span32 = torch.zeros(R, dtype=torch.int32, device=device)
+        self.span_rows32 = torch.zeros(S, 2, dtype=torch.int32, device=device)
         self.tok = torch.zeros(R, dtype=torch.int64, device=device)
         self.conf = torch.zeros(R, dtype=torch.float32, device=device)
         self.committed = torch.zeros(S, dtype=torch.int32, device=device)
@@ -195,8 +194,6 @@ class Bucket:
         h["ar_dst"][ns:nr] = desc.dst[ns:]
         h["forced"][:], h["val"][:] = 1, pad                         # non-AR rows write PAD into their spare
         h["forced"][ns:nr], h["val"][ns:nr] = desc.forced, desc.val
-        h["row_span"][:] = 0
-        h["row_span"][:ns] = desc.row_span
         h["seed"][:nr], h["seed"][nr:] = desc.seed, 0
         h["offset"][:nr], h["offset"][nr:] = desc.offset, 0
         h["span_rows"][:] = desc.span_rows
@@ -212,10 +209,10 @@ def op_features() -> dict:
     """What :func:`~pd_kernels.token_confidence` on this install accepts: ``row_keys`` (int64 ``[N]`` seed and
     offset tensors: noise keyed per row) and ``top_k``. Probed once."""
     if not _OP_FEATURES:
-        _OP_FEATURES["top_k"] = "top_k" in inspect.signature(token_confidence).parameters
+        _OP_FEATURES["top_k"] = "top_k" in inspect.signature(ops.token_confidence).parameters
         z = torch.zeros(1, dtype=torch.int64)
         try:
-            token_confidence(torch.zeros(1, 2), temperature=1.0, seed=z, offset=z, backend="torch")
+            ops.token_confidence(torch.zeros(1, 2), temperature=1.0, seed=z, offset=z, backend="torch")
             _OP_FEATURES["row_keys"] = True
         except (TypeError, ValueError):
             _OP_FEATURES["row_keys"] = False
@@ -236,5 +233,5 @@ def choose_tokens(logits, cfg, seed: torch.Tensor, offset: torch.Tensor, suppres
         s, o = seed, offset
     else:
         s, o = cfg.seed, offset[:1]
-    return token_confidence(logits, confidence=cfg.confidence, temperature=cfg.temperature, seed=s, offset=o,
-                            top_p=cfg.top_p, suppress_ids=suppress, out=out, backend=backend, **kw)
+    return _pk.token_confidence(logits, confidence=cfg.confidence, temperature=cfg.temperature, seed=s, offset=o,
+                                top_p=cfg.top_p, suppress_ids=suppress, out=out, backend=backend, **kw)
