@@ -163,7 +163,7 @@ def make_cases(device):
          None, None),
         ("token_confidence",
          lambda b: pk.token_confidence(logits, suppress_ids=sup, out=(tok, conf), backend=b),
-         lambda b: ops.token_confidence(logits, tok, conf, sup, None, 0, 0, "prob", 0.0, b),
+         lambda b: ops.token_confidence(logits, tok, conf, sup, None, None, None, 0, 0, "prob", 0.0, b),
          lambda: token_confidence_ref(logits, "prob", 0.0, 0, 0, sup)),
         ("commit_spans",
          lambda b: pk.commit_spans(tok, conf, row_dst, span_rows, tokens, state, policy="threshold",
