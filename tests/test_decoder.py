@@ -235,3 +235,39 @@ def test_demo_runs(capsys):
     assert main(["demo", "--plain", "--no-baseline", "--max-new-tokens", "200"]) == 0
     out = capsys.readouterr().out
     assert "round 2: plan" in out and "span 1" in out and "crit.path" in out and "answer (eos)" in out
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("mode", ["ar", "pd"])
+def test_ar_row_without_a_token_ends_the_request(monkeypatch, mode, static):
+    """token_confidence returns -1 for a row with no usable id. For an AR / plan row the decoder never writes it
+    into the sequence or the token buffer (the K/V path): the request ends with finish_reason "no_token", and
+    the other requests of the batch are exactly as decoded alone."""
+    import pd_kernels.decoder.step as step_mod
+
+    real = step_mod.token_confidence
+    victim = 7   # the seed of the request whose AR rows lose every id after its first few steps
+    calls = []
+
+    def no_token_for_victim(logits, *, seed, offset, **kw):
+        tok, conf = real(logits, seed=seed, offset=offset, **kw)
+        calls.append(1)
+        if len(calls) > 3:
+            late = (seed == victim) & ((offset >> 32) >= 3)   # the victim's own step counter, not the batch's
+            tok.copy_(torch.where(late, -1, tok))
+            conf.copy_(torch.where(late, float("-inf"), conf))
+        return tok, conf
+
+    monkeypatch.setattr(step_mod, "token_confidence", no_token_for_victim)
+    cfg = DecodeConfig(mode=mode, policy="threshold", tags=T, **KW)
+    model = tiny_model(seed=1)
+    plans = [None, PLANS[1]]   # the victim samples its plan (AR rows), the other runs a forced plan
+    dec = Decoder(model, cfg, backend="torch", static_step=static)
+    out = dec.generate([PROMPTS[0], PROMPTS[1]], plans, seeds=[victim, 1])
+    bad = out[0]
+    assert bad.finish_reason == "no_token" and bad.stats.critical_path == 4
+    assert any("no valid AR token" in e for e in bad.stats.plan_errors)
+    assert -1 not in bad.sequence and -1 not in bad.answer
+    assert int(dec._tok_store.min()) >= 0, "a -1 reached the token buffer"
+    alone = Decoder(model, cfg, backend="torch", static_step=static).generate([PROMPTS[1]], [PLANS[1]], seeds=[1])[0]
+    assert out[1].sequence == alone.sequence and out[1].finish_reason == alone.finish_reason

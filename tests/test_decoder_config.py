@@ -8,14 +8,11 @@ import pytest
 import torch
 
 from pd_kernels.decoder import DecodeConfig, Decoder, generate, make_plan, parse_plan
-from pd_kernels.decoder.step import op_features
 from pd_kernels.models import TINY_TAGS, ToyTokenizer, tiny_model
 
 T = TINY_TAGS
 KW = dict(length_scale=4, max_new_tokens=40, tags=T)
 PLAN = [make_plan(T, [1, 2], topic_tokens=[[100], [101]], terminator="sync"), make_plan(T, [1], terminator="eos")]
-NEEDS_TOP_K = pytest.mark.xfail(not op_features()["top_k"], strict=True,
-                                reason="needs top_k in token_confidence (tokconf branch)")
 
 
 @pytest.fixture(scope="module")
@@ -205,22 +202,15 @@ def test_top_p_at_temperature_zero(model):
         assert again.sequence == nucleus.sequence
 
 
-@NEEDS_TOP_K
 def test_top_k(model):
-    """top_k=1 leaves one token per row: sampling at any temperature is then the greedy choice."""
+    """top_k=1 leaves one token per row: sampling at any temperature is then the greedy choice (greedy with the
+    same filter: every confidence is 1 under both, so the commit order is the same too)."""
     cfg = DecodeConfig(mode="pd", **KW)
-    greedy = generate(model, [[40, 41]], cfg, forced_plans=[PLAN])[0]
+    greedy = generate(model, [[40, 41]], cfg.replace(top_k=1), forced_plans=[PLAN])[0]
     for st in (False, True):
         k1 = generate(model, [[40, 41]], cfg.replace(temperature=1.5, top_k=1, seed=3), forced_plans=[PLAN],
                       static_step=st)[0]
         assert k1.sequence == greedy.sequence
-
-
-def test_top_k_refused_without_the_op(model):
-    if op_features()["top_k"]:
-        pytest.skip("the op takes top_k")
-    with pytest.raises(NotImplementedError, match="top_k=50"):
-        Decoder(model, DecodeConfig.preset("reference", tags=T))
 
 
 def test_float_length_scale(model):
@@ -247,17 +237,11 @@ def test_reference_answer_text(model):
     assert ref.text(tok.decode) == " ".join(tok.decode(p).strip() for p in ref.pieces)
 
 
-def test_reference_preset_runs_without_top_k(model):
-    """The reference preset (minus top-k until the op has it) on the tiny model: no MASK suppression,
-    neg_entropy, top-p 0.95, sampled at 0.2, the max_length budget."""
-    cfg = DecodeConfig.preset("reference", tags=T, top_k=0, length_scale=4, max_length=48)
+def test_reference_preset_runs(model):
+    """The reference preset on the tiny model: no MASK suppression, neg_entropy, top-p 0.95 and top-k 50,
+    sampled at 0.2, the max_length budget, on both steps alike."""
+    cfg = DecodeConfig.preset("reference", tags=T, length_scale=4, max_length=48)
     r = generate(model, [[40, 41]], cfg, forced_plans=[PLAN])[0]
     assert len(r.sequence) <= 48 and r.finish_reason in ("eos", "length")
     assert r.answer_text == "reference" and isinstance(r.text(ToyTokenizer(T).decode), str)
-
-
-@NEEDS_TOP_K
-def test_reference_preset_runs(model):
-    r = generate(model, [[40, 41]], DecodeConfig.preset("reference", tags=T, length_scale=4, max_length=48),
-                 forced_plans=[PLAN])[0]
-    assert len(r.sequence) <= 48
+    assert generate(model, [[40, 41]], cfg, forced_plans=[PLAN], static_step=True)[0].sequence == r.sequence

@@ -7,19 +7,13 @@ others). Every mode, greedy and sampled, dynamic and static step, on the torch b
 interpreter on a smaller case. The sequence, plans, spans, answer and per-phase step counts must be identical.
 
 Greedy needs nothing but row-independent ops and a decoder that feeds no batch position into the math.
-Sampling also needs the noise keyed per request: (its seed, its own step counter, the absolute position).
-The op on this branch keys it by the packed row (one seed and offset for all rows): those tests are
-``xfail(strict=True)`` until the per-row keys of the tokconf branch land (then they pass and the marks go).
-Meanwhile ``test_sampled_invariance_decoder_side`` checks the decoder's half with a stand-in op that keys
-the noise of row r by (seed[r], offset[r]) only (the reference, one row at a time).
+Sampling also needs the noise keyed per request: the decoder passes ``token_confidence`` one (seed, offset)
+pair per row, (the request's seed, its own step counter << 32 | the absolute position), and the op hashes
+only those and the column, never the packed row.
 """
 import pytest
-import torch
 
-import pd_kernels.decoder.step as step_mod
 from pd_kernels.decoder import DecodeConfig, Decoder, make_plan
-from pd_kernels.decoder.step import op_features
-from pd_kernels.reference.unmask import token_confidence_ref
 from pd_kernels.models import TINY_TAGS, tiny_model
 
 T = TINY_TAGS
@@ -36,8 +30,6 @@ PLANS = [
 ]
 KW = dict(length_scale=4, max_new_tokens=60, tau=0.3, diffusion_len=10)
 POLICY = {"pd": "threshold", "pd-da": "pd_threshold", "ar": "schedule", "diffusion": "schedule"}
-NEEDS_ROW_KEYS = pytest.mark.xfail(not op_features()["row_keys"], strict=True,
-                                   reason="needs per-row RNG keys in token_confidence (tokconf branch)")
 
 
 @pytest.fixture(scope="module")
@@ -80,68 +72,38 @@ def test_greedy_batch_invariant_torch(model, mode, static):
         assert alone[4][5] == "no_plan"
 
 
-@NEEDS_ROW_KEYS
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("mode", ["pd", "ar", "diffusion"])
 def test_sampled_batch_invariant_torch(model, mode, static):
     _check(model, _cfg(mode, temperature=1.0, seed=11), backend="torch", static_step=static)
 
 
-@NEEDS_ROW_KEYS
-def test_per_request_seeds(model):
-    """A request's seed, not its batch, decides its noise: the same seed gives the same tokens alone and in a
-    batch whose other requests have other seeds; another seed gives other tokens."""
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_per_request_seeds(model, static):
+    """A request's seed, not its batch, decides its noise: each of 8 mixed requests (every prompt length and
+    plan shape) with its own seed gives the same tokens alone as inside the batch of 8 (and joining, max_batch
+    3); the noise really is used (not the greedy tokens), and another seed gives other tokens."""
     cfg = _cfg("pd", temperature=1.0)
-    seeds = [5, 6, 7, 8]
-    out = Decoder(model, cfg, max_batch=4, backend="torch").generate(PROMPTS[:4], PLANS[:4], seeds=seeds)
-    for i in range(4):
-        alone = Decoder(model, cfg, backend="torch").generate([PROMPTS[i]], [PLANS[i]], seeds=[seeds[i]])[0]
-        assert _result(out[i]) == _result(alone)
+    seeds = [5, 6, 7, 8, 9, 10, 11, 12]
+    alone = [_result(Decoder(model, cfg, backend="torch", static_step=static).generate([p], [f], seeds=[s])[0])
+             for p, f, s in zip(PROMPTS, PLANS, seeds)]
+    for mb in (8, 3):
+        out = Decoder(model, cfg, max_batch=mb, backend="torch", static_step=static).generate(PROMPTS, PLANS,
+                                                                                              seeds=seeds)
+        for i in range(8):
+            assert _result(out[i]) == alone[i], f"max_batch {mb}: request {i} differs from its run alone"
+    greedy = _alone(model, _cfg("pd"), PROMPTS, PLANS, backend="torch")
+    assert [a[3] for a in alone] != [g[3] for g in greedy]   # the noise did change the tokens
     other = Decoder(model, cfg, backend="torch").generate([PROMPTS[0]], [PLANS[0]], seeds=[99])[0]
-    assert other.spans != out[0].spans
+    assert other.spans != alone[0][3]
 
 
-@pytest.mark.parametrize("sampled", [False, pytest.param(True, marks=NEEDS_ROW_KEYS)], ids=["greedy", "sampled"])
-def test_batch_invariant_triton(model, sampled):
-    """The Triton kernels (interpreter) on a smaller case: 4 requests, static step, joining (max_batch=2)."""
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_batch_invariant_triton(model, sampled, static):
+    """The Triton kernels (interpreter) on a smaller case: 4 requests, joining (max_batch=3)."""
     extra = dict(temperature=1.0, seed=4) if sampled else {}
     cfg = _cfg("pd", max_spans=3, **extra)
     idx = [1, 2, 4, 6]
     _check(model, cfg, prompts=[PROMPTS[i] for i in idx], plans=[PLANS[i] for i in idx], arrivals=("joining",),
-           backend="triton", static_step=True)
-
-
-def _row_keyed_token_confidence(logits, *, confidence, temperature, seed, offset, top_p, suppress_ids, out, backend):
-    """Stand-in for the tokconf op: the noise of row r depends on (seed[r], offset[r], column) only."""
-    assert top_p == 1.0
-    seed, offset = seed.tolist(), offset.tolist()
-    tok, conf = zip(*(token_confidence_ref(logits[r:r + 1], confidence, temperature, seed[r], offset[r], suppress_ids)
-                      for r in range(logits.shape[0])))
-    tok, conf = torch.cat(tok), torch.cat(conf)
-    if out is None:
-        return tok, conf
-    out[0].copy_(tok)
-    out[1].copy_(conf)
-    return out
-
-
-@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-@pytest.mark.parametrize("mode", ["pd", "ar"])
-def test_sampled_invariance_decoder_side(model, mode, static, monkeypatch):
-    """The decoder's half of sampled batch invariance: with an op that keys noise per row, the per-row keys the
-    decoder passes (request seed, its own step counter, position) make a request's sampled tokens the same
-    alone, together, reversed and joining; and per-request seeds are honoured."""
-    monkeypatch.setattr(step_mod, "token_confidence", _row_keyed_token_confidence)
-    monkeypatch.setitem(step_mod._OP_FEATURES, "row_keys", True)
-    cfg = _cfg(mode, temperature=1.0, seed=11)
-    alone = _check(model, cfg, backend="torch", static_step=static)
-    greedy = _alone(model, _cfg(mode), PROMPTS, PLANS, backend="torch")
-    assert alone != greedy   # the noise did change the tokens
-    if mode == "pd" and not static:
-        seeds = [5, 6, 7, 8]
-        out = Decoder(model, cfg, max_batch=4, backend="torch").generate(PROMPTS[:4], PLANS[:4], seeds=seeds)
-        for i in range(4):
-            one = Decoder(model, cfg, backend="torch").generate([PROMPTS[i]], [PLANS[i]], seeds=[seeds[i]])[0]
-            assert _result(out[i]) == _result(one)
-        other = Decoder(model, cfg, backend="torch").generate([PROMPTS[0]], [PLANS[0]], seeds=[99])[0]
-        assert other.spans != out[0].spans
+           backend="triton", static_step=static)

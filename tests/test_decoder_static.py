@@ -155,9 +155,8 @@ CAPTURE_CASES = {
     # the reference's top-p 0.95 (applied at temperature 0 too), neg_entropy, no MASK suppression (sampling is
     # left out here: the torch backend reads the RNG offset on the host; the GPU test replays it)
     "reference-like": dict(mode="pd", top_p=0.95, confidence="neg_entropy", suppress_mask=False),
-    "top_p+suppress": pytest.param(dict(mode="pd", top_p=0.95), marks=pytest.mark.xfail(
-        strict=True, reason="token_confidence's top-p pre-pass with suppress_ids is not capturable (boolean-mask "
-                            "indexing: data-dependent shape, a host sync on CUDA); an op-side fix (tokconf)")),
+    "top_p+suppress": dict(mode="pd", top_p=0.95),
+    "top_k+top_p+suppress": dict(mode="pd", top_p=0.9, top_k=5),
 }
 
 

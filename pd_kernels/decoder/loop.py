@@ -43,7 +43,7 @@ from . import events as ev
 from .inputs import check_cache_fits, check_decoder_args, check_forced_plans, check_prompts, check_seeds
 from .plan import parse_plan, text_outside_entries
 from .stats import RequestStats
-from .step import Bucket, Piece, StepDesc, choose_tokens, describe, op_features
+from .step import Bucket, Piece, StepDesc, choose_tokens, describe, write_ar
 
 
 @dataclass
@@ -189,7 +189,6 @@ class Decoder:
     def __init__(self, model, config=None, *, max_batch: int = 8, backend: str | None = None, on_step=None,
                  cuda_graphs: bool = False, static_step: bool | None = None, buckets=None):
         config, max_batch = check_decoder_args(model, config, max_batch, backend, on_step, buckets)
-        op_features()   # probe the op once, here: never inside a (captured) step
         if not is_enabled(model):  # refuse what pd_kernels cannot run; generate() enables it and restores it
             check_model(model)
         self.model = model
@@ -203,9 +202,6 @@ class Decoder:
         if self.cfg.tags.max_id() >= self.geo["vocab_size"]:
             raise ValueError(f"control-tag ids {self.cfg.tags} do not fit the model's vocabulary "
                              f"({self.geo['vocab_size']}): pass DecodeConfig(tags=ControlTags(...))")
-        if self.cfg.top_k and not op_features()["top_k"]:
-            raise NotImplementedError(f"DecodeConfig.top_k={self.cfg.top_k} needs token_confidence(top_k=...), "
-                                      f"which this install's op does not take yet (tokconf branch)")
         self.cuda_graphs = bool(cuda_graphs)
         self.static_step = self.cuda_graphs if static_step is None else bool(static_step)
         if self.cuda_graphs and not self.static_step:
@@ -261,11 +257,7 @@ class Decoder:
         cfg, V = self.cfg, self.geo["vocab_size"]
         prompts = check_prompts(prompts, V)
         forced_plans = check_forced_plans(forced_plans, len(prompts), V)
-        seeds_given = seeds is not None
         seeds = check_seeds(seeds, len(prompts), cfg.seed)
-        if seeds_given and cfg.temperature > 0 and not op_features()["row_keys"] and len(set(seeds)) > 1:
-            raise NotImplementedError("per-request seeds need token_confidence with per-row RNG keys (tokconf "
-                                      "branch); this install's op takes one seed for all rows")
         budgets = [cfg.budget(len(p)) for p in prompts]
         for i, (p, bud) in enumerate(zip(prompts, budgets)):
             if bud < 1:
@@ -446,12 +438,12 @@ class Decoder:
         if nr:
             logits = logits_for_rows(self.model, hidden, rows)
             tok, conf = choose_tokens(logits, cfg, seed, offset, self.suppress, None, self.backend)
-            if na:
-                self.tokens_flat.index_copy_(0, dst[ns:], torch.where(forced.bool(), val, tok[ns:]))
             if ns:
                 commit_spans(tok[:ns], conf[:ns], dst[:ns], span_rows.view(S, 2).to(torch.int32), self.tokens_flat,
                              self.state, policy=cfg.policy, tau=cfg.tau, mask_id=cfg.tags.mask, backend=self.backend)
-            read.append(self.tokens_flat.index_select(0, dst))
+                read.append(self.tokens_flat.index_select(0, dst[:ns]))
+            if na:
+                read.append(write_ar(self.tokens_flat, dst[ns:], forced, val, tok[ns:], cfg.tags.pad))
         read.append(self.state.masks_left.to(torch.int64))
         self.graph_counts["dynamic"] += 1
         return torch.cat(read).cpu().numpy(), nr       # the step's one device-to-host read
@@ -513,11 +505,12 @@ class Decoder:
         hidden = forward_hidden(self.model, input_ids, bk.layout.q_pos, ctx)
         logits = logits_for_rows(self.model, hidden, bk.rows)
         choose_tokens(logits, cfg, bk.seed, bk.offset, self.suppress, (bk.tok, bk.conf), self.backend)
-        self.tokens_flat.index_copy_(0, bk.ar_dst, torch.where(bk.forced.bool(), bk.val, bk.tok))
+        ar = write_ar(self.tokens_flat, bk.ar_dst, bk.forced, bk.val, bk.tok, cfg.tags.pad)  # non-AR rows: PAD
         bk.span_rows32.copy_(bk.span_rows)
         commit_spans(bk.tok, bk.conf, bk.s_dst, bk.span_rows32, self.tokens_flat, self.state, policy=cfg.policy,
                      tau=cfg.tau, mask_id=cfg.tags.mask, out=(bk.committed, bk.all_done), backend=self.backend)
-        bk.read[:bk.R].copy_(self.tokens_flat.index_select(0, bk.dst))
+        # every row's token after the step; an AR row that had no token reads its -1 (its buffer holds PAD)
+        bk.read[:bk.R].copy_(torch.where(ar < 0, ar, self.tokens_flat.index_select(0, bk.dst)))
         bk.read[bk.R:].copy_(self.state.masks_left)
 
     # ---- after a step ------------------------------------------------------------------------------------
@@ -670,7 +663,7 @@ class Decoder:
         if not fitted:
             if cfg.answer_text == "spans":   # no usable plan entry: the round's AR text is the answer
                 self._add_answer(r, r.plan)
-            self._finish(r, "length" if r.terminator == "length" else "no_plan")
+            self._finish(r, r.terminator if r.terminator in ("length", "no_token") else "no_plan")
             return
         r.prefix = r.length
         template, spans, pos = [], [], r.length

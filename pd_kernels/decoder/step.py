@@ -26,16 +26,13 @@ repacking and the layout update.
 """
 from __future__ import annotations
 
-import inspect
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .. import ops
+from ..ops import token_confidence
 
-_pk = sys.modules[__name__.split(".")[0]]   # the package: pd_kernels.token_confidence is looked up per call
 
 @dataclass
 class Piece:
@@ -202,36 +199,25 @@ class Bucket:
 
 
 # ---- the one token_confidence call of a step ---------------------------------------------------------------
-_OP_FEATURES: dict = {}
-
-
-def op_features() -> dict:
-    """What :func:`~pd_kernels.token_confidence` on this install accepts: ``row_keys`` (int64 ``[N]`` seed and
-    offset tensors: noise keyed per row) and ``top_k``. Probed once."""
-    if not _OP_FEATURES:
-        _OP_FEATURES["top_k"] = "top_k" in inspect.signature(ops.token_confidence).parameters
-        z = torch.zeros(1, dtype=torch.int64)
-        try:
-            ops.token_confidence(torch.zeros(1, 2), temperature=1.0, seed=z, offset=z, backend="torch")
-            _OP_FEATURES["row_keys"] = True
-        except (TypeError, ValueError):
-            _OP_FEATURES["row_keys"] = False
-    return _OP_FEATURES
-
-
 def choose_tokens(logits, cfg, seed: torch.Tensor, offset: torch.Tensor, suppress, out, backend):
     """Token and confidence of every LM-head row: :func:`~pd_kernels.token_confidence` with the config's
-    confidence, temperature, top-p, top-k, and the per-row RNG keys ``seed`` / ``offset`` (int64 device
-    tensors, one entry per row).
+    confidence, temperature, top-p and top-k (applied at temperature 0 too, as the PD reference does), and the
+    per-row RNG keys ``seed`` / ``offset`` (int64 device tensors, one entry per row: the noise of a row is a
+    hash of its own keys and the column, never of its packed row). A row with no usable id (every id
+    suppressed or filtered) gets token -1: ``commit_spans`` never commits it, the AR write replaces it
+    (:func:`ar_write`)."""
+    return token_confidence(logits, confidence=cfg.confidence, temperature=cfg.temperature, seed=seed,
+                            offset=offset, top_k=cfg.top_k, top_p=cfg.top_p, suppress_ids=suppress, out=out,
+                            backend=backend)
 
-    TEMPORARY (until the tokconf branch lands): an op without per-row keys takes one seed and one offset for
-    all rows and keys its noise by the packed row; this then passes ``cfg.seed`` and ``offset[:1]``, which is
-    deterministic and the same on both paths but not batch-invariant for temperature > 0 (the sampled
-    batch-invariance tests are ``xfail(strict=True)`` on such an op; per-request seeds are refused)."""
-    kw = {"top_k": cfg.top_k} if cfg.top_k else {}
-    if op_features()["row_keys"]:
-        s, o = seed, offset
-    else:
-        s, o = cfg.seed, offset[:1]
-    return _pk.token_confidence(logits, confidence=cfg.confidence, temperature=cfg.temperature, seed=s, offset=o,
-                                top_p=cfg.top_p, suppress_ids=suppress, out=out, backend=backend, **kw)
+
+def write_ar(tokens_flat: torch.Tensor, dst: torch.Tensor, forced: torch.Tensor, val: torch.Tensor,
+             tok: torch.Tensor, pad: int) -> torch.Tensor:
+    """The AR token write: each AR row's forced token (``forced`` 1: ``val``) or chosen one (``tok``) goes to its
+    destination ``dst`` in ``tokens_flat``. A chosen -1 (the row had no usable id) is never written: the
+    destination gets ``pad`` instead, so the sequence and the K/V path only ever see real ids. Returns the
+    row values with the -1 kept: what the host must read for those rows (it ends the request, ``"no_token"``).
+    Device-side only (no sync)."""
+    v = torch.where(forced.bool(), val, tok)
+    tokens_flat.index_copy_(0, dst, torch.where(v >= 0, v, pad))
+    return v
