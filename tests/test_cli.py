@@ -58,7 +58,7 @@ def test_every_option_has_help():
     (["--seed", "-2"], "--seed: must be >= 0"),
     (["--top-p", "0"], r"--top-p: must be in \(0, 1\]"),
     (["--max-new-tokens", "-3"], "--max-new-tokens: must be >= 1"),
-    (["--max-new-tokens", "many"], "--max-new-tokens: expected a positive integer"),
+    (["--max-new-tokens", "many"], "--max-new-tokens: expected an integer >= 1"),
     (["--steps-ratio", "0"], "--steps-ratio: must be a finite number > 0"),
     (["--steps-ratio", "inf"], "--steps-ratio: must be a finite number > 0"),
     (["--tau", "1.5"], r"--tau: must be in \[0, 1\]"),
