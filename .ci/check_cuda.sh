@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Compile-check the CUDA sources without a GPU:
-#  - every csrc/*.cu with nvcc for sm_90a (the kernels hold no torch headers);
+#  - every csrc/*.cu with nvcc for sm_90a and the build's flags (pd_kernels/_cuda_ext.py), with ptxas -v:
+#    registers, stack and spills of every kernel, SASS instructions per element of the row pass's main loop
+#    (tests/_sass.py cuda-report); fails on a spill;
 #  - every csrc/bindings/*.cpp with g++ -fsyntax-only against the installed torch headers (a CPU torch
 #    build lacks one generated CMake header, c10/cuda/impl/cuda_cmake_macros.h: an empty stub stands in).
 # Usage: .ci/check_cuda.sh [python]   (skips, with a message, when nvcc is absent)
@@ -13,7 +15,10 @@ CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include; [ -f "$CUDA_INC/cuda_runtime_api
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 for f in csrc/*.cu; do
   echo "nvcc sm_90a: $f"
-  "$NVCC" -c -std=c++17 -O3 -Icsrc -gencode=arch=compute_90a,code=sm_90a "$f" -o "$tmp/$(basename "$f").o"
+  o="$tmp/$(basename "$f").o"
+  "$NVCC" -c -std=c++17 -O3 --use_fast_math -lineinfo -Icsrc -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
+    "$f" -o "$o" 2> "$o.log" || { cat "$o.log"; exit 1; }
+  "$PY" tests/_sass.py cuda-report "$o" "$o.log"
 done
 mkdir -p "$tmp/stub/c10/cuda/impl" && echo '#pragma once' > "$tmp/stub/c10/cuda/impl/cuda_cmake_macros.h"
 TI=$("$PY" -c "import torch.utils.cpp_extension as c; print(' '.join('-I'+p for p in c.include_paths()))")

@@ -5,7 +5,10 @@ Implementations, same queries, same keys, same visibility (SPEC section 4), one 
 * ``triton``    - :func:`pd_kernels.span_attention` on the paged cache (layout prebuilt, not timed);
 * ``flex``      - ``torch.compile(flex_attention)`` over the step's sequences packed into one batch row
                   (keys gathered dense once, untimed: flex has no paged cache), ``mask_mod`` from the layout;
-                  its ``create_block_mask`` time is reported as ``mask_build_ms`` (timed separately);
+                  its ``create_block_mask`` time is reported as ``mask_build_ms`` (timed separately).
+                  Dynamo is reset before every point and its recompile limits are raised, with hitting one
+                  made an error (``strict_dynamo``): flex never silently falls back to eager (unfused) flex;
+                  ``flex_compiled`` in each row says whether a compiled frame ran (``flex-eager`` on CPU);
 * ``sdpa-mask`` - what the reference PD code does: per sequence padded batch, a dense bool mask, K/V
                   repeated to Hq heads (``repeat_kv``, inside the timing), ``F.scaled_dot_product_attention``;
 * ``sdpa-nomask`` - SDPA without a mask over the same padded tokens (all the work, best dense kernel).
@@ -34,7 +37,8 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pd_kernels as pk  # noqa: E402
-from benchmarks._harness import Bench, parser, time_fn  # noqa: E402
+from benchmarks._harness import (Bench, dynamo_compiled_frames, parser, strict_dynamo, time_fn,  # noqa: E402
+                                time_host)
 
 # SPEC section 8 workload: median 2 spans, mean 3.1, p90 6; ~81 tokens a span; prompts tens to hundreds
 FULL = dict(spans=[1, 2, 4, 8, 16], span_len=[32, 80, 160], prefix=[128, 512, 2048], batch=[1, 8])
@@ -131,6 +135,9 @@ def run_point(bench, label, seqs, cfg, args, gen):
     layout, q, kc, vc, bt, lens = make_inputs(seqs, Hq, Hkv, D, args.page_size, dtype, dev, gen)
     pairs = int(layout.to_dense_mask().sum())
     flops = 4.0 * D * Hq * pairs
+    # one byte count for every implementation of the point, so all get the same L2-flush choice
+    nbytes = (2 * kc.numel() + 2 * q.numel()) * q.element_size()
+    timed = lambda f, **kw: time_fn(f, bench, nbytes=nbytes, **kw)  # noqa: E731
     base = dict(case=label, Tq=layout.num_queries, keys=sum(lens), pairs=pairs)
 
     # layout build + its tiling plan (host + two copies), as the decoder pays it each step
@@ -138,28 +145,37 @@ def run_point(bench, label, seqs, cfg, args, gen):
         lay = pk.SpanLayout.build(seqs, dev)
         lay.plan(G)
         return lay
-    t_layout = time_fn(build_layout, bench, reps=min(args.reps, 20))
+    t_layout = time_host(build_layout, bench, reps=min(args.reps, 20), inner=1, sync=True)   # host work + copy
     out = torch.empty_like(q)
-    t = time_fn(lambda: pk.span_attention(q, kc, vc, bt, layout, out=out, backend="triton"), bench)
+    t = timed(lambda: pk.span_attention(q, kc, vc, bt, layout, out=out, backend="triton"))
     bench.row(impl="triton", timing=t, flops=flops, layout_build_ms=round(t_layout.median_ms, 4), **base)
 
     kd, vd = dense_kv(kc, bt, lens), dense_kv(vc, bt, lens)
     if not args.no_flex:
+        compiled = not args.smoke
         try:
-            build, fa, k, v = flex_setup(layout, lens, kd, vd, compiled=not args.smoke)
+            if compiled:  # a fresh dynamo state per point: no recompile limit is ever reached across the sweep
+                torch._dynamo.reset()
+            build, fa, k, v = flex_setup(layout, lens, kd, vd, compiled=compiled)
             bm = build()
-            t_mask = time_fn(build, bench, reps=min(args.reps, 10), warmup=1)
             qf = q.transpose(0, 1)[None]
-            t = time_fn(lambda: fa(qf, k, v, block_mask=bm, enable_gqa=True), bench)
-            bench.row(impl="flex" if not args.smoke else "flex-eager", timing=t, flops=flops,
-                      mask_build_ms=round(t_mask.median_ms, 4), **base)
+            frames = dynamo_compiled_frames()
+            fa(qf, k, v, block_mask=bm, enable_gqa=True)
+            ran_compiled = compiled and dynamo_compiled_frames() > frames   # a compiled frame, not eager flex
+            if compiled and not ran_compiled:
+                raise RuntimeError("torch.compile(flex_attention) compiled no frame: it would run eager flex")
+            t_mask = time_host(build, bench, reps=min(args.reps, 10), warmup=1, inner=1, sync=True)
+            t = timed(lambda: fa(qf, k, v, block_mask=bm, enable_gqa=True))
+            bench.row(impl="flex" if compiled else "flex-eager", timing=t, flops=flops,
+                      mask_build_ms=round(t_mask.median_ms, 4), flex_compiled=ran_compiled, **base)
         except Exception as e:  # keep the sweep going; the error is in the JSON
-            bench.row(impl="flex", timing=None, error=f"{type(e).__name__}: {str(e)[:200]}", **base)
+            bench.row(impl="flex" if compiled else "flex-eager", timing=None, flex_compiled=False,
+                      error=f"{type(e).__name__}: {str(e)[:200]}", **base)
     qp, mask = padded_queries(layout, q, lens)
-    t = time_fn(lambda: sdpa_reference_style(qp, kd, vd, mask, G), bench)
+    t = timed(lambda: sdpa_reference_style(qp, kd, vd, mask, G))
     bench.row(impl="sdpa-mask", timing=t, flops=flops, **base)
     kr, vr = kd.repeat_interleave(G, dim=1), vd.repeat_interleave(G, dim=1)
-    t = time_fn(lambda: torch.nn.functional.scaled_dot_product_attention(qp, kr, vr), bench)
+    t = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qp, kr, vr))
     bench.row(impl="sdpa-nomask", timing=t, flops=flops, **base)
 
 
@@ -209,6 +225,7 @@ def main():
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (long compiles)")
     args = p.parse_args()
     bench = Bench("attention", args)
+    bench.meta["dynamo"] = strict_dynamo()
     gen = torch.Generator().manual_seed(0)
     if args.smoke:
         cfg = dict(Hq=4, Hkv=1, D=64, dtype=torch.float32)

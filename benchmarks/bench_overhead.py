@@ -25,6 +25,7 @@ GPU machine in the same way (expect a similar order there).
 
     python benchmarks/bench_overhead.py --out benchmarks/results/overhead_cpu.json
     python benchmarks/bench_overhead.py --smoke
+    python benchmarks/bench_overhead.py --ops commit_spans     # one op (the baselines always run)
 """
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ def make_cases(device):
 
     tokens = torch.full((64,), 7, dtype=torch.int64, device=device)
     row_dst = torch.arange(N, dtype=torch.int64, device=device)
-    row_span = (torch.arange(N, device=device) // 4).to(torch.int32)
+    span_rows = torch.tensor([[0, 4], [4, 4]], dtype=torch.int32, device=device)
     state = pk.SpanState.new(2, device)
     state.reset([0, 1], [4, 4], [4, 4])
     committed = torch.empty(2, dtype=torch.int32, device=device)
@@ -156,13 +157,14 @@ def make_cases(device):
          None, None),
         ("token_confidence",
          lambda b: pk.token_confidence(logits, suppress_ids=sup, out=(tok, conf), backend=b),
-         lambda b: ops.token_confidence(logits, tok, conf, sup, None, 0, 0, "prob", 0.0, b),
+         lambda b: ops.token_confidence(logits, tok, conf, sup, None, None, None, 0, 0, "prob", 0.0, b),
          lambda: token_confidence_ref(logits, "prob", 0.0, 0, 0, sup)),
         ("commit_spans",
-         lambda b: pk.commit_spans(tok, conf, row_dst, row_span, tokens, state, policy="threshold",
+         lambda b: pk.commit_spans(tok, conf, row_dst, span_rows, tokens, state, policy="threshold",
                                    mask_id=7, out=(committed, done), backend=b),
-         lambda b: ops.commit_spans(tok, conf, row_dst, row_span, tokens, state.masks_left, state.step,
-                                    state.num_steps, state.deferred, committed, done, "threshold", 0.9, 7, b),
+         lambda b: ops.commit_spans(tok, conf, row_dst, span_rows, tokens, state.masks_left, state.step,
+                                    state.num_steps, state.deferred, state.arrivals, committed, done, "threshold",
+                                    0.9, 7, b),
          None),
     ]
     return cases
@@ -185,6 +187,7 @@ def baselines(device):
 def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=2000, help="back-to-back calls per timed batch")
+    p.add_argument("--ops", default="", help="comma-separated op names to time (default: every op)")
     args = p.parse_args(argv)
     if args.smoke:
         args.calls, args.reps = 50, 3
@@ -198,7 +201,10 @@ def main(argv=None) -> None:
 
     for name, fn in baselines(device):
         row(host_us(fn, args.calls, reps), impl=name, op="-", backend="-", path="baseline", launch="real")
+    only = set(filter(None, args.ops.split(",")))
     for op, public, registered, ref in make_cases(device):
+        if only and op not in only:
+            continue
         if ref is not None:
             row(host_us(ref, args.calls, reps), impl="ref", op=op, backend="torch", path="reference fn",
                 launch="real")

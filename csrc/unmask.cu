@@ -1,13 +1,27 @@
 // Token choice and span commits (SPEC section 5); semantics in pd_kernels/reference/unmask.py, mirrored
 // rule for rule by pd_kernels/ops/triton/unmask.py.
 //
-// Row pass: block (row, split) streams its slice of V once. Each thread keeps an online state (top-1
-// value/index, top-2 value, s = sum exp(y - m), w = sum exp(y - m)(y - m), NaN flag, best Gumbel key);
-// states are merged across the warp with shuffles, across warps in shared memory, and across splits by
-// a second small kernel. 16-byte vector loads when the row start and stride allow them.
+// Row pass: block (row, split) streams its slice of V once, 16 bytes per thread per load (two loads in
+// flight), each thread with its own online state: running max m (and its column), s = sum 2^t and
+// w = sum 2^t t with t = (x - max(m, -FLT_MAX)) * scale (log2 units: the subtraction first, so the top term is
+// exactly 1; a row that keeps one token has prob 1 and neg_entropy 0 exactly), the second largest t2
+// (margin), and for sampling the best key. The steady state of one 16-byte vector is: upcast, vector max, compare with m (and with the
+// thread's next suppressed vector), then sub / mul / ex2.approx.ftz / add per element; everything else is out of line:
+//   * a vector whose max raises m (rare after the first few): argmax inside the vector, rescale of s, w;
+//   * a vector holding a suppressed id (one per row for MASK): mask it, find the thread's next one;
+//   * sampling: a vector whose max could still win, max(y) + kGumbelReach > best key (GUMBEL_REACH of the
+//     reference): the noise of its elements, each again only if it can win.
+// NaN needs no flag: ex2(NaN) = NaN reaches s and the confidence; fmaxf ignores it, so it is never chosen.
+// States are merged across the warp with shuffles, across warps in shared memory, and across splits by a
+// second small kernel. A row start that is not 16-byte aligned (odd V, unaligned views) is handled by one
+// partial vector before the aligned body and one after it.
 //
-// Commit: one block per span; rows are ranked against 256-row tiles staged in shared memory; the
-// decisions are kept in a scratch byte per row and the tokens written only after every rank is known.
+// Commit: one block per span, over its own rows only (span_rows), in three passes that mirror the Triton
+// kernel: pass 0 counts the masked rows and candidates and finds the top-1; pass A (schedule / pd_threshold,
+// only when the budget is below the candidate count) ranks each candidate against 512-row tiles of the span
+// staged in shared memory and keeps the candidate of rank budget - 1 (the pivot); pass B decides each row by
+// comparing it with the top-1 and the pivot, and writes. No decision is stored between passes, so spans of
+// any length loop over tiles; the all-done flag comes from the last block through an arrival counter.
 #include "unmask.h"
 
 #include <cuda_bf16.h>
@@ -21,6 +35,11 @@ namespace pdk {
 namespace {
 
 constexpr int kThreads = 256;
+// The noise never exceeds about 22.8732 (reference.unmask.GUMBEL_MAX); an element whose y + kGumbelReach
+// is <= the best key so far cannot win. Must equal reference.unmask.GUMBEL_REACH (checked by a test).
+constexpr float kGumbelReach = 22.875f;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kShiftFloor = -3.40282347e38f;  // -FLT_MAX: the shift while a thread has seen nothing usable
 
 // ---- counter-based hash (same arithmetic as reference/unmask.py and the Triton kernel) ----
 __device__ __forceinline__ uint32_t rotl32(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
@@ -40,200 +59,354 @@ __device__ __forceinline__ uint32_t fmix32(uint32_t h) {
   return h ^ (h >> 16);
 }
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+// Gumbel noise of 32 random bits (reference.unmask.gumbel_from_bits): x = fp32(2r + 1) 2^-33 in (0, 1/2]
+// with r the low 31 bits; E = -log(x) (top bit 0, u = x) or -log1p(-x) (top bit 1, u = 1 - x: exact near
+// u = 1, where -log of a rounded u gives 0 and, with approximate logs, a negative E); g = -log(E). log1pf is
+// the accurate libdevice function even under --use_fast_math; logf becomes __logf there, whose error (a few
+// ulp away from 1, 2^-21.4 absolute near 1) stays far below the spacing of the keys.
+__device__ __forceinline__ float gumbel(uint32_t bits) {
+  const float x = __uint2float_rn((bits << 1) | 1u) * 1.16415321826934814453125e-10f;
+  const float e = (bits & 0x80000000u) ? -log1pf(-x) : -logf(x);
+  return -logf(e);
+}
 
-struct RowState {
-  float t1, t2, s, w, bk, by;
-  int32_t i1, bi, nan;
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---- 16-byte vectors of logits ----
+template <typename T> struct Vec;
+template <> struct Vec<float> {
+  static constexpr int N = 4;
+  __device__ static void unpack(const uint4& v, float* y) {
+    y[0] = __uint_as_float(v.x); y[1] = __uint_as_float(v.y); y[2] = __uint_as_float(v.z); y[3] = __uint_as_float(v.w);
+  }
+  __device__ static float one(const float* x, int64_t i) { return x[i]; }
+};
+template <> struct Vec<__nv_bfloat16> {
+  static constexpr int N = 8;
+  __device__ static void unpack(const uint4& v, float* y) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // bf16 -> fp32 is a shift: one instruction per element
+      y[2 * i] = __uint_as_float(w[i] << 16);
+      y[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+  }
+  __device__ static float one(const __nv_bfloat16* x, int64_t i) { return __bfloat162float(x[i]); }
+};
+template <> struct Vec<__half> {
+  static constexpr int N = 8;
+  __device__ static void unpack(const uint4& v, float* y) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+      y[2 * i] = f.x;
+      y[2 * i + 1] = f.y;
+    }
+  }
+  __device__ static float one(const __half* x, int64_t i) { return __half2float(x[i]); }
 };
 
-__device__ __forceinline__ RowState empty_state(int32_t none) {
+template <int VEC>
+__device__ __forceinline__ float vmax(const float* y) {
+  float a = fmaxf(y[0], y[1]);
+#pragma unroll
+  for (int j = 2; j < VEC; j += 2) a = fmaxf(a, fmaxf(y[j], y[j + 1]));
+  return a;
+}
+
+// Per-thread (and, merged, per-row) state. m, t2, bx in units of x; s, w against the shift ms = max(m, -FLT_MAX).
+struct RowState {
+  float m, ms, s, w, t2, bk, bx;
+  int32_t i1, bi;
+};
+
+__device__ __forceinline__ RowState empty_state() {
   RowState r;
-  r.t1 = r.t2 = r.bk = r.by = -INFINITY;
+  r.m = r.t2 = r.bk = r.bx = -INFINITY;
+  r.ms = kShiftFloor;
   r.s = r.w = 0.f;
-  r.i1 = r.bi = none;
-  r.nan = 0;
+  r.i1 = r.bi = -1;
   return r;
 }
 
-// Combine two states (any order): the same rules as chunks in the Triton kernel.
+// Combine two states (any order): global max, first index among equal maxima (-1, as unsigned, loses),
+// t2 = largest of both t2 and the other max, sums rescaled to the larger shift.
 template <int KIND, bool SAMPLE>
-__device__ __forceinline__ RowState merge(const RowState& a, const RowState& b) {
+__device__ __forceinline__ RowState merge(const RowState& a, const RowState& b, float scale) {
   RowState r;
-  const bool a_wins = (a.t1 > b.t1) || (a.t1 == b.t1 && a.i1 <= b.i1);
-  const RowState& win = a_wins ? a : b;
-  const RowState& lose = a_wins ? b : a;
-  r.t1 = win.t1;
-  r.i1 = win.i1;
-  r.t2 = fmaxf(fmaxf(a.t2, b.t2), lose.t1);
-  const float m = r.t1;
-  const float al_a = a.t1 == -INFINITY ? 0.f : __expf(a.t1 - m);
-  const float al_b = b.t1 == -INFINITY ? 0.f : __expf(b.t1 - m);
-  r.s = al_a * a.s + al_b * b.s;
-  if (KIND == 2) {
-    const float sh_a = a.t1 == -INFINITY ? 0.f : a.t1 - m;
-    const float sh_b = b.t1 == -INFINITY ? 0.f : b.t1 - m;
-    r.w = al_a * (a.w + sh_a * a.s) + al_b * (b.w + sh_b * b.s);
-  } else {
-    r.w = 0.f;
-  }
-  r.nan = a.nan | b.nan;
+  const bool a_wins = (a.m > b.m) || (a.m == b.m && static_cast<uint32_t>(a.i1) <= static_cast<uint32_t>(b.i1));
+  r.m = a_wins ? a.m : b.m;
+  r.i1 = a_wins ? a.i1 : b.i1;
+  r.t2 = fmaxf(fmaxf(a.t2, b.t2), a_wins ? b.m : a.m);
+  r.ms = fmaxf(a.ms, b.ms);
+  const float dla = a.m > -INFINITY ? (a.ms - r.ms) * scale : 0.f;
+  const float dlb = b.m > -INFINITY ? (b.ms - r.ms) * scale : 0.f;
+  const float ala = a.m > -INFINITY ? ex2(dla) : 0.f;  // 0 * NaN stays NaN: a NaN seen anywhere survives
+  const float alb = b.m > -INFINITY ? ex2(dlb) : 0.f;
+  r.s = ala * a.s + alb * b.s;
+  r.w = KIND == 2 ? ala * (a.w + dla * a.s) + alb * (b.w + dlb * b.s) : 0.f;
   if (SAMPLE) {
-    const bool ka = (a.bk > b.bk) || (a.bk == b.bk && a.bi <= b.bi);
+    const bool ka = (a.bk > b.bk) || (a.bk == b.bk && static_cast<uint32_t>(a.bi) <= static_cast<uint32_t>(b.bi));
     r.bk = ka ? a.bk : b.bk;
     r.bi = ka ? a.bi : b.bi;
-    r.by = ka ? a.by : b.by;
+    r.bx = ka ? a.bx : b.bx;
   } else {
     r.bk = -INFINITY;
     r.bi = r.i1;
-    r.by = r.t1;
+    r.bx = r.m;
   }
   return r;
 }
 
-__device__ __forceinline__ RowState shfl_state(const RowState& x, int src_lane_xor) {
+__device__ __forceinline__ RowState shfl_state(const RowState& x, int lane_xor) {
   RowState r;
-  r.t1 = __shfl_xor_sync(0xffffffffu, x.t1, src_lane_xor);
-  r.t2 = __shfl_xor_sync(0xffffffffu, x.t2, src_lane_xor);
-  r.s = __shfl_xor_sync(0xffffffffu, x.s, src_lane_xor);
-  r.w = __shfl_xor_sync(0xffffffffu, x.w, src_lane_xor);
-  r.bk = __shfl_xor_sync(0xffffffffu, x.bk, src_lane_xor);
-  r.by = __shfl_xor_sync(0xffffffffu, x.by, src_lane_xor);
-  r.i1 = __shfl_xor_sync(0xffffffffu, x.i1, src_lane_xor);
-  r.bi = __shfl_xor_sync(0xffffffffu, x.bi, src_lane_xor);
-  r.nan = __shfl_xor_sync(0xffffffffu, x.nan, src_lane_xor);
+  r.m = __shfl_xor_sync(0xffffffffu, x.m, lane_xor);
+  r.ms = __shfl_xor_sync(0xffffffffu, x.ms, lane_xor);
+  r.s = __shfl_xor_sync(0xffffffffu, x.s, lane_xor);
+  r.w = __shfl_xor_sync(0xffffffffu, x.w, lane_xor);
+  r.t2 = __shfl_xor_sync(0xffffffffu, x.t2, lane_xor);
+  r.bk = __shfl_xor_sync(0xffffffffu, x.bk, lane_xor);
+  r.bx = __shfl_xor_sync(0xffffffffu, x.bx, lane_xor);
+  r.i1 = __shfl_xor_sync(0xffffffffu, x.i1, lane_xor);
+  r.bi = __shfl_xor_sync(0xffffffffu, x.bi, lane_xor);
   return r;
 }
 
-// One logit into the thread's state. Elements reach a thread in increasing column order.
-template <int KIND, bool SAMPLE>
-__device__ __forceinline__ void push(RowState& st, float x, int32_t col, bool sel, float inv_t, uint32_t h_row) {
-  if (x != x) {
-    st.nan = 1;
-    x = -INFINITY;
+// What one row's pass needs besides its state (constant per block).
+struct RowCtx {
+  float scale, inv_t, thr;
+  uint32_t h_row;
+  const int64_t* sup64;
+  const int32_t* sup32;
+  int64_t n_sup;
+  int64_t head;  // columns before the first 16-byte aligned one
+  int32_t k_lo, k_hi;  // this split's full vectors (V < 2^31: vector indices fit in 32 bits)
+};
+
+__device__ __forceinline__ int64_t sup_id(const RowCtx& c, int64_t q) { return c.sup32 ? c.sup32[q] : c.sup64[q]; }
+
+// The smallest full vector index >= from that this thread owns and that holds a suppressed id
+// (INT32_MAX if none). Thread tid owns the vectors k_lo + tid + n * kThreads of [k_lo, k_hi).
+template <int VEC>
+__device__ int32_t next_sup(const RowCtx& c, int32_t from) {
+  int32_t best = INT32_MAX;
+  for (int64_t q = 0; q < c.n_sup; ++q) {
+    const int64_t id = sup_id(c, q) - c.head;
+    if (id < 0) continue;
+    const int64_t k = id / VEC;
+    if (k >= from && k < c.k_hi && k >= c.k_lo && (k - c.k_lo) % kThreads == threadIdx.x && k < best)
+      best = static_cast<int32_t>(k);
   }
-  float y = sel ? x : -INFINITY;
-  if (SAMPLE) y = __fmul_rn(y, inv_t);
-  if (sel && (y > st.t1 || (y == st.t1 && col < st.i1))) {
-    // new top-1 (or an equal value at a lower index): the old top-1 becomes a top-2 candidate
-    st.t2 = st.t1;
-    if (y > st.t1) {
-      if (y != -INFINITY) {
-        const float a = st.t1 == -INFINITY ? 0.f : __expf(st.t1 - y);
-        if (KIND == 2) st.w = st.t1 == -INFINITY ? 0.f : a * (st.w + (st.t1 - y) * st.s);
-        st.s = a * st.s + 1.f;
+  return best;
+}
+
+// Rare (laid out of line by __builtin_expect in push_vector): a vector whose max raises m, or that holds suppressed ids (any vector when `all_ids`).
+template <int VEC, int KIND>
+__device__ __forceinline__ void slow_vector(RowState& st, float* y, float& vm, int64_t col0, bool mask_ids, bool all_ids,
+                                         int32_t k, int32_t& nsv, const RowCtx& c) {
+  if (mask_ids) {
+    for (int64_t q = 0; q < c.n_sup; ++q) {
+      const int64_t id = sup_id(c, q);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        if (col0 + j == id) y[j] = -INFINITY;
+    }
+    vm = vmax<VEC>(y);
+    if (!all_ids) nsv = next_sup<VEC>(c, k + 1);
+  }
+  if (vm > st.m) {
+    int jj = 0;
+#pragma unroll
+    for (int j = VEC - 1; j >= 0; --j)
+      if (y[j] == vm) jj = j;  // the first column at the max
+    if (KIND == 1) {  // second largest of the vector (a duplicate of the max counts)
+      float sec = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        if (j != jj) sec = fmaxf(sec, y[j]);
+      st.t2 = fmaxf(st.m, sec);
+    }
+    const float msn = fmaxf(vm, kShiftFloor);
+    const float dl = fmaxf((st.ms - msn) * c.scale, -256.f);  // nothing seen yet (ms = floor): 2^-256 = 0
+    const float a = ex2(dl);
+    if (KIND == 2) st.w = a * (st.w + dl * st.s);
+    st.s *= a;
+    st.m = vm;
+    st.ms = msn;
+    st.i1 = static_cast<int32_t>(col0 + jj);
+  } else if (KIND == 1) {
+    st.t2 = fmaxf(st.t2, vm);
+  }
+}
+
+// Rare: the noise of the elements of a vector that can still win.
+template <int VEC>
+__device__ __forceinline__ void sample_vector(RowState& st, const float* y, int64_t col0, const RowCtx& c) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const float yt = __fmul_rn(y[j], c.inv_t);
+    if (yt + kGumbelReach > st.bk) {  // -inf and NaN never pass
+      const float key = __fadd_rn(yt, gumbel(fmix32(mix32(c.h_row, static_cast<uint32_t>(col0 + j)))));
+      if (key > st.bk) {  // strict: the first column among equal keys
+        st.bk = key;
+        st.bi = static_cast<int32_t>(col0 + j);
+        st.bx = y[j];
       }
-      st.t1 = y;
-    } else if (y != -INFINITY) {
-      st.s += 1.f;  // equal to the max: exp(0)
-    }
-    st.i1 = col;
-  } else {
-    st.t2 = fmaxf(st.t2, y);
-    if (y != -INFINITY) {
-      const float p = __expf(y - st.t1);
-      st.s += p;
-      if (KIND == 2 && p != 0.f) st.w += p * (y - st.t1);
-    }
-  }
-  if (SAMPLE) {
-    const uint32_t h = fmix32(mix32(h_row, static_cast<uint32_t>(col)));
-    const float u = (static_cast<float>(h >> 9) + 0.5f) * (1.0f / 8388608.0f);
-    const float g = -logf(-logf(u));
-    const float key = sel ? __fadd_rn(y, g) : -INFINITY;
-    if (sel && (key > st.bk || (key == st.bk && col < st.bi))) {
-      st.bk = key;
-      st.bi = col;
-      st.by = y;
     }
   }
 }
 
+// The vector's terms into s (and w): 2^t with t = (y - ms) * scale, the subtraction first (top term exactly 1).
+template <int VEC, int KIND>
+__device__ __forceinline__ void add_terms(RowState& st, const float* y, const RowCtx& c) {
+  float acc = 0.f, accw = 0.f;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const float t = (y[j] - st.ms) * c.scale;
+    const float p = ex2(t);
+    acc += p;
+    if (KIND == 2) accw = fmaf(p, fmaxf(t, -256.f), accw);  // t >= -256 keeps 0 * -inf out; NaN stays in p
+  }
+  st.s += acc;
+  if (KIND == 2) st.w += accw;
+}
+
+// One vector of VEC logits y at columns [col0, col0 + VEC), vector index k (-1 for a partial vector, whose
+// suppressed ids are all checked). The rare and the steady path each finish the vector themselves, so the
+// steady path keeps y where the loads left it (no copies for the masking the rare path may do).
+template <int VEC, int KIND, bool SAMPLE, bool HAS_THR>
+__device__ __forceinline__ void push_vector(RowState& st, float* y, int64_t col0, int32_t k, int32_t& nsv,
+                                            bool all_ids, const RowCtx& c) {
+  if (HAS_THR) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) y[j] = y[j] < c.thr ? -INFINITY : y[j];  // NaN stays NaN
+  }
+  float vm = vmax<VEC>(y);
+  const bool ids = all_ids || k == nsv;
+  if (__builtin_expect(ids || vm > st.m, 0)) {
+    slow_vector<VEC, KIND>(st, y, vm, col0, ids, all_ids, k, nsv, c);
+    add_terms<VEC, KIND>(st, y, c);
+    if (SAMPLE && __fmul_rn(vm, c.inv_t) + kGumbelReach > st.bk) sample_vector<VEC>(st, y, col0, c);
+  } else {
+    if (KIND == 1) st.t2 = fmaxf(st.t2, vm);
+    add_terms<VEC, KIND>(st, y, c);
+    if (SAMPLE && __builtin_expect(__fmul_rn(vm, c.inv_t) + kGumbelReach > st.bk, 0)) sample_vector<VEC>(st, y, col0, c);
+  }
+}
+
 template <int KIND, bool SAMPLE>
-__device__ __forceinline__ void finish(const RowState& st, int64_t row, int64_t* token, float* conf) {
+__device__ __forceinline__ void finish(const RowState& st, int64_t row, float scale, int64_t* token, float* conf) {
   const int32_t tok = SAMPLE ? st.bi : st.i1;
-  const float ytok = SAMPLE ? st.by : st.t1;
+  const float xt = SAMPLE ? st.bx : st.m;
   float c;
   if (KIND == 0) {
-    c = expf(ytok - st.t1) / st.s;
+    c = ex2((xt - st.m) * scale) / st.s;
   } else if (KIND == 1) {
-    c = (1.f - expf(st.t2 - st.t1)) / st.s;
+    c = (1.f - ex2((st.t2 - st.m) * scale)) / st.s;
   } else {
-    c = st.w / st.s - logf(st.s);
+    c = st.w / st.s * 0.6931471805599453f - logf(st.s);
   }
-  const bool ok = st.t1 > -INFINITY && st.t1 < INFINITY && st.nan == 0;
+  const bool ok = st.m > -INFINITY && st.m < INFINITY && st.s == st.s;
+  if (st.m == -INFINITY) c = st.s == st.s ? -INFINITY : NAN;  // no usable entry: token -1
+  else if (!ok) c = NAN;
   token[row] = tok;
-  conf[row] = ok ? c : NAN;
+  conf[row] = c;
 }
 
-__device__ __forceinline__ bool is_suppressed(int32_t col, const int64_t* sup, int64_t n) {
-  for (int64_t q = 0; q < n; ++q)
-    if (sup[q] == col) return true;
-  return false;
+__device__ __forceinline__ uint32_t row_state(const TokenConfidenceParams& p, int64_t row) {
+  const uint64_t seed = p.seed_t ? static_cast<uint64_t>(p.seed_t[row]) : p.seed;
+  const uint64_t ctr = p.offset_mode == 2 ? static_cast<uint64_t>(p.offset_t[row])
+                                          : (p.offset_mode == 1 ? static_cast<uint64_t>(*p.offset_t) : p.offset) +
+                                                static_cast<uint64_t>(row);  // mod 2^64
+  uint32_t h = mix32(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  h = mix32(h, static_cast<uint32_t>(ctr));
+  return mix32(h, static_cast<uint32_t>(ctr >> 32));
 }
 
-template <typename T, int VEC, int KIND, bool SAMPLE>
-__global__ void __launch_bounds__(kThreads) row_kernel(TokenConfidenceParams p, int64_t chunk) {
+template <typename T, int KIND, bool SAMPLE, bool HAS_THR>
+__global__ void __launch_bounds__(kThreads, 3) row_kernel(TokenConfidenceParams p) {
+  constexpr int VEC = Vec<T>::N;
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y;
-  const int32_t V = static_cast<int32_t>(p.vocab);
+  const int64_t V = p.vocab;
   const T* x = reinterpret_cast<const T*>(p.logits) + row * p.stride;
-  const float inv_t = SAMPLE ? 1.0f / p.temperature : 1.0f;
 
-  uint32_t h_row = 0;
-  if (SAMPLE) {
-    const uint64_t off = p.offset_t ? static_cast<uint64_t>(*p.offset_t) : p.offset;
-    h_row = static_cast<uint32_t>(p.seed);
-    h_row = mix32(h_row, static_cast<uint32_t>(p.seed >> 32));
-    h_row = mix32(h_row, static_cast<uint32_t>(off));
-    h_row = mix32(h_row, static_cast<uint32_t>(off >> 32));
-    h_row = mix32(h_row, static_cast<uint32_t>(row));
-  }
+  RowCtx c;
+  c.inv_t = p.inv_t;
+  c.scale = SAMPLE ? __fmul_rn(p.inv_t, kLog2e) : kLog2e;
+  c.thr = HAS_THR ? p.threshold[row] : -INFINITY;
+  c.h_row = SAMPLE ? row_state(p, row) : 0u;
+  c.sup64 = p.suppress_i32 ? nullptr : static_cast<const int64_t*>(p.suppress);
+  c.sup32 = p.suppress_i32 ? static_cast<const int32_t*>(p.suppress) : nullptr;
+  c.n_sup = p.num_suppress;
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & 15) / static_cast<int64_t>(sizeof(T));
+  c.head = mis ? VEC - mis : 0;
+  if (c.head > V) c.head = V;
+  const int64_t nvec = (V - c.head) / VEC;
+  const int64_t per = (nvec + p.num_splits - 1) / p.num_splits;
+  c.k_lo = static_cast<int32_t>(split * per < nvec ? split * per : nvec);
+  c.k_hi = static_cast<int32_t>(c.k_lo + per < nvec ? c.k_lo + per : nvec);
+  const bool first = split == 0, last = split == p.num_splits - 1;
 
-  RowState st = empty_state(V);
-  const int64_t lo = static_cast<int64_t>(split) * chunk;
-  const int64_t hi = lo + chunk < p.vocab ? lo + chunk : p.vocab;
-  const bool has_sup = p.num_suppress > 0;
-  struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; };
-  for (int64_t c = lo + static_cast<int64_t>(threadIdx.x) * VEC; c < hi; c += static_cast<int64_t>(kThreads) * VEC) {
-    if (c + VEC <= hi) {
-      const Vec v = *reinterpret_cast<const Vec*>(x + c);
+  RowState st = empty_state();
+  int32_t nsv = next_sup<VEC>(c, c.k_lo);
+  float y[VEC], y2[VEC];
+  // a partial vector before the aligned body: columns [0, head), owned by thread 0 of split 0
+  if (first && threadIdx.x == 0 && c.head > 0) {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const int32_t col = static_cast<int32_t>(c + e);
-        const bool sel = !has_sup || !is_suppressed(col, p.suppress, p.num_suppress);
-        push<KIND, SAMPLE>(st, to_f(v.v[e]), col, sel, inv_t, h_row);
-      }
-    } else {
-      for (int64_t e = c; e < hi; ++e) {
-        const int32_t col = static_cast<int32_t>(e);
-        const bool sel = !has_sup || !is_suppressed(col, p.suppress, p.num_suppress);
-        push<KIND, SAMPLE>(st, to_f(x[e]), col, sel, inv_t, h_row);
-      }
+    for (int j = 0; j < VEC; ++j) {
+      const int64_t col = c.head - VEC + j;
+      y[j] = col >= 0 ? Vec<T>::one(x, col) : -INFINITY;
     }
+    push_vector<VEC, KIND, SAMPLE, HAS_THR>(st, y, c.head - VEC, -1, nsv, true, c);
+  }
+  const uint4* xv = reinterpret_cast<const uint4*>(x + c.head);
+  int32_t k = c.k_lo + static_cast<int32_t>(threadIdx.x);
+  for (; k + kThreads < c.k_hi; k += 2 * kThreads) {  // two 16-byte loads in flight
+    const uint4 a = __ldcs(xv + k);
+    const uint4 b = __ldcs(xv + k + kThreads);
+    Vec<T>::unpack(a, y);
+    Vec<T>::unpack(b, y2);
+    push_vector<VEC, KIND, SAMPLE, HAS_THR>(st, y, c.head + static_cast<int64_t>(k) * VEC, k, nsv, false, c);
+    push_vector<VEC, KIND, SAMPLE, HAS_THR>(st, y2, c.head + static_cast<int64_t>(k + kThreads) * VEC, k + kThreads, nsv,
+                                            false, c);
+  }
+  if (k < c.k_hi) {
+    Vec<T>::unpack(__ldcs(xv + k), y);
+    push_vector<VEC, KIND, SAMPLE, HAS_THR>(st, y, c.head + static_cast<int64_t>(k) * VEC, k, nsv, false, c);
+  }
+  // a partial vector after it: columns [head + nvec * VEC, V), thread 0 of the last split
+  const int64_t tail0 = c.head + nvec * VEC;
+  if (last && threadIdx.x == 0 && tail0 < V) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) y[j] = tail0 + j < V ? Vec<T>::one(x, tail0 + j) : -INFINITY;
+    push_vector<VEC, KIND, SAMPLE, HAS_THR>(st, y, tail0, -1, nsv, true, c);
   }
 
   // block reduction: warp shuffles, then the warps' states through shared memory
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) st = merge<KIND, SAMPLE>(st, shfl_state(st, o));
+  for (int o = 16; o > 0; o >>= 1) st = merge<KIND, SAMPLE>(st, shfl_state(st, o), c.scale);
   __shared__ RowState warp_states[kThreads / 32];
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   if (lane == 0) warp_states[wid] = st;
   __syncthreads();
   if (wid != 0) return;
-  st = lane < kThreads / 32 ? warp_states[lane] : empty_state(V);
+  st = lane < kThreads / 32 ? warp_states[lane] : empty_state();
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) st = merge<KIND, SAMPLE>(st, shfl_state(st, o));
+  for (int o = 16; o > 0; o >>= 1) st = merge<KIND, SAMPLE>(st, shfl_state(st, o), c.scale);
   if (lane != 0) return;
   if (p.num_splits > 1) {
     float* f = p.fpart + (row * p.num_splits + split) * 6;
-    int32_t* i = p.ipart + (row * p.num_splits + split) * 3;
-    f[0] = st.t1; f[1] = st.t2; f[2] = st.s; f[3] = st.w; f[4] = st.bk; f[5] = st.by;
-    i[0] = st.i1; i[1] = st.bi; i[2] = st.nan;
+    int32_t* i = p.ipart + (row * p.num_splits + split) * 2;
+    f[0] = st.m; f[1] = st.t2; f[2] = st.s; f[3] = st.w; f[4] = st.bk; f[5] = st.bx;
+    i[0] = st.i1; i[1] = st.bi;
   } else {
-    finish<KIND, SAMPLE>(st, row, p.token, p.conf);
+    finish<KIND, SAMPLE>(st, row, c.scale, p.token, p.conf);
   }
 }
 
@@ -242,27 +415,27 @@ template <int KIND, bool SAMPLE>
 __global__ void merge_kernel(TokenConfidenceParams p) {
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x;
-  RowState st = empty_state(static_cast<int32_t>(p.vocab));
+  const float scale = SAMPLE ? __fmul_rn(p.inv_t, kLog2e) : kLog2e;
+  RowState st = empty_state();
   for (int k = lane; k < p.num_splits; k += 32) {
     const float* f = p.fpart + (row * p.num_splits + k) * 6;
-    const int32_t* i = p.ipart + (row * p.num_splits + k) * 3;
+    const int32_t* i = p.ipart + (row * p.num_splits + k) * 2;
     RowState o;
-    o.t1 = f[0]; o.t2 = f[1]; o.s = f[2]; o.w = f[3]; o.bk = f[4]; o.by = f[5];
-    o.i1 = i[0]; o.bi = i[1]; o.nan = i[2];
-    st = merge<KIND, SAMPLE>(st, o);
+    o.m = f[0]; o.t2 = f[1]; o.s = f[2]; o.w = f[3]; o.bk = f[4]; o.bx = f[5];
+    o.i1 = i[0]; o.bi = i[1];
+    o.ms = fmaxf(o.m, kShiftFloor);
+    st = merge<KIND, SAMPLE>(st, o, scale);
   }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) st = merge<KIND, SAMPLE>(st, shfl_state(st, o));
-  if (lane == 0) finish<KIND, SAMPLE>(st, row, p.token, p.conf);
+  for (int o = 16; o > 0; o >>= 1) st = merge<KIND, SAMPLE>(st, shfl_state(st, o), scale);
+  if (lane == 0) finish<KIND, SAMPLE>(st, row, scale, p.token, p.conf);
 }
 
-template <typename T, int VEC, int KIND, bool SAMPLE>
+template <typename T, int KIND, bool SAMPLE, bool HAS_THR>
 cudaError_t launch_rows(const TokenConfidenceParams& p, cudaStream_t stream) {
-  const int64_t n_chunks_vec = (p.vocab + VEC - 1) / VEC;
-  const int64_t per_split = (n_chunks_vec + p.num_splits - 1) / p.num_splits * VEC;  // multiple of VEC
   if (p.num_rows > 0x7fffffff || p.num_splits > 65535) return cudaErrorInvalidConfiguration;
   dim3 grid(static_cast<unsigned>(p.num_rows), static_cast<unsigned>(p.num_splits));
-  row_kernel<T, VEC, KIND, SAMPLE><<<grid, kThreads, 0, stream>>>(p, per_split);
+  row_kernel<T, KIND, SAMPLE, HAS_THR><<<grid, kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   merge_kernel<KIND, SAMPLE><<<static_cast<unsigned>(p.num_rows), 32, 0, stream>>>(p);
@@ -270,16 +443,13 @@ cudaError_t launch_rows(const TokenConfidenceParams& p, cudaStream_t stream) {
 }
 
 template <typename T, int KIND, bool SAMPLE>
-cudaError_t dispatch_vec(const TokenConfidenceParams& p, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  const bool aligned = reinterpret_cast<uintptr_t>(p.logits) % 16 == 0 && (p.stride * sizeof(T)) % 16 == 0;
-  if (aligned) return launch_rows<T, kVec, KIND, SAMPLE>(p, stream);
-  return launch_rows<T, 1, KIND, SAMPLE>(p, stream);
+cudaError_t dispatch_thr(const TokenConfidenceParams& p, cudaStream_t stream) {
+  return p.threshold ? launch_rows<T, KIND, SAMPLE, true>(p, stream) : launch_rows<T, KIND, SAMPLE, false>(p, stream);
 }
 
 template <typename T, int KIND>
 cudaError_t dispatch_sample(const TokenConfidenceParams& p, cudaStream_t stream) {
-  return p.temperature > 0.f ? dispatch_vec<T, KIND, true>(p, stream) : dispatch_vec<T, KIND, false>(p, stream);
+  return p.sample ? dispatch_thr<T, KIND, true>(p, stream) : dispatch_thr<T, KIND, false>(p, stream);
 }
 
 template <typename T>
@@ -297,31 +467,98 @@ cudaError_t dispatch_kind(const TokenConfidenceParams& p, cudaStream_t stream) {
 // ------------------------------------------------------------------------------------------------
 __device__ __forceinline__ float rank_key(float c) { return c != c ? -INFINITY : c; }
 
-__global__ void __launch_bounds__(kThreads) commit_kernel(CommitSpansParams p) {
-  const int32_t j = blockIdx.x;
-  const int64_t N = p.num_rows;
-  __shared__ float s_key[kThreads];
-  __shared__ int64_t s_dst[kThreads];
-  __shared__ int s_valid[kThreads];
-  __shared__ int s_cnt;
+constexpr int kCommitThreads = 256;
+constexpr int kCommitTile = 512;  // span rows staged in shared memory per pass-A tile (6 KB)
 
-  auto valid_row = [&](int64_t r) -> bool {
-    if (p.row_span[r] != j) return false;
-    const int64_t d = p.row_dst[r];
-    return d >= 0 && d < p.num_tokens && p.tokens[d] == p.mask_id;
-  };
+// Rank order: a beats b when its key is higher, or equal with a lower destination. A NaN key beats nothing
+// and is beaten by nothing (non-candidates in the staged tile).
+__device__ __forceinline__ bool beats(float ka, int64_t da, float kb, int64_t db) {
+  return ka > kb || (ka == kb && da < db);
+}
 
-  // pass 0: m = masked rows of span j
-  int m = 0;
-  for (int64_t b = 0; b < N; b += kThreads) {
-    const int64_t r = b + threadIdx.x;
-    m += __syncthreads_count(r < N && valid_row(r));
+struct CommitRow {
+  int64_t dst, tok;
+  float conf, key;
+  bool masked, cand;
+};
+
+// Row r of a span as seen by every pass: masked (destination inside `tokens` and holding mask_id; a
+// destination outside is never read), candidate (masked with a token >= 0), its rank key (NaN -> -inf).
+__device__ __forceinline__ CommitRow load_row(const CommitSpansParams& p, int64_t r) {
+  CommitRow v;
+  v.dst = p.row_dst[r];
+  v.masked = v.dst >= 0 && v.dst < p.num_tokens && p.tokens[v.dst] == p.mask_id;
+  v.tok = v.masked ? p.token[r] : -1;
+  v.cand = v.masked && v.tok >= 0;
+  v.conf = v.cand ? p.conf[r] : 0.f;
+  v.key = rank_key(v.conf);
+  return v;
+}
+
+// The best (key, dst) of the block, broadcast to every thread. Every thread must call it.
+__device__ __forceinline__ void block_best(float& key, int64_t& dst, float* s_key, int64_t* s_dst) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float k2 = __shfl_xor_sync(0xffffffffu, key, o);
+    const int64_t d2 = __shfl_xor_sync(0xffffffffu, dst, o);
+    if (beats(k2, d2, key, dst)) { key = k2; dst = d2; }
   }
-  if (threadIdx.x == 0) s_cnt = 0;
-  if (m == 0) {
-    if (threadIdx.x == 0) p.committed[j] = 0;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  if (lane == 0) { s_key[wid] = key; s_dst[wid] = dst; }
+  __syncthreads();
+  key = s_key[0];
+  dst = s_dst[0];
+  for (int w = 1; w < kCommitThreads / 32; ++w)
+    if (beats(s_key[w], s_dst[w], key, dst)) { key = s_key[w]; dst = s_dst[w]; }
+  __syncthreads();  // s_key / s_dst may be reused
+}
+
+// The last block of the launch folds all_done from the arrival counter alone (relaxed atomic: the
+// fact it needs, how many spans still have masks, travels in the counter itself) and resets it.
+__device__ __forceinline__ void arrive(const CommitSpansParams& p, int32_t left) {
+  const unsigned long long nz = left != 0 ? 1ull : 0ull;
+  const unsigned long long prev = atomicAdd(p.arrivals, 1ull + (nz << 32));
+  if ((prev & 0xffffffffull) == static_cast<unsigned long long>(p.num_spans - 1)) {
+    *p.all_done = (prev >> 32) + nz == 0;
+    *p.arrivals = 0ull;
+  }
+}
+
+__global__ void __launch_bounds__(kCommitThreads) commit_kernel(CommitSpansParams p) {
+  const int32_t j = blockIdx.x;
+  const int tid = threadIdx.x;
+  __shared__ float s_key[kCommitTile];
+  __shared__ int64_t s_dst[kCommitTile];
+  __shared__ float s_piv_key;
+  __shared__ int64_t s_piv_dst;
+  constexpr int64_t kNoDst = INT64_MAX;
+
+  const int64_t first = p.span_rows[2 * static_cast<int64_t>(j)];
+  const int64_t count = p.span_rows[2 * static_cast<int64_t>(j) + 1];
+  const int64_t lo = min(max(first, static_cast<int64_t>(0)), p.num_rows);
+  const int64_t hi = min(max(first + max(count, static_cast<int64_t>(0)), lo), p.num_rows);
+
+  // pass 0: masked rows m, candidates c, the top-1 candidate
+  int m = 0, c = 0;
+  float t_key = -INFINITY;
+  int64_t t_dst = kNoDst;
+  for (int64_t r0 = lo; r0 < hi; r0 += kCommitThreads) {
+    const int64_t r = r0 + tid;
+    CommitRow v{};
+    if (r < hi) v = load_row(p, r);
+    m += __syncthreads_count(v.masked);
+    c += __syncthreads_count(v.cand);
+    if (v.cand && beats(v.key, v.dst, t_key, t_dst)) { t_key = v.key; t_dst = v.dst; }
+  }
+  if (m == 0) {  // nothing to commit: the span's counters stay as they are
+    if (tid == 0) {
+      p.committed[j] = 0;
+      arrive(p, p.masks_left[j]);
+    }
     return;
   }
+  block_best(t_key, t_dst, s_key, s_dst);
+
   const int k = p.step[j], steps = p.num_steps[j], dfr = p.deferred[j];
   int budget = m;
   if (p.policy == 1) {
@@ -334,66 +571,73 @@ __global__ void __launch_bounds__(kThreads) commit_kernel(CommitSpansParams p) {
     const int per = k < steps ? m / max(steps - k, 1) : 0;
     budget = min(m, max(per, 1) + dfr);
   }
-  __syncthreads();
 
-  // pass 1: rank each masked row of the span against all of them, tile by tile
-  for (int64_t b = 0; b < N; b += kThreads) {
-    const int64_t i = b + threadIdx.x;
-    const bool vi = i < N && valid_row(i);
-    const float ci = vi ? p.conf[i] : 0.f;
-    const float ki = rank_key(ci);
-    const int64_t di = vi ? p.row_dst[i] : 0;
-    int rank = 0;
-    for (int64_t tb = 0; tb < N; tb += kThreads) {
-      const int64_t r = tb + threadIdx.x;
-      const bool vr = r < N && valid_row(r);
-      s_valid[threadIdx.x] = vr;
-      s_key[threadIdx.x] = vr ? rank_key(p.conf[r]) : 0.f;
-      s_dst[threadIdx.x] = vr ? p.row_dst[r] : 0;
+  // pass A: the pivot, the candidate of rank budget - 1 (default: below every candidate = all are in)
+  if (tid == 0) { s_piv_key = -INFINITY; s_piv_dst = kNoDst; }
+  __syncthreads();
+  if (p.policy != 0 && budget < c) {
+    const bool one_tile = hi - lo <= kCommitTile;
+    auto stage = [&](int64_t j0) {
+      for (int q = tid; q < kCommitTile && j0 + q < hi; q += kCommitThreads) {
+        const CommitRow v = load_row(p, j0 + q);
+        s_key[q] = v.cand ? v.key : NAN;
+        s_dst[q] = v.dst;
+      }
+    };
+    if (one_tile) {
+      stage(lo);
       __syncthreads();
-      if (vi) {
-        const int lim = static_cast<int>(min(static_cast<int64_t>(kThreads), N - tb));
-        for (int q = 0; q < lim; ++q) {
-          const float kq = s_key[q];
-          rank += s_valid[q] && (kq > ki || (kq == ki && s_dst[q] < di));
+    }
+    for (int64_t i0 = lo; i0 < hi; i0 += kCommitThreads) {
+      const int64_t i = i0 + tid;
+      CommitRow v{};
+      if (i < hi) v = load_row(p, i);
+      int rank = 0;
+      for (int64_t j0 = lo; j0 < hi; j0 += kCommitTile) {
+        if (!one_tile) {
+          __syncthreads();
+          stage(j0);
+          __syncthreads();
+        }
+        if (v.cand) {
+          const int lim = static_cast<int>(min(static_cast<int64_t>(kCommitTile), hi - j0));
+          for (int q = 0; q < lim && rank < budget; ++q) rank += beats(s_key[q], s_dst[q], v.key, v.dst);
         }
       }
-      __syncthreads();
+      if (v.cand && rank == budget - 1) { s_piv_key = v.key; s_piv_dst = v.dst; }  // one candidate
     }
-    bool take = false;
-    if (vi) {
-      const bool passes = ci >= p.tau;  // NaN never passes
-      if (p.policy == 0) take = rank == 0 || passes;
-      else if (p.policy == 1) take = rank < budget;
-      else take = rank == 0 || (rank < budget && passes);
-      p.flags[i] = take ? 1 : 0;
-    } else if (i < N && p.row_span[i] == j) {
-      p.flags[i] = 0;
-    }
-    if (take) atomicAdd(&s_cnt, 1);
   }
-  __syncthreads();  // every rank is known (and every mask test done) before any token is written
+  __syncthreads();  // the pivot is known, and every read of `tokens` is done before pass B writes
+  const float piv_key = s_piv_key;
+  const int64_t piv_dst = s_piv_dst;
 
-  // pass 2: write the committed tokens
-  for (int64_t r = threadIdx.x; r < N; r += kThreads) {
-    if (p.row_span[r] == j && p.flags[r]) p.tokens[p.row_dst[r]] = p.token[r];
+  // pass B: decide each row against the top-1 and the pivot, write, count
+  int cnt = 0;
+  for (int64_t r0 = lo; r0 < hi; r0 += kCommitThreads) {
+    const int64_t r = r0 + tid;
+    bool take = false;
+    if (r < hi) {
+      const CommitRow v = load_row(p, r);
+      if (v.cand) {
+        const bool top1 = v.key == t_key && v.dst == t_dst;
+        const bool in_b = !beats(piv_key, piv_dst, v.key, v.dst);  // at or above the pivot
+        const bool passes = v.conf >= p.tau;  // NaN never passes
+        if (p.policy == 0) take = top1 || passes;
+        else if (p.policy == 1) take = in_b;
+        else take = top1 || (in_b && passes);
+        if (take) p.tokens[v.dst] = v.tok;
+      }
+    }
+    cnt += __syncthreads_count(take);
   }
-  if (threadIdx.x == 0) {
-    const int cnt = s_cnt;
+  if (tid == 0) {
+    const int left = m - cnt;
     p.committed[j] = cnt;
-    p.masks_left[j] = m - cnt;
+    p.masks_left[j] = left;
     p.step[j] = k + 1;
     p.deferred[j] = p.policy == 2 ? budget - cnt : 0;
+    arrive(p, left);
   }
-}
-
-__global__ void all_done_kernel(const int32_t* masks_left, int64_t num_spans, bool* all_done) {
-  int left = 0;
-  for (int64_t b = 0; b < num_spans; b += blockDim.x) {
-    const int64_t r = b + threadIdx.x;
-    left |= __syncthreads_or(r < num_spans && masks_left[r] != 0);
-  }
-  if (threadIdx.x == 0) *all_done = left == 0;
 }
 
 }  // namespace
@@ -413,6 +657,8 @@ cudaError_t token_confidence(const TokenConfidenceParams& p, cudaStream_t stream
   if (p.num_rows == 0) return cudaSuccess;
   if (p.vocab <= 0 || p.vocab >= 0x7fffffff || p.num_splits < 1) return cudaErrorInvalidValue;
   if (p.num_splits > 1 && (p.fpart == nullptr || p.ipart == nullptr)) return cudaErrorInvalidValue;
+  if (p.offset_mode != 0 && p.offset_t == nullptr) return cudaErrorInvalidValue;
+  if (p.num_suppress > 0 && p.suppress == nullptr) return cudaErrorInvalidValue;
   switch (p.dtype) {
     case 0: return dispatch_kind<float>(p, stream);
     case 1: return dispatch_kind<__half>(p, stream);
@@ -425,11 +671,11 @@ cudaError_t commit_spans(const CommitSpansParams& p, cudaStream_t stream) {
   if (p.num_spans == 0) {
     return cudaMemsetAsync(p.all_done, 1, 1, stream);
   }
-  if (p.num_spans > 0x7fffffff || p.policy < 0 || p.policy > 2) return cudaErrorInvalidValue;
-  commit_kernel<<<static_cast<unsigned>(p.num_spans), kThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  all_done_kernel<<<1, 256, 0, stream>>>(p.masks_left, p.num_spans, p.all_done);
+  if (p.num_spans > 0x7fffffff || p.num_rows > 0x7fffffff || p.policy < 0 || p.policy > 2 ||
+      p.arrivals == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  commit_kernel<<<static_cast<unsigned>(p.num_spans), kCommitThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

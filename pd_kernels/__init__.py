@@ -7,6 +7,10 @@ Ops (each a ``torch.library`` op in the ``pd_kernels::`` namespace, with torch /
   :class:`SpanLayout` built from one :class:`SeqQueries` per sequence (:class:`StaticSpanLayout`: the
   fixed-buffer, per-bucket form for CUDA graphs).
 
+Decoding: :func:`generate` / :class:`Decoder` (modes ``ar``, ``pd``, ``pd-da``, ``diffusion``) on a
+transformers causal LM; :func:`enable` / :func:`disable` / :func:`enabled` switch a model's attention to
+pd_kernels and back (:class:`UnsupportedModelError` for a model with features the kernels do not implement).
+
 Backends: see :mod:`pd_kernels._backend` (``backend=``, :func:`use_backend`, :func:`set_backend`,
 ``PD_KERNELS_BACKEND``).
 """
@@ -17,6 +21,7 @@ from .ops import SpanState, commit_spans, token_confidence
 from .layout import SeqQueries, SpanLayout, StaticSpanLayout
 from .paged_cache import OutOfPages, PagedKVCache
 from .decoder import ControlTags, DecodeConfig, Decoder, generate
+from .integrations.transformers import UnsupportedModelError, disable, enable, enabled
 
 __version__ = "0.1.0"
 
@@ -26,4 +31,5 @@ __all__ = [
     "span_attention", "SpanLayout", "SeqQueries", "StaticSpanLayout",
     "token_confidence", "commit_spans", "SpanState",
     "ControlTags", "DecodeConfig", "Decoder", "generate",
+    "enable", "disable", "enabled", "UnsupportedModelError",
 ]

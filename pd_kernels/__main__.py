@@ -1,23 +1,96 @@
-"""``python -m pd_kernels demo`` (console script ``pd-kernels``): planned diffusion, live.
+"""``python -m pd_kernels <command>`` (console script ``pd-kernels``).
 
-With no arguments: a tiny built-in random-weight Qwen2 and a forced two-round plan (random weights plan
-nothing sensible), on the GPU if there is one, else the CPU with the torch backend. Prints the plan, the
-spans filling in (coloured and updated in place on a terminal, plain lines otherwise) and a stats table:
-critical path (sequential forward passes) of PD against AR for the same number of answer tokens.
+Commands live in :data:`COMMANDS` (name -> :class:`Command`): each adds its own options to a sub-parser
+and runs with the parsed arguments; :func:`main` owns what every command shares: the default command
+(``demo``), one-line errors, Ctrl-C and closed pipes. To add a command, write ``add_arguments(parser)`` and
+``run(args) -> int`` and register them in :data:`COMMANDS`.
 
-``--model PATH`` runs a real checkpoint (a Dream / planned-diffusion directory, or any Qwen2/Llama
-transformers checkpoint) with its tokenizer; the model writes its own plan.
+``demo``: planned diffusion, live. With no arguments: a tiny built-in random-weight Qwen2 and a forced
+two-round plan (random weights plan nothing sensible), on the GPU if there is one, else the CPU with the
+torch backend. Prints the plan, the spans filling in (coloured and updated in place on a terminal, plain
+lines otherwise) and a stats table: critical path (sequential forward passes) of PD against AR for the
+same number of answer tokens. ``--model PATH`` runs a real checkpoint with its tokenizer (the model writes
+its own plan); the control tags are read from the tokenizer by their text (or given with ``--tag``).
+
+Exit status: 0 done, 1 an error (one line on stderr, ``pd-kernels: error: ...``; ``--traceback`` shows the
+full traceback), 2 a bad command line (argparse), 130 interrupted (Ctrl-C), 141 output pipe closed
+(``demo | head``).
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 COLORS = ["\x1b[36m", "\x1b[33m", "\x1b[35m", "\x1b[32m", "\x1b[34m", "\x1b[31m"]
 DIM, RESET, BOLD = "\x1b[2m", "\x1b[0m", "\x1b[1m"
 
+# Texts of the planned-diffusion control tags in a PD tokenizer (SPEC section 2), alternatives in order.
+TAG_TEXTS = {
+    "eos": ("<|im_end|>",),
+    "mask": ("<|mask|>",),
+    "async_open": ("<async>",),
+    "async_close": ("</async>",),
+    "promise": ("<promise>-<topic>", "<promise>"),
+    "topic_close": ("</topic>",),
+    "sync": ("<sync/>", "<sync>"),
+    "pad": ("[PAD]",),
+}
 
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument types: a bad value is an argparse error (usage + one line, exit 2)
+# ---------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (a confidence), got {text}")
+    return v
+
+
+def _tag(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=TOKEN or NAME=ID, got {text!r}")
+    if name not in TAG_TEXTS:
+        raise argparse.ArgumentTypeError(f"unknown tag {name!r}; tags: {', '.join(TAG_TEXTS)}")
+    return name, value
+
+
+# ---------------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------------
 class _Live:
     """on_step callback: draws the spans of request 0 as they fill in."""
 
@@ -79,110 +152,315 @@ class _Live:
             print("\n".join(lines))
 
 
-def _tiny_setup(args):
+@dataclass
+class _Setup:
+    model: object
+    decode: Callable
+    tags: object
+    prompt: list
+    forced: list | None
+    length_scale: int
+    notes: list            # lines printed before the prompt
+    raw_answer: bool = False  # print the generated sequence, not the answer (tag ids are stand-ins)
+
+
+def _device(args) -> str:
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available to torch")
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _prompt_text(args, default: str) -> str:
+    if args.prompt is None:
+        return default
+    if not args.prompt.strip():
+        raise CLIError("--prompt is empty (or only whitespace)")
+    return args.prompt
+
+
+def _tiny_setup(args) -> _Setup:
     from .decoder import make_plan
     from .models import TINY_TAGS, ToyTokenizer, tiny_model
 
-    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    model = tiny_model(seed=0, device=device)
+    if args.tag:
+        raise CLIError("--tag applies to --model checkpoints (the built-in model has fixed tag ids)")
+    model = tiny_model(seed=0, device=_device(args))
     tok = ToyTokenizer(TINY_TAGS)
     T = TINY_TAGS
-    prompt = tok.encode(args.prompt or "tell me three things about planned diffusion")
+    prompt = tok.encode(_prompt_text(args, "tell me three things about planned diffusion"))
     plan = [make_plan(T, [3, 2, 4], topic_tokens=[[101, 102], [103], [104, 105]], terminator="sync"),
             make_plan(T, [2, 3], topic_tokens=[[106], [107, 108]], terminator="eos")]
-    return model, tok.decode, T, prompt, [plan], 8
+    return _Setup(model, tok.decode, T, prompt, [plan], 8, [])
 
 
-def _real_setup(args):
+def _token_id(tok, vocab: dict, text: str) -> int | None:
+    """The id of ``text`` if the tokenizer holds it as one token (its own vocabulary or an added token)."""
+    if text in vocab:
+        return int(vocab[text])
+    ids = tok.encode(text, add_special_tokens=False)
+    return int(ids[0]) if len(ids) == 1 and tok.decode(ids) == text else None
+
+
+def resolve_tags(tok, mode: str, given: list[tuple[str, str]], model_vocab: int):
+    """:class:`~pd_kernels.ControlTags` of a checkpoint's tokenizer: ``--tag`` values first (an id or a token
+    text), then the PD texts of :data:`TAG_TEXTS`, then (EOS only) the tokenizer's ``eos_token``; digits are
+    the tokens ``"0"``..``"9"``. Returns ``(tags, notes)``.
+
+    ``pd`` / ``pd-da`` / ``diffusion`` need every tag and digit: a missing one is a :class:`CLIError` naming
+    it. ``ar`` needs EOS only; the other ids stand in (ids past the tokenizer's vocabulary, else reserved
+    tokens, else the highest ids) and a note says which."""
+    from .decoder import ControlTags
+
+    vocab = tok.get_vocab()
+    ids: dict[str, int] = {}
+    for name, value in given:
+        if value.lstrip("-").isdigit():
+            ids[name] = int(value)
+        else:
+            found = _token_id(tok, vocab, value)
+            if found is None:
+                raise CLIError(f"--tag {name}={value}: the tokenizer has no single token {value!r}")
+            ids[name] = found
+    for name, texts in TAG_TEXTS.items():
+        if name not in ids:
+            for text in texts:
+                found = _token_id(tok, vocab, text)
+                if found is not None:
+                    ids[name] = found
+                    break
+    if "eos" not in ids and tok.eos_token_id is not None:
+        ids["eos"] = int(tok.eos_token_id)
+    digits = [_token_id(tok, vocab, str(d)) for d in range(10)]
+    missing = [n for n in TAG_TEXTS if n not in ids]
+    described = [f"{n} ({TAG_TEXTS[n][0]})" for n in missing] + (["digits 0-9"] if None in digits else [])
+    notes = []
+    if described and mode != "ar":
+        raise CLIError(f"the tokenizer has no planned-diffusion control tag for {', '.join(described)}: this "
+                       f"checkpoint was not trained for planned diffusion; use --mode ar, or name the tags with "
+                       f"--tag NAME=TOKEN_OR_ID")
+    if "eos" not in ids:
+        raise CLIError("the tokenizer has no end-of-sequence token (<|im_end|> or eos_token): "
+                       "name it with --tag eos=...")
+    if described:  # AR needs only EOS: stand-in ids for the rest, preferably ids no text encodes to
+        used = set(ids.values()) | {d for d in digits if d is not None}
+        reserved = sorted((i for i, t in getattr(tok, "added_tokens_decoder", {}).items()
+                           if "reserved" in str(t) and i < model_vocab), reverse=True)
+        pool = [i for i in [*range(model_vocab - 1, len(tok) - 1, -1), *reserved, *range(model_vocab - 1, -1, -1)]
+                if i not in used]
+        stand = iter(dict.fromkeys(pool))
+        for n in missing:
+            ids[n] = next(stand)
+        digits = [d if d is not None else next(stand) for d in digits]
+        notes.append(f"note: the tokenizer has no {', '.join(described)}: AR mode needs only EOS; ids "
+                     f"{[ids[n] for n in missing]} stand in for {', '.join(missing)} (MASK, {ids['mask']}, is never "
+                     f"sampled) and the answer is printed from the raw sequence")
+    try:
+        return ControlTags(**ids, digits=tuple(digits)), notes
+    except ValueError as e:
+        raise CLIError(f"control tags from the tokenizer: {e}") from None
+
+
+def _real_setup(args) -> _Setup:
     import json
-    import os
 
     import torch
-    from transformers import AutoTokenizer
 
-    from .decoder import ControlTags
-    from .integrations.dream import load_dream
+    from .integrations.transformers import check_model
 
-    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    path = args.model
+    if not os.path.exists(path):
+        raise CLIError(f"--model {path}: no such file or directory")
+    if not os.path.isdir(path):
+        raise CLIError(f"--model {path}: not a directory (expected a checkpoint directory with config.json)")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CLIError(f"--model {path}: not a checkpoint directory (no config.json)")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except ValueError as e:
+        raise CLIError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CLIError(f"{cfg_path} does not hold a JSON object")
+    device = _device(args)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with open(os.path.join(args.model, "config.json")) as f:
-        mt = json.load(f).get("model_type", "").lower()
-    if mt in ("dream", "qwen2"):
-        model = load_dream(args.model, dtype=dtype, device=device)
-    else:
-        from transformers import AutoModelForCausalLM
+    mt = str(raw.get("model_type", "")).lower()
+    try:
+        if mt == "dream":
+            from .integrations.dream import load_dream
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
-    text = args.prompt or "Give three tips for staying healthy."
+            model = load_dream(path, dtype=dtype, device=device)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise CLIError(f"cannot load the model in {path}: {e}") from None
+    check_model(model)  # refuse a model the kernels cannot run before loading anything else
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CLIError(f"cannot load the tokenizer of {path}: {e}") from None
+    tags, notes = resolve_tags(tok, args.mode, args.tag or [], model.config.vocab_size)
+    text = _prompt_text(args, "Give three tips for staying healthy.")
     if getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     else:
         ids = tok.encode(text)
-    return model, lambda t: tok.decode(t), ControlTags(), ids, None, 10
+    if not ids:
+        raise CLIError("the prompt encodes to no tokens")
+    return _Setup(model, lambda t: tok.decode(t), tags, [int(i) for i in ids], None, 10, notes,
+                  raw_answer=bool(notes))
+
+
+def critical_path_line(mode: str, path: int, ar_path: int) -> str:
+    """The summary line comparing a mode's critical path with AR's, worded right either way."""
+    if path == ar_path:
+        cmp = "the same number of sequential forward passes as AR"
+    elif path < ar_path:
+        cmp = f"{ar_path / max(1, path):.2f}x fewer sequential forward passes than AR"
+    else:
+        cmp = f"{path / max(1, ar_path):.2f}x more sequential forward passes than AR"
+    return f"critical path: {mode} {path} vs AR {ar_path} steps ({cmp})"
 
 
 def demo(args) -> int:
-    import torch
-
     import pd_kernels
 
     from .decoder import DecodeConfig, Decoder, format_table
 
     t_start = time.perf_counter()
-    model, decode, tags, prompt, forced, scale = (_real_setup if args.model else _tiny_setup)(args)
-    device = next(model.parameters()).device
+    s = _real_setup(args) if args.model else _tiny_setup(args)
+    if not s.prompt:
+        raise CLIError("the prompt encodes to no tokens")
+    device = next(s.model.parameters()).device
     backend = args.backend or ("torch" if device.type == "cpu" else None)
     tty = sys.stdout.isatty() and not args.plain
-    print(f"pd_kernels {pd_kernels.__version__} demo: {'built-in tiny model, forced plan' if not args.model else args.model}"
+    print(f"pd_kernels {pd_kernels.__version__} demo: {args.model or 'built-in tiny model, forced plan'}"
           f" on {device.type} (backend {backend or 'auto'}), mode {args.mode}")
-    print(f"prompt: {decode(prompt)}")
+    for note in s.notes:
+        print(note)
+    print(f"prompt: {s.decode(s.prompt)}")
     cfg = DecodeConfig(mode=args.mode, steps_ratio=args.steps_ratio, tau=args.tau, policy=args.policy,
-                       tags=tags, length_scale=args.length_scale or scale, max_new_tokens=args.max_new_tokens)
-    live = _Live(decode, tags.mask, tty) if args.mode in ("pd", "pd-da") else None
-    res = Decoder(model, cfg, backend=backend, on_step=live).generate([prompt], forced)[0]
-    print(f"answer ({res.finish_reason}): {decode(res.answer)}")
+                       tags=s.tags, length_scale=args.length_scale or s.length_scale,
+                       max_new_tokens=args.max_new_tokens)
+    live = _Live(s.decode, s.tags.mask, tty) if args.mode in ("pd", "pd-da") else None
+    res = Decoder(s.model, cfg, backend=backend, on_step=live).generate([s.prompt], s.forced)[0]
+    answer = res.sequence[len(s.prompt):] if s.raw_answer else res.answer
+    print(f"answer ({res.finish_reason}): {s.decode(answer)}")
     rows = [(args.mode, res.stats)]
     if args.mode != "ar" and not args.no_baseline:
         # AR baseline on the same cache and kernels, for as many answer tokens
         ar_cfg = cfg.replace(mode="ar", max_new_tokens=max(1, len(res.answer)))
-        ar = Decoder(model, ar_cfg, backend=backend).generate([prompt])[0]
+        ar = Decoder(s.model, ar_cfg, backend=backend).generate([s.prompt])[0]
         rows.append(("ar", ar.stats))
     print()
     print(format_table(rows))
     if len(rows) == 2:
-        print(f"critical path: {rows[0][1].critical_path} vs AR {rows[1][1].critical_path} steps "
-              f"({rows[1][1].critical_path / max(1, rows[0][1].critical_path):.2f}x fewer sequential forward passes)")
+        print(critical_path_line(args.mode, rows[0][1].critical_path, rows[1][1].critical_path))
     if device.type == "cpu":
         print("(CPU timings: a smoke run, not GPU performance)")
     print(f"done in {time.perf_counter() - t_start:.1f} s")
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="pd-kernels", description="pd_kernels: planned-diffusion inference kernels")
-    sub = p.add_subparsers(dest="cmd")
-    d = sub.add_parser("demo", help="run planned diffusion live (tiny built-in model by default)")
-    d.add_argument("--model", default=None, help="checkpoint directory (Dream / Qwen2 / Llama); default: tiny built-in")
-    d.add_argument("--prompt", default=None)
-    d.add_argument("--mode", default="pd", choices=["ar", "pd", "pd-da", "diffusion"])
-    d.add_argument("--steps-ratio", type=float, default=1.0)
-    d.add_argument("--tau", type=float, default=0.9)
-    d.add_argument("--policy", default="schedule", choices=["schedule", "pd_threshold", "threshold"])
-    d.add_argument("--length-scale", type=int, default=None, help="masks per announced unit (default 10; tiny: 8)")
-    d.add_argument("--max-new-tokens", type=int, default=256)
-    d.add_argument("--backend", default=None, choices=["torch", "triton", "cuda", "auto"])
-    d.add_argument("--device", default=None, choices=["cpu", "cuda"])
+def _demo_arguments(d: argparse.ArgumentParser) -> None:
+    d.add_argument("--model", default=None, metavar="PATH",
+                   help="checkpoint directory with config.json, weights and tokenizer: a Dream / planned-diffusion "
+                        "checkpoint, or any transformers family pd_kernels supports (Llama, Qwen2/3, Mistral, ...; "
+                        "without PD tags in the tokenizer only --mode ar runs). Default: the tiny built-in model")
+    d.add_argument("--prompt", default=None, help="the user prompt (default: a fixed example)")
+    d.add_argument("--mode", default="pd", choices=["ar", "pd", "pd-da", "diffusion"],
+                   help="decoding mode: ar (autoregressive baseline), pd (planned diffusion), pd-da (spans of a "
+                        "round see each other), diffusion (no plan). Default: pd")
+    d.add_argument("--steps-ratio", type=_positive_float, default=1.0,
+                   help="diffusion steps per round = ratio x longest span (> 0; default 1.0)")
+    d.add_argument("--tau", type=_probability, default=0.9,
+                   help="confidence threshold of the threshold policies, in [0, 1] (default 0.9)")
+    d.add_argument("--policy", default="schedule", choices=["schedule", "pd_threshold", "threshold"],
+                   help="commit policy of a diffusion step (default: schedule)")
+    d.add_argument("--length-scale", type=_positive_int, default=None,
+                   help="mask tokens per unit a plan entry announces (>= 1; default 10, tiny model 8)")
+    d.add_argument("--max-new-tokens", type=_positive_int, default=256,
+                   help="cap on tokens added after the prompt (>= 1; default 256)")
+    d.add_argument("--tag", type=_tag, action="append", metavar="NAME=TOKEN_OR_ID",
+                   help=f"control-tag id for --model, as a token text or an id (repeatable; names: "
+                        f"{', '.join(TAG_TEXTS)}); default: looked up in the tokenizer by its text")
+    d.add_argument("--backend", default=None, choices=["torch", "triton", "cuda", "auto"],
+                   help="kernel backend of every op (default: auto on a GPU, torch on the CPU)")
+    d.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="where to run (default: cuda if available, else cpu)")
     d.add_argument("--plain", action="store_true", help="no colours / in-place updates")
     d.add_argument("--no-baseline", action="store_true", help="skip the AR baseline run")
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+#: The subcommands of ``python -m pd_kernels``; the first is the default when none is named.
+COMMANDS: dict[str, Command] = {
+    "demo": Command("run planned diffusion live (tiny built-in model by default)", _demo_arguments, demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pd-kernels", description="pd_kernels: planned-diffusion inference kernels. "
+                                f"Commands: {', '.join(COMMANDS)} (default: {next(iter(COMMANDS))}).")
+    p.add_argument("--traceback", action="store_true",
+                   help="on an error, show the full traceback (accepted anywhere on the command line)")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    for name, c in COMMANDS.items():
+        sp = sub.add_parser(name, help=c.help, description=c.help)
+        c.add_arguments(sp)
+        sp.set_defaults(run=c.run)
+    return p
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def main(argv=None) -> int:
+    """Run a command; returns the exit status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = "--traceback" in argv  # accepted anywhere on the line
+    argv = [a for a in argv if a != "--traceback"]
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["demo"] + argv  # the demo is the default command
-    args = p.parse_args(argv)
-    return demo(args)
+        argv.insert(0, next(iter(COMMANDS)))  # the default command
+    try:
+        args = build_parser().parse_args(argv)
+        rc = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as an "Exception ignored" at interpreter exit
+        return rc
+    except KeyboardInterrupt:
+        if sys.stdout.isatty():
+            sys.stdout.write(RESET + "\n")
+        return 130
+    except BrokenPipeError:
+        # the reader went away (demo | head): no traceback, and nothing more to flush to the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        from ._backend import BackendUnavailable
+        from .paged_cache import OutOfPages
+
+        torch = sys.modules.get("torch")
+        oom = (MemoryError,) + ((torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ())
+        if show_traceback or not isinstance(e, (CLIError, ValueError, OSError, BackendUnavailable, OutOfPages,
+                                                ImportError, *oom)):
+            raise  # not a known kind of bad input or resource limit: a bug, show where
+        print(f"pd-kernels: error: {_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

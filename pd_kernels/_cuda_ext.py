@@ -4,6 +4,10 @@
 nvcc alone); ``csrc/bindings/*.cpp`` declare the ``pd_kernels::*_cuda`` schemas once
 (``TORCH_LIBRARY``) and register their CUDA implementations (``TORCH_LIBRARY_IMPL``).
 
+Where the sources are (:func:`source_dir`): ``csrc/`` lives at the top of the repository; a built wheel or
+a non-editable ``pip install .`` carries a copy as package data in ``pd_kernels/csrc/`` (``setup.py``
+copies it at build time). The installed copy is preferred, then the checkout's ``csrc/`` (editable installs).
+
 Loading order: a prebuilt ``pd_kernels._C`` (``PD_KERNELS_BUILD_CUDA=1 pip install ...``), else a JIT
 build with ``torch.utils.cpp_extension.load`` + ninja into a cache directory. Knobs (environment):
 
@@ -28,7 +32,19 @@ _lock = threading.Lock()
 _problem: str | None = None
 _tried = False
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+#: Where the CUDA sources are looked for, in order: shipped in the installed package, then the checkout.
+SOURCE_DIRS = (os.path.join(_PACKAGE, "csrc"), os.path.join(os.path.dirname(_PACKAGE), "csrc"))
+
+
+def source_dir() -> str:
+    """The directory holding the CUDA sources (``*.cu``, ``*.h``, ``bindings/*.cpp``): the first of
+    :data:`SOURCE_DIRS` that has any. Raises ``FileNotFoundError`` naming both places when neither has."""
+    for d in SOURCE_DIRS:
+        if glob.glob(os.path.join(d, "*.cu")):
+            return d
+    raise FileNotFoundError(f"pd_kernels CUDA sources not found in {SOURCE_DIRS[0]} (installed package) or "
+                            f"{SOURCE_DIRS[1]} (source checkout): the package was built without its csrc/ files")
 
 
 # (qualified name of a C++-declared op, fake implementation): registered once the extension has loaded (a
@@ -45,8 +61,9 @@ def cuda_fake(qualname: str):
 
 
 def sources() -> list[str]:
-    return sorted(glob.glob(os.path.join(CSRC, "*.cu"))) + sorted(
-        glob.glob(os.path.join(CSRC, "bindings", "*.cpp")))
+    """The files the JIT build compiles: ``csrc/*.cu`` then ``csrc/bindings/*.cpp`` (absolute paths)."""
+    d = source_dir()
+    return sorted(glob.glob(os.path.join(d, "*.cu"))) + sorted(glob.glob(os.path.join(d, "bindings", "*.cpp")))
 
 
 def _arch_flags() -> list[str]:
@@ -80,7 +97,7 @@ def _build() -> None:
     cpp_extension.load(
         name="pd_kernels_cuda",
         sources=sources(),
-        extra_include_paths=[CSRC],
+        extra_include_paths=[source_dir()],
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", *_arch_flags()],
         build_directory=build_dir,

@@ -259,7 +259,7 @@ def test_cuda_graph_replay_matches_eager(cap):
     v_buf = torch.zeros(N, Hkv, D, dtype=dtype, device=dev)
     slot_buf = torch.full((N,), -1, dtype=torch.int64, device=dev)
     dst_buf = torch.zeros(N, dtype=torch.int64, device=dev)
-    span_buf = torch.zeros(N, dtype=torch.int32, device=dev)
+    span_buf = torch.zeros(B, 2, dtype=torch.int32, device=dev)  # span_rows: span b = the rows of sequence b
     tokens_g = torch.zeros(B * cap + N, dtype=torch.int64, device=dev)   # last N: dummies for padding rows
     tokens_e = tokens_g.clone()
     state_g, state_e = pk.SpanState.new(B, dev), pk.SpanState.new(B, dev)
@@ -284,10 +284,10 @@ def test_cuda_graph_replay_matches_eager(cap):
         toks[B * cap:] = 0
         for t in range(N):
             b, p = int(seq[t]), int(pos[t])
-            if b < 0:  # padding row: writes no K/V, commits into a dummy slot that holds no MASK
+            if b < 0:  # padding row: writes no K/V, in no span (its dummy destination holds no MASK either)
                 slots.append(-1)
                 dsts.append(B * cap + t)
-                spans.append(0)
+                spans.append(-1)
                 continue
             slots.append(int(bt[b, p // ps]) * ps + p % ps)
             dsts.append(b * cap + p)
@@ -297,7 +297,9 @@ def test_cuda_graph_replay_matches_eager(cap):
         masks = [int(sum(toks[d] == MASK for d, s in zip(dsts, spans) if s == b and d < B * cap)) for b in range(B)]
         slot_buf.copy_(torch.tensor(slots))
         dst_buf.copy_(torch.tensor(dsts))
-        span_buf.copy_(torch.tensor(spans, dtype=torch.int32))
+        rows_of = [[t for t, s in enumerate(spans) if s == b] for b in range(B)]
+        assert all(r == list(range(r[0], r[0] + len(r))) for r in rows_of if r)  # contiguous per sequence
+        span_buf.copy_(torch.tensor([[r[0], len(r)] if r else [0, 0] for r in rows_of], dtype=torch.int32))
         for buf in (q_buf, k_buf, v_buf):
             buf.copy_(torch.randn(buf.shape, device=dev, generator=gen).to(dtype))
         for tokens, state in ((tokens_g, state_g), (tokens_e, state_e)):

@@ -9,10 +9,10 @@ TORCH_LIBRARY(pd_kernels, m) {
   m.def("paged_kv_write_cuda(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slot_mapping) -> ()");
   m.def("token_confidence_cuda(Tensor logits, Tensor(a!) token, Tensor(b!) conf, Tensor? suppress_ids, "
-        "Tensor? offset_t, int seed, int offset, int kind, float temperature) -> ()");
-  m.def("commit_spans_cuda(Tensor token, Tensor conf, Tensor row_dst, Tensor row_span, Tensor(a!) tokens, "
-        "Tensor(b!) masks_left, Tensor(c!) step, Tensor num_steps, Tensor(d!) deferred, Tensor(e!) committed, "
-        "Tensor(f!) all_done, int policy, float tau, int mask_id) -> ()");
+        "Tensor? seed_t, Tensor? offset_t, Tensor? threshold, int seed, int offset, int kind, float temperature) -> ()");
+  m.def("commit_spans_cuda(Tensor token, Tensor conf, Tensor row_dst, Tensor span_rows, Tensor(a!) tokens, "
+        "Tensor(b!) masks_left, Tensor(c!) step, Tensor num_steps, Tensor(d!) deferred, Tensor(e!) arrivals, "
+        "Tensor(f!) committed, Tensor(g!) all_done, int policy, float tau, int mask_id) -> ()");
 }
 
 // Lets an ahead-of-time build be imported as `pd_kernels._C` (its import runs the registrations above).

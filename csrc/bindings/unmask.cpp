@@ -1,4 +1,5 @@
-// torch glue for csrc/unmask.cu: checks, workspaces, then the plain-C launchers on the current stream.
+// torch glue for csrc/unmask.cu: checks, workspaces (the row pass's split-V only), then the plain-C launchers
+// on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -27,7 +28,8 @@ int sm_count(int device) {
 }
 
 void token_confidence_cuda(const at::Tensor& logits, const at::Tensor& token, const at::Tensor& conf,
-                           const std::optional<at::Tensor>& suppress_ids, const std::optional<at::Tensor>& offset_t,
+                           const std::optional<at::Tensor>& suppress_ids, const std::optional<at::Tensor>& seed_t,
+                           const std::optional<at::Tensor>& offset_t, const std::optional<at::Tensor>& threshold,
                            int64_t seed, int64_t offset, int64_t kind, double temperature) {
   TORCH_CHECK(logits.is_cuda() && token.is_cuda() && conf.is_cuda(),
               "token_confidence_cuda: logits, token and conf must be CUDA tensors");
@@ -45,43 +47,64 @@ void token_confidence_cuda(const at::Tensor& logits, const at::Tensor& token, co
   TORCH_CHECK(kind >= 0 && kind <= 2, "token_confidence_cuda: kind must be 0 (prob), 1 (margin) or 2 (neg_entropy)");
   TORCH_CHECK(temperature >= 0, "token_confidence_cuda: temperature must be >= 0");
   TORCH_CHECK(seed >= 0 && offset >= 0, "token_confidence_cuda: seed and offset must be >= 0");
-  at::Tensor sup;
+  const auto dev = logits.device();
+  auto on_dev = [&](const at::Tensor& t) { return t.is_cuda() && t.device() == dev; };
+  const at::Tensor* sup = nullptr;
+  at::Tensor sup_c;
   if (suppress_ids.has_value() && suppress_ids->numel() > 0) {
-    TORCH_CHECK(suppress_ids->is_cuda() && suppress_ids->device() == logits.device() && suppress_ids->dim() == 1,
+    TORCH_CHECK(on_dev(*suppress_ids) && suppress_ids->dim() == 1,
                 "token_confidence_cuda: suppress_ids must be a 1-D tensor on the logits' device");
     TORCH_CHECK(suppress_ids->scalar_type() == at::kLong || suppress_ids->scalar_type() == at::kInt,
                 "token_confidence_cuda: suppress_ids must be int32 or int64");
-    sup = suppress_ids->to(at::kLong).contiguous();  // a few ids: a tiny copy at most
+    sup_c = suppress_ids->is_contiguous() ? *suppress_ids : suppress_ids->contiguous();
+    sup = &sup_c;
   }
+  if (seed_t.has_value()) {
+    TORCH_CHECK(on_dev(*seed_t) && seed_t->scalar_type() == at::kLong && seed_t->numel() == N &&
+                    seed_t->dim() == 1 && seed_t->is_contiguous(),
+                "token_confidence_cuda: seed_t must be a contiguous int64 CUDA tensor [N]");
+  }
+  int offset_mode = 0;
   if (offset_t.has_value()) {
-    TORCH_CHECK(offset_t->is_cuda() && offset_t->device() == logits.device() &&
-                    offset_t->scalar_type() == at::kLong && offset_t->numel() == 1,
-                "token_confidence_cuda: offset_t must be an int64 CUDA tensor with one element");
+    TORCH_CHECK(on_dev(*offset_t) && offset_t->scalar_type() == at::kLong && offset_t->dim() == 1 &&
+                    offset_t->is_contiguous() && (offset_t->numel() == 1 || offset_t->numel() == N),
+                "token_confidence_cuda: offset_t must be a contiguous int64 CUDA tensor [1] or [N]");
+    offset_mode = offset_t->numel() == N && N > 1 ? 2 : 1;
+  }
+  if (threshold.has_value()) {
+    TORCH_CHECK(on_dev(*threshold) && threshold->scalar_type() == at::kFloat && threshold->dim() == 1 &&
+                    threshold->numel() == N && threshold->is_contiguous(),
+                "token_confidence_cuda: threshold must be a contiguous float32 CUDA tensor [N]");
   }
   if (N == 0) return;
 
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const int num_sms = sm_count(logits.device().index());
+  const c10::cuda::CUDAGuard guard(dev);
+  const int num_sms = sm_count(dev.index());
   pdk::TokenConfidenceParams p{};
   p.logits = logits.data_ptr();
   p.num_rows = N;
   p.vocab = V;
   p.stride = logits.stride(0);
   p.dtype = dt == at::kFloat ? 0 : (dt == at::kHalf ? 1 : 2);
-  p.suppress = sup.defined() ? sup.data_ptr<int64_t>() : nullptr;
-  p.num_suppress = sup.defined() ? sup.numel() : 0;
+  p.suppress = sup ? sup->data_ptr() : nullptr;
+  p.suppress_i32 = sup && sup->scalar_type() == at::kInt;
+  p.num_suppress = sup ? sup->numel() : 0;
+  p.threshold = threshold.has_value() ? threshold->data_ptr<float>() : nullptr;
+  p.seed_t = seed_t.has_value() ? seed_t->data_ptr<int64_t>() : nullptr;
   p.offset_t = offset_t.has_value() ? offset_t->data_ptr<int64_t>() : nullptr;
+  p.offset_mode = offset_mode;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
   p.kind = static_cast<int>(kind);
-  p.temperature = static_cast<float>(temperature);
+  p.sample = temperature > 0 ? 1 : 0;
+  p.inv_t = temperature > 0 ? static_cast<float>(1.0 / temperature) : 1.f;  // fp32(1 / T), as the reference
   p.token = token.data_ptr<int64_t>();
   p.conf = conf.data_ptr<float>();
   p.num_splits = pdk::token_confidence_num_splits(N, V, num_sms);
   at::Tensor fpart, ipart;
   if (p.num_splits > 1) {
     fpart = at::empty({N, p.num_splits, 6}, logits.options().dtype(at::kFloat));
-    ipart = at::empty({N, p.num_splits, 3}, logits.options().dtype(at::kInt));
+    ipart = at::empty({N, p.num_splits, 2}, logits.options().dtype(at::kInt));
     p.fpart = fpart.data_ptr<float>();
     p.ipart = ipart.data_ptr<int32_t>();
   }
@@ -90,41 +113,44 @@ void token_confidence_cuda(const at::Tensor& logits, const at::Tensor& token, co
 }
 
 void commit_spans_cuda(const at::Tensor& token, const at::Tensor& conf, const at::Tensor& row_dst,
-                       const at::Tensor& row_span, const at::Tensor& tokens, const at::Tensor& masks_left,
+                       const at::Tensor& span_rows, const at::Tensor& tokens, const at::Tensor& masks_left,
                        const at::Tensor& step, const at::Tensor& num_steps, const at::Tensor& deferred,
-                       const at::Tensor& committed, const at::Tensor& all_done, int64_t policy, double tau,
-                       int64_t mask_id) {
-  const at::Tensor* all[] = {&token, &conf, &row_dst, &row_span, &tokens, &masks_left,
-                             &step, &num_steps, &deferred, &committed, &all_done};
+                       const at::Tensor& arrivals, const at::Tensor& committed, const at::Tensor& all_done,
+                       int64_t policy, double tau, int64_t mask_id) {
+  const at::Tensor* all[] = {&token, &conf, &row_dst, &span_rows, &tokens, &masks_left, &step,
+                             &num_steps, &deferred, &arrivals, &committed, &all_done};
   for (const at::Tensor* t : all) {
     TORCH_CHECK(t->is_cuda() && t->device() == tokens.device(),
                 "commit_spans_cuda: every tensor must be on the same CUDA device");
     TORCH_CHECK(t->is_contiguous(), "commit_spans_cuda: every tensor must be contiguous");
   }
   const int64_t N = token.numel();
-  TORCH_CHECK(token.scalar_type() == at::kLong && token.dim() == 1, "commit_spans_cuda: token must be int64 [N]");
+  TORCH_CHECK(token.scalar_type() == at::kLong && token.dim() == 1 && N <= 0x7fffffff,
+              "commit_spans_cuda: token must be int64 [N], N < 2^31");
   TORCH_CHECK(conf.scalar_type() == at::kFloat && conf.dim() == 1 && conf.size(0) == N,
               "commit_spans_cuda: conf must be float32 [N]");
   TORCH_CHECK(row_dst.scalar_type() == at::kLong && row_dst.dim() == 1 && row_dst.size(0) == N,
               "commit_spans_cuda: row_dst must be int64 [N]");
-  TORCH_CHECK(row_span.scalar_type() == at::kInt && row_span.dim() == 1 && row_span.size(0) == N,
-              "commit_spans_cuda: row_span must be int32 [N]");
   TORCH_CHECK(tokens.scalar_type() == at::kLong, "commit_spans_cuda: tokens must be int64");
   const int64_t S = masks_left.numel();
   for (const at::Tensor* t : {&masks_left, &step, &num_steps, &deferred, &committed}) {
     TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) == S,
                 "commit_spans_cuda: state tensors and committed must be int32 [S]");
   }
+  TORCH_CHECK(span_rows.scalar_type() == at::kInt && span_rows.dim() == 2 && span_rows.size(0) == S &&
+                  span_rows.size(1) == 2,
+              "commit_spans_cuda: span_rows must be int32 [S, 2]");
+  TORCH_CHECK(arrivals.scalar_type() == at::kLong && arrivals.numel() == 1,
+              "commit_spans_cuda: arrivals must be int64 [1]");
   TORCH_CHECK(all_done.scalar_type() == at::kBool && all_done.numel() == 1, "commit_spans_cuda: all_done must be bool [1]");
   TORCH_CHECK(policy >= 0 && policy <= 2, "commit_spans_cuda: policy must be 0, 1 or 2");
 
   const c10::cuda::CUDAGuard guard(tokens.device());
-  at::Tensor flags = at::empty({N > 0 ? N : 1}, token.options().dtype(at::kChar));
   pdk::CommitSpansParams p{};
   p.token = token.data_ptr<int64_t>();
   p.conf = conf.data_ptr<float>();
   p.row_dst = row_dst.data_ptr<int64_t>();
-  p.row_span = row_span.data_ptr<int32_t>();
+  p.span_rows = span_rows.data_ptr<int32_t>();
   p.num_rows = N;
   p.tokens = tokens.data_ptr<int64_t>();
   p.num_tokens = tokens.numel();
@@ -132,10 +158,10 @@ void commit_spans_cuda(const at::Tensor& token, const at::Tensor& conf, const at
   p.step = step.data_ptr<int32_t>();
   p.num_steps = num_steps.data_ptr<int32_t>();
   p.deferred = deferred.data_ptr<int32_t>();
+  p.arrivals = reinterpret_cast<unsigned long long*>(arrivals.data_ptr<int64_t>());
   p.num_spans = S;
   p.committed = committed.data_ptr<int32_t>();
   p.all_done = all_done.data_ptr<bool>();
-  p.flags = flags.data_ptr<int8_t>();
   p.policy = static_cast<int>(policy);
   p.tau = static_cast<float>(tau);
   p.mask_id = mask_id;

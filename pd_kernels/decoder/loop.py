@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from .._checks import debug_enabled
-from ..integrations.transformers import (StepContext, enable, forward_hidden, graph_capture_issues, is_enabled,
-                                          model_geometry)
+from ..integrations.transformers import (StepContext, check_model, enabled, forward_hidden, graph_capture_issues,
+                                          is_enabled, model_geometry)
 from .config import DecodeConfig
 from .plan import parse_plan
 from .stats import RequestStats
@@ -64,6 +64,20 @@ class GenerationResult:
         return self.stats.finish_reason
 
 
+def _span_rows(span_ids, num_spans: int, first_row: int) -> list[int]:
+    """``span_rows`` of :func:`~pd_kernels.commit_spans`, flattened (``[2 S]``: first row, row count per span
+    id) for step rows whose span ids are ``span_ids``, numbered from ``first_row``. Each span's rows are
+    contiguous in a step (one run of its mask positions)."""
+    out = [0] * (2 * num_spans)
+    for k, sid in enumerate(span_ids):
+        if out[2 * sid + 1] == 0:
+            out[2 * sid] = first_row + k
+        elif out[2 * sid] + out[2 * sid + 1] != first_row + k:
+            raise RuntimeError(f"rows of span {sid} are not contiguous in the step")
+        out[2 * sid + 1] += 1
+    return out
+
+
 @dataclass
 class _Span:
     start: int          # position of the span's first token (<async>, or the prompt's last token in diffusion)
@@ -71,6 +85,7 @@ class _Span:
     masks: int          # mask positions: offsets 1..masks
     sid: int            # span id in the SpanState
     active: bool = True
+    left: int = -1      # masks_left after the last step (-1: no step yet)
 
 
 @dataclass
@@ -108,20 +123,23 @@ class _Bucket:
     ``idx`` (int64, device) holds every host-built index of a step, refilled by one host-to-device copy from
     ``staging`` (pinned on CUDA): ``in_idx [Q]`` (flat token-buffer index of each packed query), ``slots [Q]``
     (cache slot, -1 = padding), then per LM-head row ``rows [R]`` (packed query row), ``ar_dst [R]``,
-    ``forced [R]``, ``val [R]``, ``s_dst [R]``, ``s_span [R]``, and ``offset [1]`` (the RNG offset).
+    ``forced [R]``, ``val [R]``, ``s_dst [R]``, then ``span_rows [2 S]`` (per span id: first LM-head row,
+    row count) and ``offset [1]`` (the RNG offset).
     Outputs: ``tok``, ``conf`` ``[R]``, ``read [R + S]`` (each row's AR value, then every span's
     ``masks_left``: what the host reads after the step)."""
 
     def __init__(self, Q: int, R: int, num_spans: int, layout, device):
         self.Q, self.R = Q, R
-        n = 2 * Q + 6 * R + 1
+        S = num_spans
+        n = 2 * Q + 5 * R + 2 * S + 1
         self.idx = torch.zeros(n, dtype=torch.int64, device=device)
         self.staging = torch.zeros(n, dtype=torch.int64, pin_memory=device.type == "cuda")
         self.host = self.staging.numpy()
-        v = [self.idx[0:Q], self.idx[Q:2 * Q]] + [self.idx[2 * Q + i * R:2 * Q + (i + 1) * R] for i in range(6)]
-        self.in_idx, self.slots, self.rows, self.ar_dst, self.forced, self.val, self.s_dst, self.s_span = v
-        self.offset = self.idx[2 * Q + 6 * R:]
-        self.span32 = torch.zeros(R, dtype=torch.int32, device=device)
+        v = [self.idx[0:Q], self.idx[Q:2 * Q]] + [self.idx[2 * Q + i * R:2 * Q + (i + 1) * R] for i in range(5)]
+        self.in_idx, self.slots, self.rows, self.ar_dst, self.forced, self.val, self.s_dst = v
+        self.span_rows = self.idx[2 * Q + 5 * R:2 * Q + 5 * R + 2 * S].view(S, 2)
+        self.offset = self.idx[2 * Q + 5 * R + 2 * S:]
+        self.span_rows32 = torch.zeros(S, 2, dtype=torch.int32, device=device)
         self.tok = torch.zeros(R, dtype=torch.int64, device=device)
         self.conf = torch.zeros(R, dtype=torch.float32, device=device)
         self.committed = torch.zeros(num_spans, dtype=torch.int32, device=device)
@@ -136,8 +154,10 @@ class Decoder:
     """Batched planned-diffusion / AR / diffusion decoding of a transformers model on pd_kernels.
 
     Args:
-        model: a transformers causal LM (Qwen2/Llama family); :func:`~pd_kernels.integrations.transformers.enable`
-            is called on it if needed (its attention then only runs inside decoder steps).
+        model: a transformers causal LM (families in
+            :data:`~pd_kernels.integrations.transformers.VERIFIED_MODEL_TYPES`; a feature the kernels do not
+            implement raises ``UnsupportedModelError`` here). :meth:`generate` switches it to pd_kernels
+            attention for the call and restores its own attention afterwards.
         config: :class:`DecodeConfig`.
         max_batch: most requests decoded together; further prompts wait and join as others finish.
         backend: pd_kernels backend of every op (``None``: the current default, see :func:`pd_kernels.use_backend`).
@@ -165,9 +185,9 @@ class Decoder:
     rows (attention output 0). LM-head rows past ``nr``, and the unused destination of real rows (an AR row
     has no commit destination, a span row no AR destination), point at scratch element ``k`` for row ``k``
     (destinations stay distinct): the AR write stores ``PAD`` there and :func:`~pd_kernels.commit_spans`
-    ignores those rows (not ``MASK``). Row order (AR rows,
-    then span rows, then padding) is the dynamic step's, so the counter-based RNG draws the same noise; the
-    RNG offset is a one-element device tensor refilled with the step's indices.
+    ignores those rows (in no span's ``span_rows`` range; their destination is not ``MASK`` either). Row order
+    (AR rows, then span rows, then padding) is the dynamic step's, so the counter-based RNG draws the same
+    noise; the RNG offset is a one-element device tensor refilled with the step's indices.
 
     **Captured** in the CUDA graph of a bucket (one graph per bucket; all share one memory pool): the token
     gather (``tokens[in_idx]``), the whole model forward (embeddings, RoPE, projections, MLPs, norms, and
@@ -197,7 +217,9 @@ class Decoder:
 
     def __init__(self, model, config: DecodeConfig | None = None, *, max_batch: int = 8, backend: str | None = None,
                  on_step=None, cuda_graphs: bool = False, static_step: bool | None = None, buckets=None):
-        self.model = model if is_enabled(model) else enable(model)
+        if not is_enabled(model):  # refuse what pd_kernels cannot run; generate() enables it and restores it
+            check_model(model)
+        self.model = model
         self.cfg = config or DecodeConfig()
         self.max_batch = max_batch
         self.backend = backend
@@ -218,9 +240,11 @@ class Decoder:
         if self.cuda_graphs and debug_enabled():
             raise ValueError("cuda_graphs=True cannot run with PD_KERNELS_DEBUG=1 (its checks read device values "
                              "on the host); use static_step=True to debug the same step eagerly")
-        if self.cuda_graphs and graph_capture_issues(self.model):
-            raise ValueError("cuda_graphs=True: this model's forward cannot be captured: "
-                             + "; ".join(graph_capture_issues(self.model)))
+        if self.cuda_graphs:
+            with enabled(self.model):
+                issues = graph_capture_issues(self.model)
+            if issues:
+                raise ValueError("cuda_graphs=True: this model's forward cannot be captured: " + "; ".join(issues))
         b = DEFAULT_BUCKETS if buckets is None else tuple(int(x) for x in buckets)
         if not b or b[0] < 1 or list(b) != sorted(set(b)):
             raise ValueError(f"buckets must be distinct positive sizes in ascending order, got {buckets!r}")
@@ -235,7 +259,12 @@ class Decoder:
         """Decode every prompt (lists of token ids). ``forced_plans[i]``: ``None`` or a list of rounds, each
         the AR tokens to force in that round (usually ending with ``<sync/>`` or EOS, see
         :func:`~pd_kernels.decoder.make_plan`); rounds past the list, or tokens past a round's list, are sampled.
-        Returns one :class:`GenerationResult` per prompt, in order."""
+        Returns one :class:`GenerationResult` per prompt, in order. The model runs on pd_kernels attention
+        only during the call: its own attention implementation is restored when it returns or raises."""
+        with enabled(self.model):
+            return self._generate(prompts, forced_plans)
+
+    def _generate(self, prompts: list[list[int]], forced_plans: list | None = None) -> list[GenerationResult]:
         from .. import PagedKVCache, SpanState
 
         cfg = self.cfg
@@ -477,7 +506,15 @@ class Decoder:
                 self._open_diffusion_answer(r)
             elif r.phase == "diffusion":
                 for s in r.round_spans:
-                    s.active = s.active and masks_left[s.sid] > 0
+                    left = masks_left[s.sid]
+                    if s.active and left > 0 and 0 <= s.left <= left:
+                        # nothing committed: every masked row had no valid token (commit_spans never commits
+                        # a negative token) and the next step would see the same; the span ends with its masks
+                        r.stats.plan_errors.append(f"round {r.stats.rounds}: span {s.sid % cfg.max_spans} stopped "
+                                                   f"with {left} masks (no valid token)")
+                        s.active = False
+                    s.left = left
+                    s.active = s.active and left > 0
                 if not any(s.active for s in r.round_spans):
                     self._end_round(r)
 
@@ -511,8 +548,9 @@ class Decoder:
         layout = SpanLayout.build(seqs, self.device)
         # every host-built index of the step in one host-to-device copy
         nq, na, ns = len(in_idx), len(ar_rows), len(sp_rows)
-        host = torch.tensor(in_idx + slots + ar_rows + sp_rows + ar_dst + ar_forced + ar_val + sp_dst + sp_span,
-                            dtype=torch.int64)
+        S = self.state.num_spans
+        host = torch.tensor(in_idx + slots + ar_rows + sp_rows + ar_dst + ar_forced + ar_val + sp_dst
+                            + _span_rows(sp_span, S, 0), dtype=torch.int64)
         dev = host.to(self.device)
         o = 0
 
@@ -523,7 +561,7 @@ class Decoder:
 
         input_idx, slot_mapping, rows = take(nq), take(nq), take(na + ns)
         a_dst, a_forced, a_val, s_dst = take(na), take(na), take(na), take(ns)
-        s_span = take(ns).to(torch.int32)
+        span_rows = take(2 * S).to(torch.int32).view(S, 2)
         input_ids = self.tokens_flat.index_select(0, input_idx)
         block_table = self.cache.block_tables([r.seq for r, *_ in ents])
         ctx = StepContext(self.cache, layout, slot_mapping, block_table, self.backend)
@@ -539,7 +577,7 @@ class Decoder:
                 self.tokens_flat.index_copy_(0, a_dst, vals)
                 read.append(vals)
             if ns:
-                commit_spans(tok[na:], conf[na:], s_dst, s_span, self.tokens_flat, self.state, policy=cfg.policy,
+                commit_spans(tok[na:], conf[na:], s_dst, span_rows, self.tokens_flat, self.state, policy=cfg.policy,
                              tau=cfg.tau, mask_id=cfg.tags.mask, backend=self.backend)
                 read.append(self.state.masks_left.to(torch.int64))
         host_read = torch.cat(read).tolist() if read else []  # the step's one device-to-host read
@@ -586,19 +624,23 @@ class Decoder:
             q0 += n
         h[nq:Q] = scratch   # padding queries: gather the scratch element (PAD) ...
         h[Q + nq:2 * Q] = -1  # ... and write no K/V
-        rows, ar_dst, forced, val, s_dst, s_span = (h[2 * Q + i * R:2 * Q + (i + 1) * R] for i in range(6))
+        rows, ar_dst, forced, val, s_dst = (h[2 * Q + i * R:2 * Q + (i + 1) * R] for i in range(5))
         spare = np.arange(scratch, scratch + R)  # row k's unused destination: scratch element k (distinct)
-        rows[:], ar_dst[:], forced[:], val[:], s_dst[:], s_span[:] = 0, spare, 1, pad, spare, 0
+        rows[:], ar_dst[:], forced[:], val[:], s_dst[:] = 0, spare, 1, pad, spare
         k = 0
         for r, _, _, ar, _ in ents:   # AR rows first, then span rows, in batch order (the dynamic step's)
             if ar is not None:
                 rows[k], ar_dst[k], forced[k], val[k] = first[r.idx] + ar[0], ar[1], ar[2], ar[3]
                 k += 1
         na = k
+        sids = []
         for r, _, _, _, sp in ents:
             for q, d, sid in sp:
-                rows[k], s_dst[k], s_span[k] = first[r.idx] + q, d, sid
+                rows[k], s_dst[k] = first[r.idx] + q, d
+                sids.append(sid)
                 k += 1
+        S = self.state.num_spans
+        h[2 * Q + 5 * R:2 * Q + 5 * R + 2 * S] = _span_rows(sids, S, na)  # rows past them: in no span
         h[-1] = self.step_index << 20   # RNG offset
         # the staging buffer is free: the previous step ended with a device-to-host read (a sync)
         bk.idx.copy_(bk.staging, non_blocking=True)
@@ -637,8 +679,8 @@ class Decoder:
                          offset=bk.offset, suppress_ids=self.suppress, out=(bk.tok, bk.conf), backend=self.backend)
         vals = torch.where(bk.forced.bool(), bk.val, bk.tok)
         self.tokens_flat.index_copy_(0, bk.ar_dst, vals)
-        bk.span32.copy_(bk.s_span)
-        commit_spans(bk.tok, bk.conf, bk.s_dst, bk.span32, self.tokens_flat, self.state, policy=cfg.policy,
+        bk.span_rows32.copy_(bk.span_rows)
+        commit_spans(bk.tok, bk.conf, bk.s_dst, bk.span_rows32, self.tokens_flat, self.state, policy=cfg.policy,
                      tau=cfg.tau, mask_id=cfg.tags.mask, out=(bk.committed, bk.all_done), backend=self.backend)
         bk.read[:bk.R].copy_(vals)
         bk.read[bk.R:].copy_(self.state.masks_left)

@@ -11,9 +11,12 @@ import os
 import torch
 
 # Dream config keys carried into Qwen2Config (everything else is dropped).
+# The sliding-window keys are carried as they are: a checkpoint that asks for windows gets them, and
+# pd_kernels' enable() then refuses the model instead of running it without (no silent drop).
 _KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
          "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-         "attention_dropout", "pad_token_id", "bos_token_id", "eos_token_id", "initializer_range")
+         "attention_dropout", "pad_token_id", "bos_token_id", "eos_token_id", "initializer_range",
+         "use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
 
 
 def dream_to_qwen2_config(cfg: dict):
@@ -30,7 +33,7 @@ def dream_to_qwen2_config(cfg: dict):
         rope.update(scaling)
         rope["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
     kw["rope_parameters"] = rope
-    kw["use_sliding_window"] = False
+    kw.setdefault("use_sliding_window", False)
     return Qwen2Config(**kw)
 
 

@@ -13,12 +13,16 @@ tie rules) is written here once; the Triton and CUDA code use the same integer f
 
 Defined edge cases (the same in every backend):
 
+* Suppressed ids are removed before everything (their logit counts as ``-inf``, even a NaN); the top-k /
+  top-p filters (:func:`filter_threshold`) then remove every token below the row's floor.
 * NaN logits are never chosen (treated as ``-inf`` for the token choice) and make the row's confidence
   NaN, so a broken model shows up instead of being hidden.
-* A row whose largest usable logit is not finite (every logit ``-inf``/suppressed/NaN, or a ``+inf``
-  logit) gets confidence NaN; its token is still the argmax as defined (first index among equals).
+* A row with no usable entry (every logit ``-inf``, suppressed, filtered out or NaN) gets token ``-1`` and
+  confidence ``-inf`` (NaN when the row holds a NaN). A row with a ``+inf`` logit gets the first ``+inf`` as
+  its greedy token and confidence NaN.
 * In the commit, a NaN confidence ranks like ``-inf`` (ties broken by the lower ``row_dst``) and never
-  passes ``tau``; a span with masks still commits its top-1, so every step makes progress.
+  passes ``tau``; a span with masks still commits its top-1, so every step makes progress. A row whose
+  token is negative (no valid token) is never committed and stays masked.
 """
 from __future__ import annotations
 
@@ -32,9 +36,15 @@ POLICIES = ("threshold", "schedule", "pd_threshold")
 # ---------------------------------------------------------------------------------------------------
 # Counter-based random numbers (Gumbel noise for temperature > 0)
 # ---------------------------------------------------------------------------------------------------
-# A murmur3-style 32-bit hash of (seed, offset, row, col). The same uint32 arithmetic is written in
-# Triton (ops/triton/unmask.py) and CUDA (csrc/unmask.cu); here it runs in int64 with every product
-# kept below 2^63 (no reliance on signed overflow).
+# The noise of (row r, column v) depends on (seed[r], counter[r], v) only, never on r itself, so a request
+# draws the same numbers alone or in any batch when its own seed and counter travel with it:
+#
+#   h_row = mix(mix(mix(seed_lo, seed_hi), counter_lo), counter_hi)     murmur3 rounds, once per row
+#   bits  = fmix32(mix(h_row, v))                                       32 random bits per element
+#   g     = gumbel_from_bits(bits)
+#
+# The same uint32 arithmetic is written in Triton (ops/triton/unmask.py) and CUDA (csrc/unmask.cu); here it
+# runs in int64 with every product kept below 2^63 (no reliance on signed overflow).
 _M32 = 0xFFFFFFFF
 _C1, _C2, _C3 = 0xCC9E2D51, 0x1B873593, 0xE6546B64
 _F1, _F2 = 0x85EBCA6B, 0xC2B2AE35
@@ -68,55 +78,138 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
-def rng_row_state(seed: int, offset: int, row):
-    """Per-row hash state: ``row`` an int or an int64 tensor of rows."""
-    h = seed & _M32
-    h = _mix32(h, (seed >> 32) & _M32)
-    h = _mix32(h, offset & _M32)
-    h = _mix32(h, (offset >> 32) & _M32)
-    return _mix32(h, row)
+def _words(t: torch.Tensor):
+    """Low and high 32-bit words of int64 values (their uint64 bit patterns), as int64 in [0, 2^32)."""
+    return t & _M32, (t >> 32) & _M32
 
 
-def uniform01(seed: int, offset: int, num_rows: int, num_cols: int, device=None) -> torch.Tensor:
-    """fp32 ``[num_rows, num_cols]`` uniforms in (0, 1): ``((hash >> 9) + 0.5) / 2^23``.
+def row_state(seed, offset, num_rows: int, device=None) -> torch.Tensor:
+    """Hash state of each row, int64 ``[N]`` in ``[0, 2^32)``, from its (seed, counter).
 
-    23 bits so that ``+ 0.5`` stays exact in fp32 (24 significant bits): u is never 0 or 1, so the
-    Gumbel noise is always finite."""
+    ``seed``: an int in ``[0, 2^63)`` for every row, or an int64 tensor ``[N]`` (one per row, any value: its
+    uint64 bit pattern). ``offset``: an int in ``[0, 2^63)`` or a one-element int64 tensor, giving
+    ``counter = offset + row`` (mod 2^64); or an int64 tensor ``[N]``, giving ``counter = offset[row]``.
+    (With N = 1 the two tensor forms agree.)
+    """
     rows = torch.arange(num_rows, dtype=torch.int64, device=device)
-    cols = torch.arange(num_cols, dtype=torch.int64, device=device)
-    h = _fmix32(_mix32(rng_row_state(seed, offset, rows)[:, None], cols[None, :]))
-    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
+    if isinstance(seed, torch.Tensor):
+        s_lo, s_hi = _words(seed.to(device=device, dtype=torch.int64).reshape(-1).expand(num_rows))
+    else:
+        s_lo = torch.full((num_rows,), seed & _M32, dtype=torch.int64, device=device)
+        s_hi = torch.full((num_rows,), (seed >> 32) & _M32, dtype=torch.int64, device=device)
+    if isinstance(offset, torch.Tensor) and offset.numel() != 1:
+        c_lo, c_hi = _words(offset.to(device=device, dtype=torch.int64).reshape(-1).expand(num_rows))
+    else:
+        if isinstance(offset, torch.Tensor):
+            b_lo, b_hi = _words(offset.to(device=device, dtype=torch.int64).reshape(1))
+        else:
+            b_lo, b_hi = offset & _M32, (offset >> 32) & _M32
+        lo = b_lo + rows
+        c_lo, c_hi = lo & _M32, (b_hi + (lo >> 32)) & _M32
+    h = _mix32(s_lo, s_hi)
+    h = _mix32(h, c_lo)
+    return _mix32(h, c_hi)
 
 
-def gumbel_noise(seed: int, offset: int, num_rows: int, num_cols: int, device=None) -> torch.Tensor:
-    """fp32 Gumbel(0, 1) noise ``-log(-log(u))``, reproducible from (seed, offset, row, col)."""
-    u = uniform01(seed, offset, num_rows, num_cols, device)
-    return -torch.log(-torch.log(u))
+def random_bits(h_row: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """32 random bits per (row, column): int64 ``[N, V]`` in ``[0, 2^32)`` from the row states ``[N]``."""
+    cols = torch.arange(num_cols, dtype=torch.int64, device=h_row.device)
+    return _fmix32(_mix32(h_row[:, None], cols[None, :]))
+
+
+def gumbel_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise in fp32 from 32 random bits (int64 tensor of values in ``[0, 2^32)``).
+
+    The formula every backend uses. With ``r`` = the low 31 bits, ``x = fp32(2r + 1) * 2^-33`` in
+    ``(0, 0.5]`` (one rounding of an integer, then an exact power-of-two scale), and the top bit choosing
+    the half of the uniform ``u = (bits + 1/2) / 2^32``:
+
+    * top bit 0: ``u = x``, ``E = -log(u) = -log(x)``;
+    * top bit 1: ``u = 1 - x``, ``E = -log(u) = -log1p(-x)``: exact near u = 1, where ``-log(u)`` of a
+      rounded u would give 0 (then ``-log(E)`` = +inf) or, under approximate logs, even a negative E (NaN);
+
+    and ``g = -log(E)``. Every value is finite: ``g`` lies in about ``[-3.13, 22.87]``
+    (:data:`GUMBEL_MAX`), so a token up to about 26 below the top logit (in units of ``z / T``) can still
+    be drawn (23-bit uniforms stopped at about 19).
+    """
+    x = ((bits & 0x7FFFFFFF) * 2 + 1).to(torch.float32) * 2.0**-33
+    e = torch.where(bits >= 2**31, -torch.log1p(-x), -torch.log(x))
+    return -torch.log(e)
+
+
+GUMBEL_MAX = float(gumbel_from_bits(torch.tensor([2**31])))
+"""The largest noise the generator can produce (bits = 2^31: u = 1 - 2^-33), about 22.8732."""
+
+GUMBEL_REACH = 22.875
+"""A bound the kernels use to skip the noise of an element: its key ``y + g`` cannot beat (or tie) the
+best key so far when ``y + GUMBEL_REACH <= best``. Above :data:`GUMBEL_MAX` by a margin that covers the
+GPU's approximate logarithms (a few ulp of 22.87, about 6e-6)."""
+
+
+def gumbel_noise(seed, offset, num_rows: int, num_cols: int, device=None) -> torch.Tensor:
+    """fp32 Gumbel(0, 1) noise ``[num_rows, num_cols]``; ``seed`` and ``offset`` as in :func:`row_state`."""
+    return gumbel_from_bits(random_bits(row_state(seed, offset, num_rows, device), num_cols))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Token and confidence per row
 # ---------------------------------------------------------------------------------------------------
-def top_p_filter(logits: torch.Tensor, top_p: float, temperature: float = 0.0) -> torch.Tensor:
-    """fp32 copy of ``logits`` with every token outside the top-p nucleus of ``softmax(z / T)`` set to -inf.
+def filter_threshold(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0, temperature: float = 0.0,
+                     suppress_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Per-row floor of the top-k / top-p filters: fp32 ``[N]``, a token is kept iff its logit is ``>=`` it.
+    ``None`` when neither filter removes anything (``top_k`` 0 or ``>= V``, ``top_p >= 1``).
 
-    The nucleus (as the PD reference's ``top_p_logits``): sort descending, keep a token while the
-    probability mass strictly before it is ``<= top_p`` (so the token that crosses ``top_p`` is kept and
-    the top-1 always is). Stable sort: ties keep the lower index first. ``-inf`` logits stay ``-inf``.
+    * top-k: the k-th largest logit of the row; every token tied with it is kept.
+    * top-p (the nucleus of the PD reference's ``top_p_logits``) under ``softmax(z / T)`` (``z`` itself at
+      temperature 0): sorted descending, a token is kept while the probability mass strictly before it is
+      ``<= top_p``, so the token that crosses ``top_p`` is kept and so is the top-1. The floor is the logit of
+      the last kept token: a token tied with it is kept too (ties are never split by index, so the result
+      does not depend on how a sort orders equal values).
+    * both: the PD reference applies top-p, then top-k to what is left: the larger of the two floors.
+
+    Suppressed ids are removed before both. NaN ranks above every number (as in ``torch.sort``/``topk``);
+    a NaN floor becomes ``-inf`` (keep everything: such a row's confidence is NaN anyway). A row with fewer
+    than k usable entries keeps them all. Probabilities are fp32 (the PD reference uses the logits' dtype).
+    One ``torch.topk`` (top-k) or one ``torch.sort`` (top-p) of the rows: this pre-pass is not fused.
     """
-    z = logits.float()
-    y = z / temperature if temperature > 0 else z
-    sorted_y, order = torch.sort(y, dim=-1, descending=True, stable=True)
-    cum = torch.softmax(sorted_y, dim=-1).cumsum(-1)
-    remove_sorted = torch.zeros_like(cum, dtype=torch.bool)
-    remove_sorted[..., 1:] = cum[..., :-1] > top_p
-    remove = torch.zeros_like(remove_sorted).scatter_(-1, order, remove_sorted)
-    return z.masked_fill(remove, float("-inf"))
+    N, V = logits.shape
+    use_k = 0 < top_k < V
+    use_p = top_p < 1.0
+    if not (use_k or use_p):
+        return None
+    dev = logits.device
+    sup = None
+    if suppress_ids is not None and suppress_ids.numel():
+        sup = suppress_ids.to(device=dev, dtype=torch.int64)
+    ninf = float("-inf")
+    thr = torch.full((N,), ninf, dtype=torch.float32, device=dev)
+    if use_k:
+        kk = min(V, top_k + (0 if sup is None else sup.numel()))
+        vals, idx = torch.topk(logits, kk, dim=-1)
+        vals = vals.float()
+        if sup is not None:
+            vals = vals.masked_fill(torch.isin(idx, sup), ninf).sort(dim=-1, descending=True).values
+        thr_k = vals[:, top_k - 1]
+        thr = torch.maximum(thr, torch.where(torch.isnan(thr_k), ninf, thr_k))
+    if use_p:
+        sv, si = torch.sort(logits, dim=-1, descending=True)
+        z = sv.float()
+        y = z * torch.tensor(1.0 / temperature, dtype=torch.float32) if temperature > 0 else z
+        usable = torch.ones_like(y, dtype=torch.bool) if sup is None else ~torch.isin(si, sup)
+        y = y.masked_fill(~usable, ninf)
+        cum = torch.softmax(y, dim=-1).cumsum(-1)
+        kept = torch.ones_like(usable)
+        kept[:, 1:] = cum[:, :-1] <= top_p  # mass strictly before the token; NaN (a NaN row) keeps the first
+        thr_p = torch.where(kept & usable, z, float("inf")).min(dim=-1).values
+        thr = torch.maximum(thr, torch.where(torch.isnan(thr_p), ninf, thr_p))
+    return thr
 
 
 def token_confidence_ref(logits: torch.Tensor, confidence: str = "prob", temperature: float = 0.0,
-                         seed: int = 0, offset: int = 0, suppress_ids: torch.Tensor | None = None,
-                         compute_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                         seed=0, offset=0, suppress_ids: torch.Tensor | None = None,
+                         compute_dtype: torch.dtype = torch.float32, *, top_k: int = 0, top_p: float = 1.0,
+                         filter_greedy: bool = True,
+                         threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token and confidence per row (SPEC section 5).
 
     Args:
@@ -125,35 +218,52 @@ def token_confidence_ref(logits: torch.Tensor, confidence: str = "prob", tempera
         temperature: 0 = argmax (ties -> lowest index); > 0 = Gumbel-max sample from ``softmax(z / T)``
             with noise :func:`gumbel_noise` (seed, offset); every confidence kind is then taken under
             ``softmax(z / T)``.
+        seed, offset: the random-number keys, as in :func:`row_state` (ints or int64 tensors).
         suppress_ids: int ``[S]`` ids removed before everything (their logit becomes -inf).
         compute_dtype: dtype of the softmax arithmetic (the tests use float64 as the truth). The token
             choice is always made on fp32 values, as the kernels do.
+        top_k, top_p: filters of :func:`filter_threshold`, applied after the suppression, before the
+            token choice and the confidence (so they change the confidence too).
+        filter_greedy: apply the filters at temperature 0 as well (the PD reference does: a row whose top-1
+            probability exceeds ``top_p`` keeps only that token, confidence exactly 1 for ``prob``, 0 for
+            ``neg_entropy``); False: greedy rows ignore them.
+        threshold: fp32 ``[N]`` floor computed already (the ops pass :func:`filter_threshold`'s result);
+            excludes ``top_k`` / ``top_p``.
 
-    Returns: ``token`` int64 ``[N]``, ``conf`` float32 ``[N]``.
+    Returns: ``token`` int64 ``[N]`` (``-1`` for a row with no usable entry), ``conf`` float32 ``[N]``.
     """
     if confidence not in CONFIDENCE_KINDS:
         raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
     N, V = logits.shape
     dev = logits.device
+    sample = temperature > 0
+    ninf = float("-inf")
     z = logits.float()
-    nan_row = torch.isnan(z).any(dim=-1)
-    z = torch.where(torch.isnan(z), torch.full_like(z, float("-inf")), z)
-    selectable = torch.ones(V, dtype=torch.bool, device=dev)
     if suppress_ids is not None and suppress_ids.numel():
         sup = suppress_ids.to(device=dev, dtype=torch.int64)
-        sup = sup[(sup >= 0) & (sup < V)]
-        selectable[sup] = False
-        z = z.masked_fill(~selectable, float("-inf"))
-    sample = temperature > 0
+        selectable = torch.ones(V, dtype=torch.bool, device=dev)
+        selectable[sup[(sup >= 0) & (sup < V)]] = False
+        z = z.masked_fill(~selectable, ninf)
+    if threshold is None:
+        if sample or filter_greedy:
+            threshold = filter_threshold(logits, top_k=top_k, top_p=top_p, temperature=temperature,
+                                         suppress_ids=suppress_ids)
+    elif top_k or top_p < 1.0:
+        raise ValueError("pass either threshold or top_k / top_p, not both")
+    if threshold is not None:
+        z = torch.where(z < threshold.to(device=dev, dtype=torch.float32)[:, None], ninf, z)  # NaN stays NaN
+    nan_row = torch.isnan(z).any(dim=-1)
+    z = torch.where(torch.isnan(z), ninf, z)
     # y = z / T as a multiply by the fp32 reciprocal: the kernels do exactly this.
     y32 = z * torch.tensor(1.0 / temperature, dtype=torch.float32) if sample else z
 
-    # token: argmax of the key among selectable ids, first index among equals
+    # token: argmax of the key (first index among equals); -1 when the row has no usable entry
     key = y32 + gumbel_noise(seed, offset, N, V, dev) if sample else y32
-    key = key.masked_fill(~selectable, float("-inf"))
     best = key.max(dim=-1, keepdim=True).values
     cols = torch.arange(V, device=dev).expand(N, V)
-    token = torch.where((key == best) & selectable, cols, V).min(dim=-1).values
+    token = torch.where(key == best, cols, V).min(dim=-1).values
+    none = best.squeeze(1) == ninf
+    token = torch.where(none, -1, token)
 
     # confidence under softmax(y)
     y = z.to(compute_dtype) * (1.0 / temperature) if sample else z.to(compute_dtype)
@@ -163,19 +273,19 @@ def token_confidence_ref(logits: torch.Tensor, confidence: str = "prob", tempera
     p = torch.exp(y - m)
     s = p.sum(dim=-1)
     if confidence == "prob":
-        conf = torch.exp(y.gather(1, token[:, None]).squeeze(1) - m.squeeze(1)) / s
+        conf = torch.exp(y.gather(1, token.clamp(min=0)[:, None]).squeeze(1) - m.squeeze(1)) / s
     elif confidence == "margin":
         if V >= 2:
-            top2 = torch.topk(y, 2, dim=-1).values
-            t2 = top2[:, 1]
+            t2 = torch.topk(y, 2, dim=-1).values[:, 1]
         else:
-            t2 = torch.full((N,), float("-inf"), dtype=y.dtype, device=dev)
+            t2 = torch.full((N,), ninf, dtype=y.dtype, device=dev)
         conf = (1.0 - torch.exp(t2 - m.squeeze(1))) / s
     else:
         prob = p / s[:, None]
         conf = torch.special.xlogy(prob, prob).sum(dim=-1)
     finite = torch.isfinite(m.squeeze(1)) & ~nan_row
     conf = torch.where(finite, conf, torch.full_like(conf, float("nan")))
+    conf = torch.where(none & ~nan_row, torch.full_like(conf, ninf), conf)
     return token.to(torch.int64), conf.to(torch.float32)
 
 
@@ -189,13 +299,21 @@ class SpanState:
     * ``masks_left``: mask tokens still in the span (0 = finished, or never started);
     * ``step``: diffusion steps the span has taken this round (k in SPEC section 5);
     * ``num_steps``: the round's original step count for the span (``steps`` in SPEC section 5);
-    * ``deferred``: tokens ``pd_threshold`` deferred at the span's last step.
+    * ``deferred``: tokens ``pd_threshold`` deferred at the span's last step;
+    * ``arrivals``: int64 ``[1]``, the commit kernels' arrival counter (each program of a launch adds to it,
+      the last one folds ``all_done`` and sets it back to 0): 0 between calls, never read by the host.
+      Created zeroed when not given.
     """
 
     masks_left: torch.Tensor
     step: torch.Tensor
     num_steps: torch.Tensor
     deferred: torch.Tensor
+    arrivals: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.arrivals is None:
+            self.arrivals = torch.zeros(1, dtype=torch.int64, device=self.masks_left.device)
 
     @classmethod
     def new(cls, num_spans: int, device=None) -> "SpanState":
@@ -229,7 +347,7 @@ class SpanState:
 
     def clone(self) -> "SpanState":
         return SpanState(self.masks_left.clone(), self.step.clone(), self.num_steps.clone(),
-                         self.deferred.clone())
+                         self.deferred.clone(), self.arrivals.clone())
 
 
 def schedule_count(m: int, k: int, steps: int) -> int:
@@ -255,23 +373,43 @@ def pd_threshold_budget(m: int, k: int, steps: int, deferred: int) -> int:
     return min(m, max(1, per_step) + deferred)
 
 
-def commit_spans_ref(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor, row_span: torch.Tensor,
+def span_row_range(first: int, count: int, num_rows: int) -> range:
+    """Rows of a span given its ``span_rows`` entry ``(first, count)``, clipped to ``[0, num_rows)``: what
+    every backend reads (a bad entry never makes a kernel read outside the row tensors)."""
+    lo = min(max(first, 0), num_rows)
+    hi = min(max(first + max(count, 0), lo), num_rows)
+    return range(lo, hi)
+
+
+def commit_spans_ref(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor, span_rows: torch.Tensor,
                      tokens: torch.Tensor, state: SpanState, policy: str = "threshold", tau: float = 0.9,
                      mask_id: int = 151666) -> tuple[torch.Tensor, torch.Tensor]:
     """Commit tokens per span, in place (SPEC section 5). Shapes as :func:`pd_kernels.commit_spans`.
 
-    Per span j (its *rows*: rows with ``row_span == j`` whose position still holds ``mask_id``;
-    m = their number; spans with m = 0 are left untouched; a row whose ``row_dst`` is outside
-    ``[0, tokens.numel())`` is never read or written, as in the kernels):
+    Span j owns the rows ``span_row_range(*span_rows[j], N)`` (contiguous; rows of different spans do not
+    overlap; rows of no span are ignored). Among them:
 
-    1. rank the rows by confidence, highest first; NaN ranks as -inf; ties -> lower ``row_dst`` first;
-    2. choose the committed set:
-       * threshold: the top-1, and every row with ``conf >= tau``;
-       * schedule: the top ``schedule_count(m, step, num_steps)`` rows;
+    * its *masked rows*: ``row_dst`` inside ``[0, tokens.numel())`` and ``tokens[row_dst] == mask_id``
+      (a destination outside ``tokens`` is never read or written); m = their number;
+    * its *candidates*: the masked rows whose ``token >= 0``. A masked row with a negative token (a row where
+      :func:`token_confidence` found no valid token) is never committed: it keeps its MASK, counts in m
+      (so in ``masks_left``) and takes no place in the ranking.
+
+    Spans with m = 0 are left untouched. For the others:
+
+    1. rank the candidates by confidence, highest first; NaN ranks as -inf; ties -> lower ``row_dst`` first;
+    2. choose the committed set (``b`` is computed from m; when fewer than ``b`` candidates exist, all of
+       them are the "top b"):
+       * threshold: the top-1, and every candidate with ``conf >= tau``;
+       * schedule: the top ``b = schedule_count(m, step, num_steps)`` candidates;
        * pd_threshold: b = ``pd_threshold_budget(m, step, num_steps, deferred)``; among the top b,
-         the top-1 and every row with ``conf >= tau``; the other ``b - committed`` are deferred;
+         the top-1 and every candidate with ``conf >= tau``; the other ``b - committed`` are deferred;
     3. write their tokens into ``tokens[row_dst]``; ``masks_left = m - committed``, ``step += 1``,
        ``deferred`` = the deferred count (0 for the other policies).
+
+    Every step commits at least one token in a span with a candidate. A span whose masked rows all lack a
+    valid token commits nothing (``committed`` 0, ``masks_left`` unchanged, ``step`` still advances): the
+    caller decides what to do with it (the decoder ends such a span, see :mod:`pd_kernels.decoder.loop`).
 
     Returns ``committed`` int32 ``[S]`` (this call) and ``all_done`` bool ``[1]``
     (``masks_left == 0`` for every span of the state).
@@ -279,33 +417,34 @@ def commit_spans_ref(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Ten
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     S = state.num_spans
+    N = token.shape[0]
     flat = tokens.view(-1)
     committed = torch.zeros(S, dtype=torch.int32, device=tokens.device)
     tau32 = float(torch.tensor(tau, dtype=torch.float32))  # the kernels compare in fp32
     tok_l = token.tolist()
     conf_l = conf.float().tolist()
     dst_l = row_dst.tolist()
-    span_l = row_span.tolist()
+    ranges = span_rows.reshape(-1, 2).tolist()
     inside = (row_dst >= 0) & (row_dst < flat.numel())
     cur_l = torch.where(inside, flat[row_dst.clamp(0, max(flat.numel() - 1, 0))], mask_id + 1).tolist() \
         if row_dst.numel() and flat.numel() else [mask_id + 1] * len(dst_l)
     for j in range(S):
-        rows = [r for r in range(len(span_l)) if span_l[r] == j and cur_l[r] == mask_id]
+        rows = [r for r in span_row_range(ranges[j][0], ranges[j][1], N) if cur_l[r] == mask_id]
         m = len(rows)
         if m == 0:
             continue
         key = lambda r: (-(float("-inf") if conf_l[r] != conf_l[r] else conf_l[r]), dst_l[r])  # noqa: E731
-        order = sorted(rows, key=key)
+        order = sorted((r for r in rows if tok_l[r] >= 0), key=key)
         k = int(state.step[j])
         steps = int(state.num_steps[j])
         deferred = 0
         if policy == "threshold":
-            take = [order[0]] + [r for r in order[1:] if conf_l[r] >= tau32]
+            take = order[:1] + [r for r in order[1:] if conf_l[r] >= tau32]
         elif policy == "schedule":
             take = order[:schedule_count(m, k, steps)]
         else:
             budget = pd_threshold_budget(m, k, steps, int(state.deferred[j]))
-            take = [order[0]] + [r for r in order[1:budget] if conf_l[r] >= tau32]
+            take = order[:1] + [r for r in order[1:budget] if conf_l[r] >= tau32]
             deferred = budget - len(take)
         for r in take:
             flat[dst_l[r]] = tok_l[r]

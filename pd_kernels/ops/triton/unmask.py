@@ -1,56 +1,88 @@
 """Triton kernels for token choice and span commits (SPEC section 5).
 
 Row pass (``_row_kernel``): program (row, split) streams its slice of the row once, in chunks of
-``BLOCK_V`` logits. The online state is kept **per lane** (vectors of ``BLOCK_V``; lane l sees columns
-l, l + BLOCK_V, ... in increasing order) and reduced across lanes once, after the loop: top-1 value/index
-(strict ``>`` keeps the lane's first index among equals), top-2 value (a duplicated maximum counts),
-``s = sum exp(y - m_l)`` and ``w = sum exp(y - m_l) (y - m_l)`` against the lane's own running max
-``m_l`` (= its top-1), a NaN flag, and for sampling the best Gumbel key with its index and logit. The lane
-merge uses the rules that merge splits: global max; first index among equal maxima;
-``t2 = max(max_l t2_l, max over the other lanes of t1_l)``; ``s = sum_l s_l exp(m_l - m)``, ``w`` likewise.
-With one split the program writes the token and confidence; with several (few rows: the grid must still
-cover the SMs), each program writes its lane-merged partial state and ``_merge_kernel`` (one program per
-row) combines them.
+``BLOCK_V`` logits viewed as ``[BLOCK_V // VEC, VEC]``: one row of that tile is one 16-byte vector (VEC = 8
+bf16/fp16, 4 fp32), held by one thread, and is a *lane*. A lane sees its vectors in increasing column order
+and keeps an online state (``[R]`` tensors, R = BLOCK_V // VEC): its running max ``m`` and the chunk where
+it first reached it (not the column: that is recovered once after the loop by re-reading one vector),
+``s = sum 2^t`` with ``t = (x - m) * log2(e) / T`` (log2 units; the subtraction first, so the top term is
+exactly 1 and a row that keeps a single token has ``prob`` 1 and ``neg_entropy`` 0 exactly),
+``w = sum 2^t t`` for ``neg_entropy``, the second largest ``t2`` for ``margin``, and for sampling the best
+key with its column and logit. Per element the steady state costs the upcast (bf16 full chunks are read as
+int32 pairs: one shift or mask per element), a share of the vector max, a subtract, a multiply, one
+``ex2.approx.ftz`` and an add (plus a clamp and an FFMA for ``neg_entropy``, a top-2 for ``margin``); the
+rescale ``2^(m_old - m_new)``, the argmax and the ``t2`` update are per vector. NaN needs no flag: it
+reaches ``s`` through ``ex2`` (NaN in, NaN out) and makes the confidence NaN; ``max`` ignores it, so it is
+never chosen. A row with no usable entry ends with ``m = -inf``: token -1.
 
-Why per-lane max (not one shared chunk max per chunk): the lane's running max is its top-1, which the
-argmax needs per lane anyway, so it costs nothing extra; and the update needs one exp per element either
-way (``e = exp(-|y - m_l|)`` is the new term when ``y <= m_l`` and the rescale of the old sums when
-``y > m_l``). A shared max would add one block reduction per chunk and gain nothing. In the interpreter
-it was also slower (N=4, V=152064, BLOCK_V=4096: 2.0 vs 1.5 ms per program step for margin).
+Suppressed ids (decoding always suppresses MASK): only chunks that overlap ``[min id, max id]`` take the
+per-id compare (a block-uniform branch, one chunk per row for one id). The top-k / top-p floor
+(``HAS_THR``) is one compare-select per element. Full chunks load unmasked (16-byte loads when the row
+stride is divisible by 16 elements); the last, partial chunk is peeled out of the loop.
 
-Cost per chunk: the previous version did 5-6 block reductions per chunk (NaN flag, max, arg-min over
-equal maxima, second max, sum p, plus sum p (y - m) for neg_entropy) and 3 more when sampling (key max, its
-arg-min, its logit); each is warp shuffles + a shared-memory round trip + barriers. Now: **0 per chunk**
-and 6-9 once per program. Compiled for sm_90a (Triton 3.9 here, ptxas, no GPU run): the loop body has no
-``bar.sync`` / ``shfl`` (10 and 24 before), one exp per element, one ``ld.global.v4`` per thread per full
-chunk (full chunks load unmasked; before: 8 scalar 2-byte loads), no spills. Registers at BLOCK_V 2048 x
-8 warps, measured by tests/test_triton_compile.py (cuobjdump of the sm_90 cubin): 98-110 greedy, up to
-146 when sampling; so 2 CTAs of 256 threads per SM for greedy rows, 1 for some sampling variants. The suppressed ids are range-checked per chunk (min/max id hoisted before the loop):
-only chunks that overlap the id range run the per-id compares.
+Sampling: the key of an element is ``y + g`` with ``y = x / T`` (an fp32 multiply by the reciprocal) and
+``g`` = :func:`pd_kernels.reference.unmask.gumbel_from_bits` of a counter-based hash of (row key, column),
+the row key being the row's (seed, counter) (``_row_state``), never its position. The noise is computed
+only for chunks where some lane can still win: ``max(y) + GUMBEL_REACH > best key`` (one block-wide
+``max`` per chunk decides, so the branch is uniform). Where most of a row lies more than about 23 below
+the best key (low temperatures, peaked rows, top-k / top-p), chunks cost about what greedy ones do; a
+chunk in reach costs about 150 instructions per element (hash, two libdevice logs, the key).
 
-Predicted GPU effect (**not measured: no GPU was available for this change**): reductions per chunk
-5-9 -> 0, so the loop should become load-bound; expect roughly 1.5-2.5x faster rows at N >= 256,
-V = 152064 bf16. Reaching 80% of copy bandwidth is *not* assured: with ~100 registers (2 CTAs of 256
-threads per SM) and one 16-byte load per thread per trip, about 8 KB per SM is in flight, while Little's
-law at 3 TB/s and ~600 ns asks for ~14 KB, unless consecutive trips overlap. If it falls short, sweep
-``benchmarks/bench_unmask.py --triton-configs 2048x8,1024x4,4096x8`` and try unrolling two chunks per
-trip (twice the bytes in flight for the same per-lane state).
+The lanes are merged once, after the loop, with the rules that merge splits: global max; first index among
+equal maxima; ``t2 = max(max_l t2_l, max over the other lanes of m_l)``; ``s = sum_l s_l 2^(m_l - m)``,
+``w`` likewise. With one split the program writes the token and confidence; with several (few rows: the
+grid must still cover the SMs) each program writes its merged partial state and ``_merge_kernel`` (one
+program per row) combines them.
 
-Commit (``_commit_kernel``): one program per span scans the rows three times: count the span's masked
-rows (m), rank each of them against all others (O(m^2) compares, m <= a few hundred), decide from the
-policy, and only then write the tokens (a decision flag per row is kept in a scratch buffer so the
-mask test never sees this step's own writes). ``_all_done_kernel`` then folds ``masks_left``.
+Measured by ``tests/test_triton_compile.py`` (sm_90 SASS, not run: no GPU), steady path of the main loop
+per bf16 element at V = 152064, BLOCK_V 4096 x 8 warps, one suppressed id, Triton 3.9 (3.6): greedy
+``prob`` 7.9 (8.3), ``neg_entropy`` 10.8 (10.6), ``margin`` 12.8 (13.1); sampled ``prob`` 9.9 (10.5),
+``neg_entropy`` 12.3 (13.0). Issue 14's goals: <= 12 greedy ``prob`` / ``neg_entropy``, <= 20 sampling; the
+previous kernel took 29 / 36 / 106. Registers 61-64 greedy (4 CTAs of 256 threads per SM), 113-128
+sampling (2 CTAs), no spills.
+
+Exact arithmetic on a GPU, emulated in the interpreter (``INTERP``): ``ex2.approx.ftz`` is ``tl.exp2``;
+the noise uses libdevice ``log``/``log1p`` (accurate, also where ``-log1p(-w)`` is tiny) and ``mul_rn`` /
+``add_rn`` so that ``y = x * (1/T)`` and ``y + g`` are rounded as the reference rounds them (no FMA
+contraction); the interpreter has no libdevice and uses numpy's log, Kahan's form of ``log1p`` and plain
+fp32 arithmetic (already rounded per operation).
+
+Commit (``_commit_kernel``, one launch): program j handles span j, i.e. its rows
+``span_rows[j] = (first, count)`` (clipped to ``[0, N)``), never the rest of the step, so its cost scales
+with its own span m_j (O(m_j) or O(m_j^2), below) and not with N. Rows are visited in chunks of ``BLOCK``:
+
+* pass 0 (O(m)): m (masked rows), c (candidates: masked with a token >= 0) and the top-1 candidate (key, dst);
+* pass A (O(m c), ``schedule`` / ``pd_threshold`` only, and only when the budget b is below c): the rank of
+  every candidate (candidates that beat it), tiles of ``BLOCK x BLOCK_J`` compares; the one candidate of
+  rank b - 1 is the *pivot*. Nothing is written, so every pass sees this step's masks;
+* pass B (O(m)): a candidate is in the top b iff its (key, dst) is at or above the pivot's, and is the top-1
+  iff it equals the top-1's; decide from the policy, write the token, count.
+
+Because "in the top b" and "top-1" are comparisons against two values, no decision needs to be stored
+between passes (no workspace): a span longer than one chunk simply loops. The all-done flag is folded in
+the same launch: each program adds ``1 + (masks_left[j] != 0) << 32`` to the state's int64 ``arrivals``
+counter; the program that sees ``S - 1`` arrivals before its own is the last one, and the counter's high word
+then counts the spans with masks left: it writes ``all_done`` and sets the counter back to 0. Every fact
+it uses comes with the atomic's return value, so a relaxed atomic suffices (no fence, no spin, no host).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import sm_count
+from ..._backend import triton_interpreter
+from ...reference.unmask import GUMBEL_REACH
 
 _KINDS = {"prob": 0, "margin": 1, "neg_entropy": 2}
 _POLICIES = {"threshold": 0, "schedule": 1, "pd_threshold": 2}
+_REACH = tl.constexpr(GUMBEL_REACH)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_BIG = tl.constexpr(2147483647)
+_FLOOR = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: a lane's shift while it has seen nothing usable
+_INTERP = triton_interpreter()  # TRITON_INTERPRET is read once, before Triton is imported
 
 
 @triton.jit
@@ -73,374 +105,526 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
+@triton.jit
+def _words(v):
+    """Low and high 32-bit words of an int64 (its uint64 bit pattern)."""
+    return (v & 0xFFFFFFFF).to(tl.uint32), ((v >> 32) & 0xFFFFFFFF).to(tl.uint32)
+
+
+@triton.jit
+def _row_state(row, seed_ptr, off_ptr, seed_lo, seed_hi, off_lo, off_hi,
+               SEED_T: tl.constexpr, OFF_MODE: tl.constexpr):
+    """Hash state of ``row`` from its (seed, counter), as ``reference.unmask.row_state``: the seed is a
+    per-row tensor (``SEED_T``) or the scalar words; the counter is ``offset[row]`` (``OFF_MODE`` 2) or
+    ``offset + row`` with the offset in a one-element tensor (1) or the scalar words (0)."""
+    if SEED_T:
+        s_lo, s_hi = _words(tl.load(seed_ptr + row))
+    else:
+        s_lo = seed_lo.to(tl.uint32, bitcast=True)
+        s_hi = seed_hi.to(tl.uint32, bitcast=True)
+    if OFF_MODE == 2:
+        c_lo, c_hi = _words(tl.load(off_ptr + row))
+    else:
+        if OFF_MODE == 1:
+            b_lo, b_hi = _words(tl.load(off_ptr))
+        else:
+            b_lo = off_lo.to(tl.uint32, bitcast=True)
+            b_hi = off_hi.to(tl.uint32, bitcast=True)
+        r32 = row.to(tl.uint32)
+        c_lo = b_lo + r32
+        c_hi = b_hi + (c_lo < r32).to(tl.uint32)  # carry
+    h = _mix32(s_lo, s_hi)
+    h = _mix32(h, c_lo)
+    return _mix32(h, c_hi)
+
+
+@triton.jit
+def _gumbel(bits, INTERP: tl.constexpr):
+    """``reference.unmask.gumbel_from_bits``: x = fp32(2r + 1) 2^-33 with r the low 31 bits; E = -log(x)
+    (top bit 0) or -log1p(-x) (top bit 1, u = 1 - x: exact near u = 1); g = -log(E)."""
+    x = ((bits << 1) | 1).to(tl.float32) * 1.16415321826934814453125e-10
+    hi = bits >= 0x80000000
+    if INTERP:
+        u = 1.0 - x  # log1p(-x) = log(u) * (-x) / (u - 1) (Kahan), exact where u rounds to 1
+        l1p = tl.where(u == 1.0, -x, tl.log(u) * (-x / (u - 1.0)))
+        e = tl.where(hi, -l1p, -tl.log(x))
+        g = -tl.log(e)
+    else:
+        e = tl.where(hi, -libdevice.log1p(-x), -libdevice.log(x))
+        g = -libdevice.log(e)
+    return g
+
+
+@triton.jit
+def _top2(a1, b1, a2, b2):
+    # (largest, second largest of the multiset) of two pairs; NaN-free inputs
+    return tl.maximum(a1, a2), tl.maximum(tl.minimum(a1, a2), tl.maximum(b1, b2))
+
+
+@triton.jit
+def _consume(x, cols, c, m, ms, s, w, t2, ci, bk, bi, bx, h_row, inv_t, scale,
+             KIND: tl.constexpr, SAMPLE: tl.constexpr, INTERP: tl.constexpr):
+    """One chunk ``x`` fp32 ``[R, VEC]`` (suppressed / filtered entries already -inf) into the lane states.
+
+    Every term is ``2^t`` with ``t = (x - ms) * scale`` (log2 units) and ``ms = max(m, -FLT_MAX)`` the lane's
+    shift (finite, so -inf entries stay -inf while the lane has seen nothing usable): the subtraction first,
+    so the top term is exactly 2^0 = 1 (a row that keeps one token has prob exactly 1 and neg_entropy 0)."""
+    NEG_INF = float("-inf")
+    if KIND == 1:
+        xc = tl.where(x == x, x, NEG_INF)
+        vmax, sec = tl.reduce((xc, tl.full(x.shape, NEG_INF, tl.float32)), 1, _top2)
+    else:
+        vmax = tl.max(x, axis=1)  # ignores NaN (max.f32 / nanmax)
+        sec = vmax
+    up = vmax > m
+    mn = tl.maximum(m, vmax)
+    msn = tl.maximum(mn, _FLOOR)
+    # rescale of the old sums, 2^((ms - msn) scale): nothing seen yet (-FLT_MAX) -> 2^-256 = 0; no change -> 1.
+    # Clamped before the multiply (no overflow to -inf; the same result)
+    dl = tl.maximum(ms - msn, -256.0 / scale) * scale
+    alpha = tl.exp2(dl)
+    t = (x - msn[:, None]) * scale
+    p = tl.exp2(t)
+    if KIND == 2:
+        # w = sum p t (log2 units): t >= -256 keeps 0 * -inf out (p = 0 there); NaN stays in p
+        w = alpha * (w + dl * s) + tl.sum(p * tl.maximum(t, -256.0), axis=1)
+    if KIND == 1:
+        t2 = tl.where(up, tl.maximum(m, sec), tl.maximum(t2, vmax))
+    s = alpha * s + tl.sum(p, axis=1)
+    ci = tl.where(up, c, ci)
+    if SAMPLE:
+        # noise only where some lane can still win: y + GUMBEL_REACH > best key (one block max decides)
+        need = vmax * inv_t + _REACH > bk
+        if tl.max(need.to(tl.int32), axis=0) > 0:
+            if INTERP:
+                key = x * inv_t + _gumbel(_fmix32(_mix32(h_row, cols.to(tl.uint32))), INTERP)
+            else:
+                key = libdevice.add_rn(libdevice.mul_rn(x, inv_t),
+                                       _gumbel(_fmix32(_mix32(h_row, cols.to(tl.uint32))), INTERP))
+            kmax = tl.max(key, axis=1)
+            kup = kmax > bk  # strict: a lane keeps its first column among equal keys
+            kcol = tl.min(tl.where(key == kmax[:, None], cols, _BIG), axis=1)
+            kx = tl.max(tl.where(cols == kcol[:, None], x, NEG_INF), axis=1)
+            bk = tl.where(kup, kmax, bk)
+            bi = tl.where(kup, kcol, bi)
+            bx = tl.where(kup, kx, bx)
+    return mn, msn, s, w, t2, ci, bk, bi, bx
+
+
+@triton.jit
+def _mask(x, cols, sup_ptr, n_sup, thr, HAS_SUP: tl.constexpr, HAS_THR: tl.constexpr):
+    """Suppressed ids and entries below the row's floor become -inf (a NaN below nothing stays NaN)."""
+    if HAS_SUP:
+        for q in range(n_sup):
+            x = tl.where(cols == tl.load(sup_ptr + q).to(tl.int32), float("-inf"), x)
+    if HAS_THR:
+        x = tl.where(x < thr, float("-inf"), x)
+    return x
+
+
 # ``stride`` is specialized (divisible by 16 or not): with an aligned row start the unmasked full-chunk loads
 # vectorize. It is fixed for a model's logits buffer (V or a row pitch), so a decode loop does not recompile.
 @triton.jit(do_not_specialize=["V", "n_sup", "seed_lo", "seed_hi", "off_lo", "off_hi", "inv_t",
                                "chunks_per_split", "n_split"])
 def _row_kernel(
     x_ptr, stride, V,
-    sup_ptr, n_sup,
-    off_ptr, seed_lo, seed_hi, off_lo, off_hi, inv_t,
-    tok_ptr, conf_ptr, fpart_ptr, ipart_ptr,
+    sup_ptr, n_sup, thr_ptr,
+    seed_ptr, off_ptr, seed_lo, seed_hi, off_lo, off_hi, inv_t,
+    tok_ptr, conf_ptr, part_ptr,
     chunks_per_split, n_split,
-    KIND: tl.constexpr, SAMPLE: tl.constexpr, HAS_OFF_T: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    KIND: tl.constexpr, SAMPLE: tl.constexpr, SEED_T: tl.constexpr, OFF_MODE: tl.constexpr,
+    HAS_SUP: tl.constexpr, HAS_THR: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, BF16_PAIRS: tl.constexpr, INTERP: tl.constexpr,
 ):
     row = tl.program_id(0)
     sp = tl.program_id(1)
     p_row = x_ptr + row.to(tl.int64) * stride
-    o = tl.arange(0, BLOCK_V)
+    o_r = tl.arange(0, BLOCK_V // VEC)
+    o_j = tl.arange(0, VEC)
+    o2 = o_r[:, None] * VEC + o_j[None, :]
     NEG_INF = float("-inf")
-
+    if BF16_PAIRS:  # the launcher checked: 4-byte aligned rows
+        p_pairs = p_row.to(tl.pointer_type(tl.int32))
+        o_w = o_r[:, None] * (VEC // 2) + tl.arange(0, VEC // 2)[None, :]
     if SAMPLE:
-        if HAS_OFF_T:
-            off = tl.load(off_ptr)
-            o_lo = (off & 0xFFFFFFFF).to(tl.uint32)
-            o_hi = ((off >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        else:
-            o_lo = off_lo.to(tl.uint32, bitcast=True)
-            o_hi = off_hi.to(tl.uint32, bitcast=True)
-        h_row = seed_lo.to(tl.uint32, bitcast=True)
-        h_row = _mix32(h_row, seed_hi.to(tl.uint32, bitcast=True))
-        h_row = _mix32(h_row, o_lo)
-        h_row = _mix32(h_row, o_hi)
-        h_row = _mix32(h_row, row.to(tl.uint32))
+        scale = inv_t * _LOG2E
+        h_row = _row_state(row, seed_ptr, off_ptr, seed_lo, seed_hi, off_lo, off_hi, SEED_T, OFF_MODE)
+    else:
+        scale = _LOG2E + tl.zeros([], tl.float32)
+        h_row = tl.zeros([], tl.uint32)
+    thr = tl.load(thr_ptr + row) if HAS_THR else NEG_INF
 
-    # suppressed ids: only chunks overlapping [sup_lo, sup_hi] run the per-id compare loop (typically one
-    # chunk: the MASK id), so the steady-state chunk does no scalar loads. Ids out of [0, V) never match.
+    # suppressed ids: only chunks overlapping [sup_lo, sup_hi] take the per-id compares (typically one chunk:
+    # the MASK id). Ids out of [0, V) never match.
     sup_lo = tl.full([], 2147483647, tl.int32)
     sup_hi = tl.full([], -1, tl.int32)
-    for q in range(n_sup):
-        sid = tl.load(sup_ptr + q).to(tl.int32)
-        sup_lo = tl.minimum(sup_lo, sid)
-        sup_hi = tl.maximum(sup_hi, sid)
+    if HAS_SUP:
+        for q in range(n_sup):
+            sid = tl.load(sup_ptr + q).to(tl.int32)
+            sup_lo = tl.minimum(sup_lo, sid)
+            sup_hi = tl.maximum(sup_hi, sid)
 
-    # per-lane online state [BLOCK_V]; lane l sees columns l, l + BLOCK_V, ... in increasing order.
-    # index V = "no selectable column yet"; m = t1 (the lane's running max doubles as the softmax shift)
-    t1 = tl.full([BLOCK_V], NEG_INF, tl.float32)
-    t2 = tl.full([BLOCK_V], NEG_INF, tl.float32)
-    i1 = tl.zeros([BLOCK_V], tl.int32) + V
-    s = tl.zeros([BLOCK_V], tl.float32)
-    w = tl.zeros([BLOCK_V], tl.float32)
-    nan = tl.zeros([BLOCK_V], tl.int32)
-    if SAMPLE:
-        bk = tl.full([BLOCK_V], NEG_INF, tl.float32)
-        bi = tl.zeros([BLOCK_V], tl.int32) + V
-        by = tl.full([BLOCK_V], NEG_INF, tl.float32)
+    R: tl.constexpr = BLOCK_V // VEC
+    m = tl.full([R], NEG_INF, tl.float32)
+    ms = tl.full([R], _FLOOR, tl.float32)
+    s = tl.zeros([R], tl.float32)
+    w = tl.zeros([R], tl.float32)
+    t2 = tl.full([R], NEG_INF, tl.float32)
+    ci = tl.full([R], -1, tl.int32)
+    bk = tl.full([R], NEG_INF, tl.float32)
+    bi = tl.full([R], -1, tl.int32)
+    bx = tl.full([R], NEG_INF, tl.float32)
 
     c_lo = sp * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, tl.cdiv(V, BLOCK_V))
-    for c in range(c_lo, c_hi):
+    c_full = tl.minimum(c_hi, V // BLOCK_V)
+    # full chunks: unmasked loads (a mask from the unspecialized V would split them into scalar loads)
+    for c in range(c_lo, c_full):
         c0 = c * BLOCK_V
-        cols = c0 + o
-        inb = cols < V
-        # fp32 right after the load: all arithmetic below runs in fp32. Full chunks load without a mask
-        # (a mask from the unspecialized V would split the load into one scalar load per element)
-        if c0 + BLOCK_V <= V:
-            x = tl.load(p_row + cols).to(tl.float32)
+        cols = c0 + o2
+        if BF16_PAIRS:
+            # bf16 read as int32 pairs: the upcast is one shift / one mask per element (the bf16 -> fp32
+            # conversion of a whole 16-byte vector costs 1.5 instructions per element), exact in the interpreter
+            wv = tl.load(p_pairs + c * (BLOCK_V // 2) + o_w)
+            x = tl.reshape(tl.join((wv << 16).to(tl.float32, bitcast=True),
+                                   (wv & -65536).to(tl.float32, bitcast=True)), [BLOCK_V // VEC, VEC])
         else:
-            x = tl.load(p_row + cols, mask=inb, other=NEG_INF).to(tl.float32)
-        nan = tl.maximum(nan, (x != x).to(tl.int32))
-        sel = inb
-        if (sup_hi >= c0) & (sup_lo - c0 < BLOCK_V):
-            for q in range(n_sup):
-                sel = sel & (cols != tl.load(sup_ptr + q).to(tl.int32))
-        y = tl.where(sel & (x == x), x, NEG_INF)
-        if SAMPLE:
-            y = y * inv_t
-        # top-1 / top-2 per lane: strict > keeps the lane's first index among equals; a lane's first
-        # selectable column is taken even at -inf (an all -inf row still has the argmax of the reference)
-        gt = y > t1
-        take = gt | (sel & (i1 == V))
-        # online softmax against the lane max, one exp per element: e = exp(-|y - m|) is the new term's
-        # p when y <= m, and the rescale of the old sums when y > m (the new term's p is then 1)
-        d = tl.where(y == NEG_INF, NEG_INF, -tl.abs(y - t1))  # -inf - -inf would be NaN
-        e = tl.exp(d)
-        if KIND == 2:
-            # w = sum p (y - m): when y > m the old terms shift by d = m - y; e * d = 0 where e = 0
-            ed = tl.where(e == 0.0, 0.0, e * d)
-            w = tl.where(gt, e * w + ed * s, w + ed)
-        s = tl.where(gt, e * s + 1.0, s + e)
-        t2 = tl.where(gt, t1, tl.maximum(t2, y))
-        t1 = tl.where(gt, y, t1)
-        i1 = tl.where(take, cols, i1)
-        if SAMPLE:
-            hh = _fmix32(_mix32(h_row, cols.to(tl.uint32)))
-            u = ((hh >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # never 0 or 1
-            g = -tl.log(-tl.log(u))
-            key = tl.where(sel, y + g, NEG_INF)
-            tb = (key > bk) | (sel & (bi == V))
-            bk = tl.where(tb, key, bk)
-            bi = tl.where(tb, cols, bi)
-            by = tl.where(tb, y, by)
+            x = tl.load(p_row + cols).to(tl.float32)  # fp32 right after the load: all arithmetic below is fp32
+        if HAS_SUP:
+            if (sup_hi >= c0) & (sup_lo - c0 < BLOCK_V):
+                x = _mask(x, cols, sup_ptr, n_sup, thr, HAS_SUP, False)
+        x = _mask(x, cols, sup_ptr, n_sup, thr, False, HAS_THR)
+        m, ms, s, w, t2, ci, bk, bi, bx = _consume(x, cols, c, m, ms, s, w, t2, ci, bk, bi, bx, h_row, inv_t,
+                                                   scale, KIND, SAMPLE, INTERP)
+    # the partial last chunk (only in the split that holds it)
+    if c_full < c_hi:
+        c0 = c_full * BLOCK_V
+        cols = c0 + o2
+        x = tl.load(p_row + cols, mask=cols < V, other=NEG_INF).to(tl.float32)
+        x = _mask(x, cols, sup_ptr, n_sup, thr, HAS_SUP, HAS_THR)
+        m, ms, s, w, t2, ci, bk, bi, bx = _consume(x, cols, c_full, m, ms, s, w, t2, ci, bk, bi, bx, h_row,
+                                                   inv_t, scale, KIND, SAMPLE, INTERP)
 
-    # merge the lanes once, with the rules used for chunks and splits: first index among equal maxima;
-    # t2 = second largest of the multiset (a maximum duplicated in another lane gives t2 = t1)
-    m = tl.max(t1, axis=0)
-    i1_m = tl.min(tl.where(t1 == m, i1, V), axis=0)
-    t2_m = tl.max(tl.maximum(t2, tl.where(i1 == i1_m, NEG_INF, t1)), axis=0)
-    alpha = tl.where(t1 == NEG_INF, 0.0, tl.exp(t1 - m))
-    s_m = tl.sum(alpha * s, axis=0)
-    w_m = tl.full([], 0.0, tl.float32)
-    if KIND == 2:
-        shift = tl.where(t1 == NEG_INF, 0.0, t1 - m)
-        w_m = tl.sum(alpha * (w + shift * s), axis=0)
-    nan_m = tl.max(nan, axis=0)
-    bk_m = tl.full([], NEG_INF, tl.float32)
-    bi_m = i1_m
-    by_m = m
+    # merge the lanes once: global max, then the first index among equal maxima. A lane knows only the chunk
+    # of its max, so the winning vector (lowest start among lanes at the max) is read again to find the column.
+    mx = tl.max(m, axis=0)
+    starts = tl.where(ci >= 0, ci * BLOCK_V + o_r * VEC, _BIG)
+    win = tl.min(tl.where(m == mx, starts, _BIG), axis=0)
+    found = mx > NEG_INF
+    wcols = tl.where(found, win, 0) + o_j
+    xv = tl.load(p_row + wcols, mask=wcols < tl.where(found, V, 0), other=NEG_INF).to(tl.float32)
+    xv = _mask(xv, wcols, sup_ptr, n_sup, thr, HAS_SUP, HAS_THR)
+    tok = tl.where(found, win + tl.min(tl.where(xv == mx, o_j, VEC), axis=0), -1)
+    msx = tl.maximum(mx, _FLOOR)
+    live = m > NEG_INF
+    dl = tl.where(live, ms - msx, 0.0) * scale
+    alpha = tl.where(live, tl.exp2(dl), 0.0)
+    s_m = tl.sum(alpha * s, axis=0)  # NaN anywhere (a NaN logit, an inf - inf) stays NaN
+    w_m = tl.sum(alpha * (w + dl * s), axis=0) if KIND == 2 else tl.zeros([], tl.float32)
+    if KIND == 1:
+        t2_m = tl.maximum(tl.max(t2, axis=0), tl.max(tl.where((m == mx) & (starts == win), NEG_INF, m), axis=0))
+    else:
+        t2_m = tl.full([], NEG_INF, tl.float32)
     if SAMPLE:
         bk_m = tl.max(bk, axis=0)
-        bi_m = tl.min(tl.where(bk == bk_m, bi, V), axis=0)
-        by_m = tl.max(tl.where(bi == bi_m, by, NEG_INF), axis=0)
+        bi_m = tl.min(tl.where(bk == bk_m, bi, _BIG), axis=0)
+        bx_m = tl.max(tl.where(bi == bi_m, bx, NEG_INF), axis=0)
+    else:
+        bk_m = tl.full([], NEG_INF, tl.float32)
+        bi_m = tok
+        bx_m = mx
 
     if SPLIT:
-        pf = fpart_ptr + (row * n_split + sp).to(tl.int64) * 6
-        tl.store(pf + 0, m)
+        pf = part_ptr + (row * n_split + sp).to(tl.int64) * 8
+        pi = pf.to(tl.pointer_type(tl.int32))
+        tl.store(pf + 0, mx)
         tl.store(pf + 1, t2_m)
         tl.store(pf + 2, s_m)
         tl.store(pf + 3, w_m)
         tl.store(pf + 4, bk_m)
-        tl.store(pf + 5, by_m)
-        pi = ipart_ptr + (row * n_split + sp).to(tl.int64) * 3
-        tl.store(pi + 0, i1_m)
-        tl.store(pi + 1, bi_m)
-        tl.store(pi + 2, nan_m)
+        tl.store(pf + 5, bx_m)
+        tl.store(pi + 6, tok)
+        tl.store(pi + 7, bi_m)
     else:
-        _finish(tok_ptr, conf_ptr, row, m, t2_m, i1_m, s_m, w_m, nan_m, bi_m, by_m, KIND, SAMPLE)
+        _finish(tok_ptr, conf_ptr, row, mx, t2_m, s_m, w_m, tok, bi_m, bx_m, scale, KIND, SAMPLE)
 
 
 @triton.jit
-def _finish(tok_ptr, conf_ptr, row, t1, t2, i1, s, w, nan, bi, by, KIND: tl.constexpr, SAMPLE: tl.constexpr):
+def _finish(tok_ptr, conf_ptr, row, m, t2, s, w, tok, bi, bx, scale, KIND: tl.constexpr, SAMPLE: tl.constexpr):
+    """Token and confidence from a row's merged state: m, t2 and bx (the sampled token's logit) in units of x,
+    s and w against the shift max(m, -FLT_MAX) (see ``_consume``)."""
     if SAMPLE:
-        tok = bi
-        ytok = by
+        token = bi
+        xt = bx
     else:
-        tok = i1
-        ytok = t1
+        token = tok
+        xt = m
     if KIND == 0:
-        c = tl.exp(ytok - t1) / s
+        c = tl.exp2((xt - m) * scale) / s
     elif KIND == 1:
-        c = (1.0 - tl.exp(t2 - t1)) / s
+        c = (1.0 - tl.exp2((t2 - m) * scale)) / s
     else:
-        c = w / s - tl.log(s)
-    ok = (t1 > float("-inf")) & (t1 < float("inf")) & (nan == 0)
+        c = w / s * 0.6931471805599453 - tl.log(s)
+    ok = (m > float("-inf")) & (m < float("inf")) & (s == s)
     c = tl.where(ok, c, float("nan"))
-    tl.store(tok_ptr + row, tok.to(tl.int64))
+    c = tl.where(m == float("-inf"), tl.where(s == s, float("-inf"), float("nan")), c)  # no usable entry
+    tl.store(tok_ptr + row, token.to(tl.int64))
     tl.store(conf_ptr + row, c)
 
 
-@triton.jit(do_not_specialize=["n_split", "V"])
-def _merge_kernel(tok_ptr, conf_ptr, fpart_ptr, ipart_ptr, n_split, V,
+@triton.jit(do_not_specialize=["n_split", "inv_t"])
+def _merge_kernel(tok_ptr, conf_ptr, part_ptr, n_split, inv_t,
                   KIND: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_S: tl.constexpr):
     row = tl.program_id(0)
     o = tl.arange(0, BLOCK_S)
     ms = o < n_split
     NEG_INF = float("-inf")
-    pf = fpart_ptr + (row * n_split + o).to(tl.int64) * 6
-    pi = ipart_ptr + (row * n_split + o).to(tl.int64) * 3
-    t1s = tl.load(pf + 0, mask=ms, other=NEG_INF)
+    pf = part_ptr + (row * n_split + o).to(tl.int64) * 8
+    pi = pf.to(tl.pointer_type(tl.int32))
+    ms_ = tl.load(pf + 0, mask=ms, other=NEG_INF)
     t2s = tl.load(pf + 1, mask=ms, other=NEG_INF)
     ss = tl.load(pf + 2, mask=ms, other=0.0)
     ws = tl.load(pf + 3, mask=ms, other=0.0)
-    i1s = tl.load(pi + 0, mask=ms, other=V)
-    nans = tl.load(pi + 2, mask=ms, other=0)
-    # splits are combined with the same rules as chunks (first index among equal maxima, etc.)
-    t1 = tl.max(t1s, axis=0)
-    i1 = tl.min(tl.where(t1s == t1, i1s, V), axis=0)
-    t2 = tl.maximum(tl.max(t2s, axis=0), tl.max(tl.where(i1s == i1, NEG_INF, t1s), axis=0))
-    alpha = tl.where(t1s == NEG_INF, 0.0, tl.exp(t1s - t1))
+    toks = tl.load(pi + 6, mask=ms, other=-1)
+    # splits are combined with the rules that merge lanes (first index among equal maxima, etc.)
+    mx = tl.max(ms_, axis=0)
+    found = mx > NEG_INF
+    tok = tl.where(found, tl.min(tl.where((ms_ == mx) & (toks >= 0), toks, _BIG), axis=0), -1)
+    scale = inv_t * _LOG2E if SAMPLE else _LOG2E + tl.zeros([], tl.float32)
+    live = ms_ > NEG_INF
+    dl = tl.where(live, ms_ - mx, 0.0) * scale
+    alpha = tl.where(live, tl.exp2(dl), 0.0)
     s = tl.sum(alpha * ss, axis=0)
-    w = 0.0
-    if KIND == 2:
-        shift = tl.where(t1s == NEG_INF, 0.0, t1s - t1)
-        w = tl.sum(alpha * (ws + shift * ss), axis=0)
-    nan = tl.max(nans, axis=0)
-    bi = i1
-    by = t1
+    w = tl.sum(alpha * (ws + dl * ss), axis=0) if KIND == 2 else tl.zeros([], tl.float32)
+    t2 = tl.maximum(tl.max(t2s, axis=0), tl.max(tl.where((ms_ == mx) & (toks == tok), NEG_INF, ms_), axis=0))
+    bi = tok
+    bx = mx
     if SAMPLE:
         bks = tl.load(pf + 4, mask=ms, other=NEG_INF)
-        bys = tl.load(pf + 5, mask=ms, other=NEG_INF)
-        bis = tl.load(pi + 1, mask=ms, other=V)
+        bxs = tl.load(pf + 5, mask=ms, other=NEG_INF)
+        bis = tl.load(pi + 7, mask=ms, other=-1)
         bk = tl.max(bks, axis=0)
-        bi = tl.min(tl.where(bks == bk, bis, V), axis=0)
-        by = tl.max(tl.where(bis == bi, bys, NEG_INF), axis=0)
-    _finish(tok_ptr, conf_ptr, row, t1, t2, i1, s, w, nan, bi, by, KIND, SAMPLE)
+        bi = tl.min(tl.where(bks == bk, bis, _BIG), axis=0)
+        bx = tl.max(tl.where(bis == bi, bxs, NEG_INF), axis=0)
+    _finish(tok_ptr, conf_ptr, row, mx, t2, s, w, tok, bi, bx, scale, KIND, SAMPLE)
 
 
-def _split_plan(N: int, V: int, block_v: int, device: torch.device, num_splits: int | None):
-    n_chunks = triton.cdiv(V, block_v)
-    if num_splits is None:
-        # aim at >= 2 programs per SM; never split below ~4 chunks per program (the merge has a cost)
-        target = 2 * sm_count(device)
-        num_splits = max(1, min(triton.cdiv(target, max(N, 1)), n_chunks // 4 if device.type == "cuda" else n_chunks))
-    num_splits = max(1, min(num_splits, n_chunks))
-    cps = triton.cdiv(n_chunks, num_splits)
-    num_splits = triton.cdiv(n_chunks, cps)  # no empty split
-    return num_splits, cps
+# ---- launcher --------------------------------------------------------------------------------------------
+_PLANS: dict = {}
+
+
+def _plan(N: int, V: int, elem: int, device: torch.device, num_splits, block_v, num_warps):
+    """Launch geometry for (N, V, element size, device), cached: (BLOCK_V, VEC, num_warps, splits, chunks per
+    split). GPU: 4096 x 8 warps (two 16-byte vectors per thread per trip for bf16/fp16); interpreter: 4096."""
+    key = (N, V, elem, device, num_splits, block_v, num_warps)
+    plan = _PLANS.get(key)
+    if plan is None:
+        vec = 16 // elem
+        if block_v is None:
+            block_v = 4096 if V >= 4096 else max(16 * vec, triton.next_power_of_2(V))
+        vec = min(vec, block_v)
+        nw = num_warps if num_warps is not None else (8 if block_v >= 4096 else 4)
+        n_chunks = triton.cdiv(V, block_v)
+        if num_splits is None:
+            # aim at >= 2 programs per SM; never split below ~4 chunks per program (the merge has a cost)
+            target = 2 * sm_count(device)
+            cap = n_chunks // 4 if device.type == "cuda" else n_chunks
+            num_splits = max(1, min(triton.cdiv(target, max(N, 1)), cap))
+        num_splits = max(1, min(num_splits, n_chunks))
+        cps = triton.cdiv(n_chunks, num_splits)
+        num_splits = triton.cdiv(n_chunks, cps)  # no empty split
+        plan = (block_v, vec, nw, num_splits, cps)
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _s32(v: int) -> int:
+    """Low 32 bits of ``v`` as a signed int32 (a fixed kernel argument type)."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= (1 << 31) else v
 
 
 def token_confidence_triton(logits: torch.Tensor, token: torch.Tensor, conf: torch.Tensor,
-                            suppress_ids: torch.Tensor | None, offset_t: torch.Tensor | None, seed: int,
+                            suppress_ids: torch.Tensor | None, seed_t: torch.Tensor | None,
+                            offset_t: torch.Tensor | None, threshold: torch.Tensor | None, seed: int,
                             offset: int, kind: str, temperature: float, *, num_splits: int | None = None,
                             block_v: int | None = None, num_warps: int | None = None) -> None:
-    """Shapes as :func:`pd_kernels.token_confidence` (validated there). ``token``/``conf`` are written.
-
-    ``num_splits``, ``block_v``, ``num_warps``: launch overrides for tests and benchmark sweeps."""
+    """Shapes as :func:`pd_kernels.token_confidence` (validated there): ``seed_t`` int64 ``[N]`` or None,
+    ``offset_t`` int64 ``[1]`` / ``[N]`` or None, ``threshold`` fp32 ``[N]`` or None. ``token``/``conf`` are
+    written. ``num_splits``, ``block_v``, ``num_warps``: launch overrides for tests and benchmark sweeps."""
     N, V = logits.shape
     if N == 0:
         return
     dev = logits.device
-    if block_v is None:
-        # GPU: 2048 x 8 warps = 8 logits per thread (one 16-byte load for bf16) keeps the per-lane state at
-        # ~100-110 registers greedy (sm_90 cubin, see the module docstring): 2 CTAs per SM. 4096 doubles it.
-        # Interpreter: 4096, since its cost is per loop step, not per element.
-        cap = 2048 if dev.type == "cuda" else 4096
-        block_v = cap if V >= cap else max(16, triton.next_power_of_2(V))
-    n_split, cps = _split_plan(N, V, block_v, dev, num_splits)
+    block_v, vec, nw, n_split, cps = _plan(N, V, logits.element_size(), dev, num_splits, block_v, num_warps)
     sample = temperature > 0
-    inv_t = 1.0 / temperature if sample else 1.0
-    n_sup = 0 if suppress_ids is None else suppress_ids.numel()
-    sup = suppress_ids if n_sup else token  # any valid pointer when unused
-    off_t = offset_t if offset_t is not None else token
-
-    def s32(v: int) -> int:  # low/high 32-bit words as signed int32 (a fixed kernel arg type)
-        v &= 0xFFFFFFFF
-        return v - (1 << 32) if v >= (1 << 31) else v
-
-    split = n_split > 1
-    if split:
-        fpart = torch.empty((N, n_split, 6), dtype=torch.float32, device=dev)
-        ipart = torch.empty((N, n_split, 3), dtype=torch.int32, device=dev)
+    n_sup = 0 if suppress_ids is None else suppress_ids.shape[0]
+    if sample:
+        off_mode = 0 if offset_t is None else (2 if offset_t.shape[0] == N and N > 1 else 1)
+        keys = (_s32(seed), _s32(seed >> 32), _s32(offset), _s32(offset >> 32))
+        inv_t = 1.0 / temperature
     else:
-        fpart, ipart = conf, token  # unused
-    nw = num_warps if num_warps is not None else (8 if block_v >= 2048 else 4)
+        off_mode, seed_t, offset_t = 0, None, None  # greedy: no random numbers, one variant
+        keys = (0, 0, 0, 0)
+        inv_t = 1.0
+    split = n_split > 1
+    # split partial states: [N, splits, 8] fp32, words 6 and 7 holding int32 (one allocation)
+    part = torch.empty((N, n_split, 8), dtype=torch.float32, device=dev) if split else conf
+    kid = _KINDS[kind]
     _row_kernel[(N, n_split)](
-        logits, logits.stride(0), V, sup, n_sup, off_t,
-        s32(seed), s32(seed >> 32), s32(offset), s32(offset >> 32), inv_t,
-        token, conf, fpart, ipart, cps, n_split,
-        KIND=_KINDS[kind], SAMPLE=sample, HAS_OFF_T=offset_t is not None, SPLIT=split, BLOCK_V=block_v,
-        num_warps=nw,
+        logits, logits.stride(0), V, suppress_ids if n_sup else token, n_sup,
+        threshold if threshold is not None else conf,
+        seed_t if seed_t is not None else token, offset_t if offset_t is not None else token, *keys, inv_t,
+        token, conf, part, cps, n_split,
+        KIND=kid, SAMPLE=sample, SEED_T=seed_t is not None, OFF_MODE=off_mode, HAS_SUP=n_sup > 0,
+        HAS_THR=threshold is not None, SPLIT=split, BLOCK_V=block_v, VEC=vec, INTERP=_INTERP, num_warps=nw,
+        BF16_PAIRS=logits.dtype == torch.bfloat16 and vec > 1 and logits.stride(0) % 2 == 0
+        and logits.data_ptr() % 4 == 0,
     )
     if split:
-        _merge_kernel[(N,)](token, conf, fpart, ipart, n_split, V, KIND=_KINDS[kind], SAMPLE=sample,
+        _merge_kernel[(N,)](token, conf, part, n_split, inv_t, KIND=kid, SAMPLE=sample,
                             BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=1)
 
 
+_I64_MAX = tl.constexpr(9223372036854775807)
+
+
 @triton.jit
-def _span_rows(span_ptr, dst_ptr, seq_ptr, conf_ptr, r, N, j, n_tok, mask_id):
-    """Rows ``r`` (a block of row ids) seen from span ``j``: ``mine`` (the row belongs to span j), its
-    destination, ``val`` (mine, destination inside ``tokens`` and still holding ``mask_id``), its
-    confidence and its rank key (NaN ranks as -inf). A destination outside ``tokens`` is never read."""
-    inb = r < N
-    sp = tl.load(span_ptr + r, mask=inb, other=-1)
-    mine = inb & (sp == j)
-    dst = tl.load(dst_ptr + r, mask=mine, other=0)
-    inside = mine & (dst >= 0) & (dst < n_tok)
+def _commit_rows(tok_ptr, conf_ptr, dst_ptr, seq_ptr, r, hi, n_tok, mask_id):
+    """Rows ``r`` (a block of row ids; those ``>= hi`` are past the span) of one span: ``dst``, ``masked``
+    (destination inside ``tokens`` and holding ``mask_id``; a destination outside is never read), ``cand``
+    (masked with a token >= 0), the token, the confidence and the rank key (NaN ranks as -inf)."""
+    inb = r < hi
+    dst = tl.load(dst_ptr + r, mask=inb, other=-1)
+    inside = inb & (dst >= 0) & (dst < n_tok)
     cur = tl.load(seq_ptr + dst, mask=inside, other=0)
-    val = inside & (cur == mask_id)
-    c = tl.load(conf_ptr + r, mask=mine, other=0.0)
+    masked = inside & (cur == mask_id)
+    tok = tl.load(tok_ptr + r, mask=masked, other=-1)
+    cand = masked & (tok >= 0)
+    c = tl.load(conf_ptr + r, mask=cand, other=0.0)
     key = tl.where(c == c, c, float("-inf"))
-    return mine, dst, val, c, key
+    return dst, masked, cand, tok, c, key
 
 
-@triton.jit(do_not_specialize=["N", "mask_id", "tau", "n_tok"])
-def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, span_ptr, seq_ptr, flag_ptr,
-                   ml_ptr, step_ptr, ns_ptr, def_ptr, committed_ptr,
-                   N, mask_id, tau, n_tok,
-                   POLICY: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["N", "S", "mask_id", "tau", "n_tok"])
+def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, rows_ptr, seq_ptr,
+                   ml_ptr, step_ptr, ns_ptr, def_ptr, arr_ptr, committed_ptr, done_ptr,
+                   N, S, mask_id, tau, n_tok,
+                   POLICY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_J: tl.constexpr):
     j = tl.program_id(0)
+    NEG_INF = float("-inf")
+    first = tl.load(rows_ptr + 2 * j).to(tl.int64)
+    count = tl.load(rows_ptr + 2 * j + 1).to(tl.int64)
+    lo = tl.minimum(tl.maximum(first, 0), N)
+    hi = tl.minimum(tl.maximum(first + tl.maximum(count, 0), lo), N)
     o = tl.arange(0, BLOCK)
-    # pass 0: m = masked rows of span j
-    m = tl.full([], 0, tl.int32)
-    for b in range(0, N, BLOCK):
-        _, _, val, _, _ = _span_rows(span_ptr, dst_ptr, seq_ptr, conf_ptr, b + o, N, j, n_tok, mask_id)
-        m += tl.sum(val.to(tl.int32), axis=0)
 
-    cnt = tl.full([], 0, tl.int32)
+    # pass 0: m, c and the top-1 candidate (highest key, then lowest dst)
+    m = tl.zeros([], tl.int32)
+    c = tl.zeros([], tl.int32)
+    t_key = tl.full([], NEG_INF, tl.float32)
+    t_dst = tl.full([], _I64_MAX, tl.int64)
+    for b0 in range(lo, hi, BLOCK):
+        dst, masked, cand, _t0, _c0, key = _commit_rows(tok_ptr, conf_ptr, dst_ptr, seq_ptr, b0 + o, hi, n_tok, mask_id)
+        m += tl.sum(masked.to(tl.int32), axis=0)
+        c += tl.sum(cand.to(tl.int32), axis=0)
+        bk = tl.max(tl.where(cand, key, NEG_INF), axis=0)
+        bd = tl.min(tl.where(cand & (key == bk), dst, _I64_MAX), axis=0)
+        better = (bk > t_key) | ((bk == t_key) & (bd < t_dst))
+        t_key = tl.where(better, bk, t_key)
+        t_dst = tl.where(better, bd, t_dst)
+
+    left = tl.load(ml_ptr + j)  # spans without masked rows keep their counters
+    cnt = tl.zeros([], tl.int32)
     if m > 0:
         k = tl.load(step_ptr + j)
         steps = tl.load(ns_ptr + j)
         dfr = tl.load(def_ptr + j)
         if POLICY == 1:
             # floor(999 m / (1000 steps - 999 k)) = floor(m (1 - s/t)) for linspace(1, 1e-3, steps + 1)
-            den = tl.maximum(1000 * steps - 999 * k, 1)
-            n = tl.minimum(tl.maximum((999 * m) // den, 1), m)
+            den = tl.maximum(1000 * steps.to(tl.int64) - 999 * k.to(tl.int64), 1)
+            n = tl.minimum(tl.maximum((999 * m.to(tl.int64)) // den, 1), m).to(tl.int32)
             budget = tl.where(k >= steps - 1, m, n)
         elif POLICY == 2:
             per = tl.where(k < steps, m // tl.maximum(steps - k, 1), 0)
             budget = tl.minimum(m, tl.maximum(per, 1) + dfr)
         else:
             budget = m
-        # pass 1: rank every masked row of span j; decide; remember the decision
-        for bi in range(0, N, BLOCK):
-            ri = bi + o
-            mine_i, dst_i, val_i, c_i, key_i = _span_rows(span_ptr, dst_ptr, seq_ptr, conf_ptr, ri, N, j, n_tok,
-                                                          mask_id)
-            rank = tl.zeros([BLOCK], dtype=tl.int32)
-            for bj in range(0, N, BLOCK):
-                _, dst_j, val_j, _, key_j = _span_rows(span_ptr, dst_ptr, seq_ptr, conf_ptr, bj + o, N, j, n_tok,
-                                                       mask_id)
-                beats = (key_j[None, :] > key_i[:, None]) | (
-                    (key_j[None, :] == key_i[:, None]) & (dst_j[None, :] < dst_i[:, None]))
-                beats = beats & val_j[None, :]
-                rank += tl.sum(beats.to(tl.int32), axis=1)
-            passes = c_i >= tau  # NaN never passes
-            if POLICY == 0:
-                take = val_i & ((rank == 0) | passes)
-            elif POLICY == 1:
-                take = val_i & (rank < budget)
-            else:
-                take = val_i & ((rank == 0) | ((rank < budget) & passes))
-            tl.store(flag_ptr + ri, take.to(tl.int8), mask=mine_i)
-            cnt += tl.sum(take.to(tl.int32), axis=0)
-        # every thread's pass-1 reads of `tokens` and flag writes are done before any pass-2 write/read: a
-        # layout in which rows are replicated across warps needs no cross-warp reduction, hence no implicit barrier
+        # pass A: the pivot = the candidate of rank budget - 1 (when budget >= c, every candidate is in)
+        p_key = tl.full([], NEG_INF, tl.float32)
+        p_dst = tl.full([], _I64_MAX, tl.int64)
+        if POLICY != 0:
+            if budget < c:
+                oj = tl.arange(0, BLOCK_J)
+                for i0 in range(lo, hi, BLOCK):
+                    dst_i, _mi, cand_i, _ti, _ci, key_i = _commit_rows(tok_ptr, conf_ptr, dst_ptr, seq_ptr, i0 + o, hi,
+                                                                 n_tok, mask_id)
+                    rank = tl.zeros([BLOCK], tl.int32)
+                    for j0 in range(lo, hi, BLOCK_J):
+                        dst_j, _mj, cand_j, _tj, _cj, key_j = _commit_rows(tok_ptr, conf_ptr, dst_ptr, seq_ptr, j0 + oj, hi,
+                                                                     n_tok, mask_id)
+                        kj = tl.where(cand_j, key_j, float("nan"))  # a NaN key never beats anything
+                        beats = (kj[None, :] > key_i[:, None]) | (
+                            (kj[None, :] == key_i[:, None]) & (dst_j[None, :] < dst_i[:, None]))
+                        rank += tl.sum(beats.to(tl.int32), axis=1)
+                    piv = cand_i & (rank == budget - 1)  # exactly one candidate of the span
+                    p_key = tl.maximum(p_key, tl.max(tl.where(piv, key_i, NEG_INF), axis=0))
+                    p_dst = tl.minimum(p_dst, tl.min(tl.where(piv, dst_i, _I64_MAX), axis=0))
+        # every read of `tokens` above is done before pass B writes (rows replicated across warps need
+        # no cross-warp reduction, hence carry no implicit barrier)
         tl.debug_barrier()
-        # pass 2: write the committed tokens (only now: pass 1 must see the masks of this step)
-        for b in range(0, N, BLOCK):
-            r = b + o
-            inb = r < N
-            sp = tl.load(span_ptr + r, mask=inb, other=-1)
-            mine = inb & (sp == j)
-            f = tl.load(flag_ptr + r, mask=mine, other=0)
-            wr = mine & (f != 0)
-            dst = tl.load(dst_ptr + r, mask=wr, other=0)
-            tk = tl.load(tok_ptr + r, mask=wr, other=0)
-            tl.store(seq_ptr + dst, tk, mask=wr)
-        tl.store(ml_ptr + j, m - cnt)
+        # pass B: decide (comparisons with the top-1 and the pivot), write, count
+        for b0 in range(lo, hi, BLOCK):
+            dst, _mb, cand, tok, cf, key = _commit_rows(tok_ptr, conf_ptr, dst_ptr, seq_ptr, b0 + o, hi, n_tok,
+                                                      mask_id)
+            top1 = (key == t_key) & (dst == t_dst)
+            in_b = (key > p_key) | ((key == p_key) & (dst <= p_dst))
+            passes = cf >= tau  # NaN never passes
+            if POLICY == 0:
+                take = cand & (top1 | passes)
+            elif POLICY == 1:
+                take = cand & in_b
+            else:
+                take = cand & (top1 | (in_b & passes))
+            tl.store(seq_ptr + dst, tok, mask=take)
+            cnt += tl.sum(take.to(tl.int32), axis=0)
+        left = m - cnt
+        tl.store(ml_ptr + j, left)
         tl.store(step_ptr + j, k + 1)
         if POLICY == 2:
             tl.store(def_ptr + j, budget - cnt)
         else:
-            tl.store(def_ptr + j, tl.full([], 0, tl.int32))
+            tl.store(def_ptr + j, tl.zeros([], tl.int32))
     tl.store(committed_ptr + j, cnt)
 
-
-@triton.jit(do_not_specialize=["S"])
-def _all_done_kernel(ml_ptr, done_ptr, S, BLOCK: tl.constexpr):
-    o = tl.arange(0, BLOCK)
-    left = tl.full([], 0, tl.int32)
-    for b in range(0, S, BLOCK):
-        r = b + o
-        v = tl.load(ml_ptr + r, mask=r < S, other=0)
-        left = tl.maximum(left, tl.max((v != 0).to(tl.int32), axis=0))
-    tl.store(done_ptr, left == 0)
+    # all-done, last program: low word = arrivals, high word = spans with masks left
+    nz = (left != 0).to(tl.int64)
+    prev = tl.atomic_add(arr_ptr, 1 + (nz << 32), sem="relaxed")
+    if (prev & 0xFFFFFFFF) == S - 1:
+        tl.store(done_ptr, ((prev >> 32) + nz) == 0)
+        tl.store(arr_ptr, tl.zeros([], tl.int64))
 
 
-def commit_spans_triton(token, conf, row_dst, row_span, tokens, masks_left, step, num_steps, deferred,
+# Chunk sizes: BLOCK rows per pass-0/B chunk and per pass-A row tile, BLOCK_J columns per pass-A tile:
+# BLOCK x BLOCK_J = 2048 compares, 8 per thread at 8 warps. sm_90, Triton 3.9, ptxas -v (checked by
+# tests/test_triton_compile.py::test_no_spills): no spills for any policy at 128 x 16; 128 x 32 spilled
+# 24 bytes for pd_threshold. A span of m rows takes ceil(m / 128) x ceil(m / 16) pass-A trips (m = 80: 5,
+# m = 200: 26). Fixed sizes: nothing recompiles as N or the spans change.
+COMMIT_BLOCK = 128
+COMMIT_BLOCK_J = 16
+COMMIT_WARPS = 8
+
+
+def commit_spans_triton(token, conf, row_dst, span_rows, tokens, masks_left, step, num_steps, deferred, arrivals,
                         committed, all_done, policy: str, tau: float, mask_id: int) -> None:
-    """Shapes as :func:`pd_kernels.commit_spans` (validated there). Mutates tokens, the state, outputs."""
-    N = token.shape[0]
+    """Shapes as :func:`pd_kernels.commit_spans` (validated there). Mutates tokens, the state, outputs.
+    One launch of S programs, no workspace, no host sync."""
     S = masks_left.shape[0]
     if S == 0:
         all_done.fill_(True)
         return
-    flags = torch.empty((max(N, 1),), dtype=torch.int8, device=token.device)
-    block = min(128, max(16, triton.next_power_of_2(max(N, 1))))
-    _commit_kernel[(S,)](
-        token, conf, row_dst, row_span, tokens, flags, masks_left, step, num_steps, deferred, committed,
-        N, mask_id, tau, tokens.numel(), POLICY=_POLICIES[policy], BLOCK=block, num_warps=4,
-    )
-    _all_done_kernel[(1,)](masks_left, all_done, S, BLOCK=min(1024, max(16, triton.next_power_of_2(S))),
-                           num_warps=1)
+    _commit_kernel[(S,)](token, conf, row_dst, span_rows, tokens, masks_left, step, num_steps, deferred, arrivals,
+                         committed, all_done, token.shape[0], S, mask_id, tau, tokens.numel(),
+                         POLICY=_POLICIES[policy], BLOCK=COMMIT_BLOCK, BLOCK_J=COMMIT_BLOCK_J, num_warps=COMMIT_WARPS)
