@@ -202,8 +202,8 @@ class Decoder:
     non-blocking host-to-device copy; :meth:`~pd_kernels.StaticSpanLayout.update` (host packing + one
     non-blocking copy); the step's one device-to-host read of ``read`` (a sync: the host needs the AR tokens
     and ``masks_left`` to plan the next step; it also guarantees the staging buffer is free again). The first
-    step of a bucket runs eagerly (warm-up: Triton compilation, cuBLAS handles; the buckets' layouts use
-    ``num_splits=1``, so there is no split-K workspace), the second captures the graph (capture runs nothing)
+    step of a bucket runs eagerly (warm-up: Triton compilation, cuBLAS handles, and the attention's split-K
+    workspace, sized by the bucket), the second captures the graph (capture runs nothing)
     and replays it, later ones replay. ``graph_counts``
     counts ``captured`` graphs, ``replayed`` steps, ``static_eager`` steps and ``dynamic`` (overflow) steps.
 
@@ -593,8 +593,9 @@ class Decoder:
         bk = self._buckets.get((Q, R))
         if bk is None:
             nb = self.tokens.shape[0]
+            # max_kv: a sequence never holds more than cap tokens; it bounds the split-K workspace
             layout = StaticSpanLayout(Q, nb, self.device, group=self.geo["num_heads"] // self.geo["num_kv_heads"],
-                                      max_segments=nb * self.cfg.max_spans)
+                                      max_segments=nb * self.cfg.max_spans, max_kv=self.cap)
             bk = self._buckets[(Q, R)] = _Bucket(Q, R, self.state.num_spans, layout, self.device)
         return bk
 
