@@ -179,7 +179,8 @@ class Decoder:
     ``reserve`` / token-template / ``SpanState.reset`` writes of a state change; choosing the bucket; packing
     the description into the pinned staging buffer (only the RNG offsets while nothing changed) and its one
     non-blocking host-to-device copy; :meth:`~pd_kernels.StaticSpanLayout.update` (only when the description
-    changed); the step's one device-to-host read. The first step of a bucket runs eagerly (warm-up), the second
+    changed); the step's one device-to-host read. The first step of a bucket runs eagerly (warm-up: Triton
+    compilation, cuBLAS handles, and the attention's split-K workspace, sized by the bucket), the second
     captures the graph and replays it, later ones replay. ``graph_counts`` counts ``captured`` graphs,
     ``replayed`` steps, ``static_eager`` steps and ``dynamic`` (overflow) steps. A step larger than the largest
     bucket runs on the dynamic path. Buffers (cache, token buffer, span state, buckets) are kept across
@@ -458,8 +459,9 @@ class Decoder:
         bk = self._buckets.get((Q, R))
         if bk is None:
             nb = self.tokens.shape[0]
+            # max_kv: a sequence never holds more than cap tokens; it bounds the split-K workspace
             layout = StaticSpanLayout(Q, nb, self.device, group=self.geo["num_heads"] // self.geo["num_kv_heads"],
-                                      max_segments=nb * self.cfg.max_spans)
+                                      max_segments=nb * self.cfg.max_spans, max_kv=self.cap)
             bk = self._buckets[(Q, R)] = Bucket(Q, R, self.state.num_spans, layout, self.device)
         self._bucket_of[(nq, nr)] = bk
         return bk
