@@ -14,7 +14,7 @@ Implementations, same queries, same keys, same visibility (SPEC section 4), one 
 * ``sdpa-nomask`` - SDPA without a mask over the same padded tokens (all the work, best dense kernel).
 
 TFLOP/s counts only visible query-key pairs: ``4 * D * Hq * sum(mask)``. ``layout_build_ms`` is
-``SpanLayout.build`` + the tile table (host numpy + one copy), to compare with ``mask_build_ms``.
+``SpanLayout.build`` + its tiling plan (host numpy + two copies), to compare with ``mask_build_ms``.
 Summary lines give triton vs flex and vs sdpa-mask speedups and the PD / PD-DA time ratio.
 
     python benchmarks/bench_attention.py --quick --out benchmarks/results/attention_h100_quick.json
@@ -140,11 +140,10 @@ def run_point(bench, label, seqs, cfg, args, gen):
     timed = lambda f, **kw: time_fn(f, bench, nbytes=nbytes, **kw)  # noqa: E731
     base = dict(case=label, Tq=layout.num_queries, keys=sum(lens), pairs=pairs)
 
-    # layout build (host + one copy), as the decoder pays it each step
+    # layout build + its tiling plan (host + two copies), as the decoder pays it each step
     def build_layout():
         lay = pk.SpanLayout.build(seqs, dev)
-        from pd_kernels.ops.triton.span_attention import choose_block_m
-        lay.tiles(choose_block_m(lay.max_segment, G) // G)
+        lay.plan(G)
         return lay
     t_layout = time_host(build_layout, bench, reps=min(args.reps, 20), inner=1, sync=True)   # host work + copy
     out = torch.empty_like(q)

@@ -1,4 +1,4 @@
-"""Benchmark: host time per op call (issue "speed that can be seen without a GPU", section 1).
+"""Benchmark: host time per op call, and the decoder's own host time per step (issue 14, section 1).
 
 What a call of a public ``pd_kernels`` op costs on the host *beyond the kernel launch itself*: argument
 checks, backend choice, dispatch, the launcher's own Python (strides, grid, tile choices). The innermost
@@ -23,7 +23,13 @@ Timing: ``--calls`` back-to-back calls, repeated ``--reps`` times; medians per c
 compare on a busy machine). These are CPU figures and valid as such: host overhead is paid by the CPU of a
 GPU machine in the same way (expect a similar order there).
 
+Decoder rows (``op = decoder step``): the thread-CPU time per step that :class:`pd_kernels.Decoder` spends
+outside the step's device work (describing and packing the step, the layout update, the read, the bookkeeping):
+on a GPU with CUDA graphs this time adds to every step, because each step ends with a device-to-host read. See
+:func:`decoder_host_time` for the columns. The ``model_ms`` column is the tiny model's eager step on this CPU.
+
     python benchmarks/bench_overhead.py --out benchmarks/results/overhead_cpu.json
+    python benchmarks/bench_overhead.py --what decoder --out benchmarks/results/decoder_host_cpu.json
     python benchmarks/bench_overhead.py --smoke
     python benchmarks/bench_overhead.py --ops commit_spans     # one op (the baselines always run)
 """
@@ -184,13 +190,110 @@ def baselines(device):
             ("bare custom_op (8 args)", lambda: torch.ops.pd_bench.bare8(x, idx, src, x, 1, 2, 0.5, "s"))]
 
 
+# ---- the decoder's own host time per step (issue 14 section 1) -------------------------------------------------
+def decoder_host_time(batch: int, *, spans: int, span_len: int, rounds: int, prompt_len: int, reps: int,
+                      backend: str = "torch") -> dict:
+    """Thread-CPU time per step of :class:`pd_kernels.Decoder` *outside* the step's device work (static step),
+    on the tiny model with forced plans (``spans`` spans of ``span_len`` tokens per round, ``rounds`` rounds,
+    ``batch`` requests admitted together).
+
+    The step's device work is ``Decoder._static_body`` (what a CUDA graph replays). Two figures:
+
+    * ``host_us`` (the robust one): the device work is replaced by its recorded result (the read buffer and
+      token buffer of the same step of a real run, copied into place), so the loop runs only its own host
+      code, with the CPU caches as warm as on a GPU machine's host; the tokens are checked to equal the real
+      run's. The figure is the median over ``reps`` replayed ``generate`` calls of the mean per step;
+    * ``live_us``: a real run, every step's thread time minus its body's (the model's CPU work in between
+      evicts the host code's caches: an upper bound).
+
+    ``reused_us`` / ``rebuilt_us``: medians (replay) of the steps that reused the previous step description (a
+    diffusion step in which no request changed state) and of those that rebuilt it (AR tokens, a span or round
+    ending, admission); ``reused_frac``: the share of reused steps; ``loop_us``: the rest of ``generate`` per
+    step (admission, results); ``model_ms``: the device work per step on this CPU (the eager model step the
+    host time competes with on a GPU)."""
+    from pd_kernels.decoder import DecodeConfig, Decoder, make_plan
+    from pd_kernels.models import TINY_TAGS, tiny_model
+
+    scale = 8
+    n = max(1, span_len // scale)
+    model = tiny_model(seed=0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(30, 200, (prompt_len + 3 * i,), generator=g).tolist() for i in range(batch)]
+    plan = [make_plan(TINY_TAGS, [n] * spans, topic_tokens=[[100 + k, 101 + k] for k in range(spans)],
+                      terminator="sync" if r < rounds - 1 else "eos") for r in range(rounds)]
+    budget = rounds * (spans * (n * scale + 2) + 8 * spans + 4)
+    cfg = DecodeConfig(mode="pd", tags=TINY_TAGS, length_scale=scale, max_new_tokens=budget)
+    dec = Decoder(model, cfg, max_batch=batch, static_step=True, backend=backend)
+    body, step = dec._static_body, dec._step
+    rec = {"body": 0.0, "steps": [], "reads": [], "replay": None}
+
+    def live_body(bk):
+        c0 = time.thread_time()
+        body(bk)
+        rec["body"] += time.thread_time() - c0
+        rec["reads"].append((bk.read.clone(), dec.tokens_flat.clone()))
+
+    def replay_body(bk):   # the device work's result: the read buffer and the token buffer it wrote
+        read, tokens = next(rec["replay"])
+        bk.read.copy_(read)
+        dec.tokens_flat.copy_(tokens)
+
+    def gen():
+        return getattr(getattr(dec, "_desc", None), "gen", None)
+
+    def timed_step():
+        gen0 = gen()
+        b0, c0 = rec["body"], time.thread_time()
+        step()
+        c1 = time.thread_time()
+        rec["steps"].append((c1 - c0 - (rec["body"] - b0), gen0 is not None and gen() == gen0, rec["body"] - b0))
+
+    dec._static_body, dec._step = live_body, timed_step
+    dec.generate(prompts, [plan] * batch)   # warm-up: buckets, layouts
+    rec["steps"].clear(), rec["reads"].clear()
+    t0 = time.thread_time()
+    ref = [r.sequence for r in dec.generate(prompts, [plan] * batch)]
+    live_total = time.thread_time() - t0
+    live = list(rec["steps"])
+    reads = list(rec["reads"])
+    # replay: the same steps with the device work replaced by its recorded read
+    dec._static_body = replay_body
+    rec["steps"].clear()
+    total, means = 0.0, []
+    for _ in range(reps):
+        rec["replay"] = iter(reads)
+        k = len(rec["steps"])
+        t0 = time.thread_time()
+        out = dec.generate(prompts, [plan] * batch)
+        total += time.thread_time() - t0
+        means.append(sum(h for h, _, _ in rec["steps"][k:]) / (len(rec["steps"]) - k))
+        assert [r.sequence for r in out] == ref, "replayed reads must reproduce the live run"
+    st = rec["steps"]
+    med = lambda xs: round(statistics.median(xs) * 1e6, 1) if xs else None  # noqa: E731
+    return {"batch": batch, "steps": len(live), "host_us": med(means),
+            "reused_us": med([h for h, reused, _ in st if reused]),
+            "rebuilt_us": med([h for h, reused, _ in st if not reused]),
+            "reused_frac": round(sum(r for _, r, _ in st) / len(st), 3),
+            "loop_us": round((total - sum(h for h, _, _ in st)) / len(st) * 1e6, 1),
+            "live_us": round(sum(h for h, _, _ in live) / len(live) * 1e6, 1),
+            "model_ms": round(sum(b for _, _, b in live) / len(live) * 1e3, 3)}
+
+
 def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=2000, help="back-to-back calls per timed batch")
     p.add_argument("--ops", default="", help="comma-separated op names to time (default: every op)")
+    p.add_argument("--what", default="ops,decoder", help="sections to run: ops, decoder")
+    p.add_argument("--dec-batches", default="1,8", help="decoder rows: batch sizes")
+    p.add_argument("--dec-spans", type=int, default=3, help="decoder rows: spans per round")
+    p.add_argument("--dec-span-len", type=int, default=32, help="decoder rows: tokens per span")
+    p.add_argument("--dec-rounds", type=int, default=2)
+    p.add_argument("--dec-prompt-len", type=int, default=24)
+    p.add_argument("--dec-reps", type=int, default=20, help="decoder rows: replayed generate calls")
     args = p.parse_args(argv)
     if args.smoke:
         args.calls, args.reps = 50, 3
+        args.dec_batches, args.dec_span_len, args.dec_reps, args.dec_prompt_len = "1,2", 8, 2, 6
     reps = min(args.reps, 11)
     bench = Bench("overhead", args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -199,6 +302,19 @@ def main(argv=None) -> None:
         t, cpu = timing
         bench.row(timing=t, host_us=round(t.median_ms * 1e3, 2), cpu_us=round(cpu, 2), **fields)
 
+    what = set(args.what.split(","))
+    if "decoder" in what:
+        for b in (int(x) for x in args.dec_batches.split(",")):
+            d = decoder_host_time(b, spans=args.dec_spans, span_len=args.dec_span_len, rounds=args.dec_rounds,
+                                  prompt_len=args.dec_prompt_len, reps=args.dec_reps)
+            bench.row(impl="decoder", timing=None, op="decoder step (static, tiny)", backend="torch",
+                      path=f"batch {b}", launch="-", host_us=d["host_us"], cpu_us=d["host_us"],
+                      **{k: v for k, v in d.items() if k != "host_us"})
+            bench.rows[-1].pop("error", None)
+    if "ops" not in what:
+        bench.finish(["op", "path", "host_us", "reused_us", "rebuilt_us", "reused_frac", "loop_us", "live_us",
+                      "model_ms", "steps"])
+        return
     for name, fn in baselines(device):
         row(host_us(fn, args.calls, reps), impl=name, op="-", backend="-", path="baseline", launch="real")
     only = set(filter(None, args.ops.split(",")))

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from pd_kernels.decoder import DecodeConfig
+from pd_kernels.decoder.stats import PHASES
 
 
 @dataclass
@@ -49,7 +50,7 @@ class LoopResult:
     sequence: list
     plans: list
     spans: list
-    steps: dict = field(default_factory=lambda: {"prefill": 0, "plan": 0, "diffusion": 0})
+    steps: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     forward_tokens: list = field(default_factory=list)
     finish_reason: str = ""
 
@@ -182,7 +183,8 @@ class ReferenceLoop:
             self.res.steps[phase] += 1
             phase = "plan"
             last = logits[-1:].clone()
-            last[:, tags.mask] = float("-inf")
+            if cfg.mode != "ar":   # the decoder suppresses MASK in plans, never in the AR baseline
+                last[:, tags.mask] = float("-inf")
             if self.top_p is not None:
                 last = self._top_p(last)
             nxt = torch.argmax(last, dim=-1)                                # stays on the device
@@ -191,11 +193,11 @@ class ReferenceLoop:
             tok = int(nxt)                                                   # the reference's host read
             if tok == tags.eos or (tok == tags.sync and cfg.mode != "ar"):
                 return out, "eos" if tok == tags.eos else "sync"
-            if self.x.shape[1] - self.n_prompt >= cfg.max_new_tokens:
-                return out, "length"
             self.x = torch.cat([self.x, nxt[None]], dim=1)
             self.mask = self._grow(self.mask, torch.ones(1, 1, 1, dtype=torch.bool, device=self.device))
             out.append(tok)
+            if self.x.shape[1] - self.n_prompt >= cfg.max_new_tokens:   # as the decoder: no forward of a token
+                return out, "length"                                     # the budget cannot keep
 
     def _parse(self, plan_ids: torch.Tensor) -> list:
         """Span lengths of the plan entries, token by token with host reads (the reference's
@@ -223,7 +225,7 @@ class ReferenceLoop:
                     break
             if not number:
                 raise ValueError("ReferenceLoop: plan entry without a number > 0 (the loop handles well-formed plans)")
-            lens.append(number * cfg.length_scale)
+            lens.append(int(number * cfg.length_scale))
             pos = e + 1
         if any(L > cfg.max_span_len for L in lens) or len(lens) > cfg.max_spans:
             raise ValueError(f"ReferenceLoop: plan {lens} exceeds max_span_len / max_spans (the decoder would "
@@ -343,7 +345,8 @@ class ReferenceLoop:
 
     def _diffusion_answer(self) -> None:
         cfg, tags, res = self.cfg, self.cfg.tags, self.res
-        n, D = self.n_prompt, cfg.answer_len
+        n = self.n_prompt
+        D = cfg.diffusion_len or cfg.budget(n)   # as the decoder: default, the request's budget
         self.cache = [(torch.zeros(1, 0, self.Hkv * self.D, device=self.device, dtype=self.dtype),) * 2
                       for _ in self.base.layers]
         if n > 1:   # the prompt but its last token, causal (no token is sampled)

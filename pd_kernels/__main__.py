@@ -7,14 +7,16 @@ and runs with the parsed arguments; :func:`main` owns what every command shares:
 
 ``demo``: planned diffusion, live. With no arguments: the tiny planned-diffusion model shipped in the
 package (:mod:`pd_kernels.tiny`, trained on a synthetic list task) on a fixed held-out prompt, on the GPU if
-there is one, else the CPU with the torch backend. Prints the plan the model writes, the spans filling in
-(coloured and updated in place on a terminal, plain lines otherwise), whether the answer matches the task's
-ground truth, and a stats table: critical path (sequential forward passes) of AR, PD, PD-DA and diffusion on
-that prompt. ``--prompt`` takes a task prompt in the task's words (``"rev h o e ; sort k d a f b ; then
-rev"``). ``--model random``: a tiny random-weight Qwen2 with a forced two-round plan (random weights plan
-nothing sensible), PD against AR for the same number of answer tokens. ``--model PATH`` runs a checkpoint
-with its tokenizer (the model writes its own plan): one written by ``train`` like the shipped model, any
-other with the control tags read from its tokenizer by their text (or given with ``--tag``).
+there is one, else the CPU with the torch backend. Prints, from the decoder's stream of events, the plan the
+model writes, the spans filling in (coloured and updated in place on a terminal) and each span as soon as it
+is final, in order, while later ones are still diffusing; whether the answer matches the task's ground
+truth; then a stats table: critical path (sequential forward passes) of AR, PD, PD-DA and diffusion on that
+prompt. ``--prompt`` takes a task prompt in the task's words (``"rev h o e ; sort k d a f b ; then rev"``).
+``--model random``: a tiny random-weight Qwen2 with a forced two-round plan (random weights plan nothing
+sensible), PD against AR for the same number of answer tokens. ``--check-batch`` then checks that a
+request's tokens do not depend on its batch. ``--model PATH`` runs a checkpoint with its tokenizer (the
+model writes its own plan): one written by ``train`` like the shipped model, any other with the control tags
+read from its tokenizer by their text (or given with ``--tag``).
 
 ``train``: train the tiny planned-diffusion model (the defaults reproduce the shipped checkpoint).
 ``eval``: its accuracy against critical path over held-out prompts (JSON + Pareto plot).
@@ -58,34 +60,31 @@ class CLIError(Exception):
 # ---------------------------------------------------------------------------------------------------
 # argument types: a bad value is an argparse error (usage + one line, exit 2)
 # ---------------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _number(cast, lo, hi=math.inf, *, lo_open: bool = False, note: str = ""):
+    """An argparse type: ``cast`` (int or float) of the text, finite, in ``[lo, hi]`` (``(lo, hi]`` when
+    ``lo_open``); the messages name the range."""
+    rng = (f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]" if math.isfinite(hi)
+           else f"{'>' if lo_open else '>='} {lo:g}")
+    finite = "a finite number " if cast is float and not math.isfinite(hi) else ""
+
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if cast is int else 'a number'} {rng}, "
+                                             f"got {text!r}") from None
+        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi):
+            raise argparse.ArgumentTypeError(f"must be {finite}{rng}{note}, got {text}")
+        return v
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
-
-
-def _probability(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (a confidence), got {text}")
-    return v
+_positive_int = _number(int, 1)
+_non_negative_int = _number(int, 0)
+_positive_float = _number(float, 0, lo_open=True)
+_non_negative_float = _number(float, 0)
+_probability = _number(float, 0, 1, note=" (a confidence)")
+_top_p = _number(float, 0, 1, lo_open=True)
 
 
 def _tag(text: str) -> tuple[str, str]:
@@ -101,64 +100,71 @@ def _tag(text: str) -> tuple[str, str]:
 # demo
 # ---------------------------------------------------------------------------------------------------
 class _Live:
-    """on_step callback: draws the spans of request 0 as they fill in."""
+    """The live view of request 0, drawn from the decoder's stream events (:meth:`pd_kernels.Decoder.stream`).
 
-    def __init__(self, decode, mask_id, tty: bool):
-        self.decode, self.mask, self.tty = decode, mask_id, tty
+    Per round: the plan, then the spans filling in (one line per span, redrawn in place on a terminal). A span's
+    text is final when it finishes, so the finished spans are shown in order as soon as every span before them
+    is final, while later ones are still diffusing: on a terminal in a "final so far" line, otherwise as one
+    ``span j final: ...`` line each, saying which spans are still diffusing."""
+
+    def __init__(self, decode, tags, tty: bool):
+        self.decode, self.mask, self.tty = decode, tags.mask, tty
+        self.hidden = set(tags.specials)   # not part of the answer text
         self.drawn = 0
-        self.round_key = None
-        self.printed = set()
 
-    def _lines(self, dec, r):
-        row = dec.tokens[r.slot].tolist()
-        out = []
-        for j, s in enumerate(r.round_spans):
-            toks = row[s.start + 1:s.start + 1 + s.masks]
-            left = sum(t == self.mask for t in toks)
-            if self.tty:  # one terminal row per span (a wrapped row would break the in-place redraw)
-                import shutil
+    def __call__(self, ev) -> None:
+        from .decoder import RoundFinished, RoundStarted, SpanCommit, SpanFinished
 
-                c, room, parts = COLORS[j % len(COLORS)], shutil.get_terminal_size().columns - 22, []
-                for t in toks:
-                    piece = "_" if t == self.mask else self.decode([t])
-                    room -= len(piece)
-                    if room < 1:
-                        parts.append("...")
-                        break
-                    parts.append(f"{DIM}_{RESET}" if t == self.mask else f"{c}{piece}{RESET}")
-                text = "".join(parts)
-            else:
-                text = self.decode([t for t in toks if t != self.mask])
-            out.append(f"  span {j} [{s.masks - left:3d}/{s.masks}] {text}")
-        return out
-
-    def __call__(self, dec):
-        r = dec.reqs[0]
-        if not r.round_spans:
+        if ev.request != 0:
             return
-        key = (r.stats.rounds, r.round_spans[0].start)
-        lines = self._lines(dec, r)
-        if key != self.round_key:
-            if key in self.printed:
-                return
-            self.round_key, self.drawn = key, 0
-            print(f"{BOLD if self.tty else ''}round {r.stats.rounds}: plan{RESET if self.tty else ''} "
-                  f"{self.decode(r.plans[-1])}")
-        finished = not any(s.active for s in r.round_spans) or r.phase != "diffusion"
+        if isinstance(ev, RoundStarted):
+            plan = self.decode(list(ev.plan)) if ev.plan else f"(none: one answer block of {ev.span_lengths[0]} masks)"
+            print(f"{BOLD if self.tty else ''}round {ev.round}: plan{RESET if self.tty else ''} {plan}")
+            self.spans = [[self.mask] * n for n in ev.span_lengths]
+            self.starts, self.final, self.shown, self.drawn = ev.span_starts, [False] * len(ev.span_lengths), 0, 0
+        elif isinstance(ev, SpanCommit):
+            for p, t in zip(ev.positions, ev.tokens):
+                self.spans[ev.span][p - self.starts[ev.span]] = t
+        elif isinstance(ev, SpanFinished):
+            self.spans[ev.span], self.final[ev.span] = list(ev.tokens), True
+            while self.shown < len(self.final) and self.final[self.shown]:   # finished spans, in order
+                if not self.tty:
+                    busy = [str(j) for j, f in enumerate(self.final) if not f]
+                    tail = f"   (span {', '.join(busy)} still diffusing)" if busy else ""
+                    print(f"  span {self.shown} final: {self._text(self.spans[self.shown])}{tail}")
+                self.shown += 1
+        elif not isinstance(ev, RoundFinished):
+            return
         if self.tty:
-            if key in self.printed:
-                return
-            if finished:
-                self.printed.add(key)
-            if self.drawn:
-                sys.stdout.write(f"\x1b[{self.drawn}A")
-            for ln in lines:
-                sys.stdout.write("\x1b[2K" + ln + "\n")
-            self.drawn = len(lines)
-            sys.stdout.flush()
-        elif finished and key not in self.printed:
-            self.printed.add(key)
-            print("\n".join(lines))
+            self._draw()
+
+    def _text(self, toks) -> str:
+        return self.decode([t for t in toks if t not in self.hidden])
+
+    def _draw(self) -> None:
+        import shutil
+
+        width = shutil.get_terminal_size().columns
+        lines = []
+        for j, toks in enumerate(self.spans):   # one terminal row per span (a wrapped row breaks the redraw)
+            c, room, parts = COLORS[j % len(COLORS)], width - 22, []
+            for t in toks:
+                piece = "_" if t == self.mask else self.decode([t])
+                room -= len(piece)
+                if room < 1:
+                    parts.append("...")
+                    break
+                parts.append(f"{DIM}_{RESET}" if t == self.mask else f"{c}{piece}{RESET}")
+            done = sum(t != self.mask for t in toks)
+            lines.append(f"  span {j} [{done:3d}/{len(toks)}]{'*' if self.final[j] else ' '}{''.join(parts)}")
+        final = "".join(self._text(self.spans[j]) for j in range(self.shown))
+        lines.append(f"  {BOLD}final so far:{RESET} {final[-(width - 16):] if final else '...'}")
+        if self.drawn:
+            sys.stdout.write(f"\x1b[{self.drawn}A")
+        for ln in lines:
+            sys.stdout.write("\x1b[2K" + ln + "\n")
+        self.drawn = len(lines)
+        sys.stdout.flush()
 
 
 @dataclass
@@ -382,7 +388,7 @@ def critical_path_line(mode: str, path: int, ar_path: int) -> str:
 def demo(args) -> int:
     import pd_kernels
 
-    from .decoder import DecodeConfig, Decoder, format_table
+    from .decoder import DecodeConfig, Decoder, RequestFinished, format_table
 
     t_start = time.perf_counter()
     if args.model is None or os.path.isfile(os.path.join(args.model, "pd_kernels.json")):
@@ -399,17 +405,25 @@ def demo(args) -> int:
     for note in s.notes:
         print(note)
     print(f"prompt: {s.decode(s.prompt)}")
-    cfg = DecodeConfig(mode=args.mode, steps_ratio=args.steps_ratio, tau=args.tau, policy=args.policy,
-                       tags=s.tags, length_scale=args.length_scale or s.length_scale,
-                       max_new_tokens=args.max_new_tokens, diffusion_len=s.diffusion_len)
-    live = _Live(s.decode, s.tags.mask, tty) if args.mode in ("pd", "pd-da") else None
-    res = Decoder(s.model, cfg, backend=backend, on_step=live).generate([s.prompt], s.forced)[0]
-    answer = res.sequence[len(s.prompt):] if s.raw_answer else res.answer
-    print(f"answer ({res.finish_reason}): {s.decode(answer)}")
+    try:
+        cfg = DecodeConfig(mode=args.mode, steps_ratio=args.steps_ratio, tau=args.tau, policy=args.policy,
+                           tags=s.tags, length_scale=args.length_scale or s.length_scale,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                           top_p=args.top_p, diffusion_len=s.diffusion_len)
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    live = _Live(s.decode, s.tags, tty) if args.mode != "ar" else None
+    res = None
+    for ev in Decoder(s.model, cfg, backend=backend).stream([s.prompt], s.forced):
+        if live is not None:
+            live(ev)
+        if isinstance(ev, RequestFinished):
+            res = ev.result
+    answer = s.decode(res.sequence[len(s.prompt):]) if s.raw_answer else res.text(s.decode)
+    print(f"answer ({res.finish_reason}): {answer}")
     if s.tiny is not None:
         ex = s.tiny[1]
-        ok = ex.check(s.decode(answer))
-        print(f"ground truth: {' '.join(ex.answer)}  -> {'correct' if ok else 'WRONG'}")
+        print(f"ground truth: {' '.join(ex.answer)}  -> {'correct' if ex.check(answer) else 'WRONG'}")
     rows = [(args.mode, res.stats)]
     if s.tiny is not None and not args.no_baseline:
         print("the other modes on this prompt:")
@@ -426,10 +440,61 @@ def demo(args) -> int:
     elif len(rows) > 2 and args.mode != "ar":
         path = {label.split()[0]: st.critical_path for label, st in rows}
         print(critical_path_line(args.mode, path[args.mode], path["ar"]))
+    ok = check_batch(s, cfg, backend) if args.check_batch else True
     if device.type == "cpu":
         print("(CPU timings: a smoke run, not GPU performance)")
     print(f"done in {time.perf_counter() - t_start:.1f} s")
-    return 0
+    return 0 if ok else 1
+
+
+def _batch_requests(s, n: int = 8) -> tuple[list, list]:
+    """``n`` requests of different lengths (and, for the tiny model, different forced plans) around the demo's."""
+    from .decoder import make_plan
+
+    p = s.prompt
+    prompts = [p[:max(1, len(p) - k)] if k % 2 else (p + p[:k])[:len(p) + k] for k in range(n)]
+    if s.forced is None:
+        return prompts, [None] * n
+    T = s.tags
+    shapes = [[[3, 2, 4], [2, 3]], [[2]], [[1, 1, 1]], [[2], [1], [2]], [[4, 1]], [[1], [3]], [[2, 2]], [[5]]]
+    plans = []
+    for k in range(n):
+        rounds = shapes[k % len(shapes)]
+        plans.append([make_plan(T, nums, terminator="sync" if i < len(rounds) - 1 else "eos")
+                      for i, nums in enumerate(rounds)])
+    plans[0] = s.forced[0]
+    return prompts, plans
+
+
+def check_batch(s, cfg, backend) -> bool:
+    """``--check-batch``: 8 requests decoded alone, all together, and joining while others run (max_batch 3),
+    greedy and seeded sampling, dynamic and static step: a request's tokens must not depend on its batch.
+    Returns False when a check that should hold fails."""
+    from .decoder import Decoder
+
+    prompts, plans = _batch_requests(s)
+    print(f"\nbatch invariance: {len(prompts)} requests (prompt lengths {[len(p) for p in prompts]}), each decoded "
+          f"alone vs all together (max_batch 8) vs joining while others run (max_batch 3)")
+    ok = True
+    for kind, temp in (("greedy", 0.0), ("sampled", cfg.temperature or 1.0)):
+        c = cfg.replace(temperature=temp, mode=cfg.mode)
+        seeds = [cfg.seed + k for k in range(len(prompts))] if temp else None   # one seed per request
+        for step in ("dynamic", "static"):
+            kw = dict(backend=backend, static_step=step == "static")
+            alone = [Decoder(s.model, c, **kw).generate([p], [f], seeds=None if seeds is None else [seeds[k]])[0]
+                     for k, (p, f) in enumerate(zip(prompts, plans))]
+            bad = []
+            for mb in (8, 3):
+                out = Decoder(s.model, c, max_batch=mb, **kw).generate(prompts, plans, seeds=seeds)
+                bad += [f"request {k} (max_batch {mb})" for k, (a, b) in enumerate(zip(alone, out))
+                        if a.sequence != b.sequence]
+            if not bad:
+                verdict = "identical"
+            else:
+                verdict = f"DIFFERS: {', '.join(bad)}"
+                ok = False
+            print(f"  {kind:8s}{'' if not temp else f' T={temp:g}':7s} {step:8s} {verdict}")
+    return ok
 
 
 def _demo_arguments(d: argparse.ArgumentParser) -> None:
@@ -451,9 +516,17 @@ def _demo_arguments(d: argparse.ArgumentParser) -> None:
                    help="confidence threshold of the threshold policies, in [0, 1] (default 0.9)")
     d.add_argument("--policy", default="schedule", choices=["schedule", "pd_threshold", "threshold"],
                    help="commit policy of a diffusion step (default: schedule)")
-    d.add_argument("--length-scale", type=_positive_int, default=None,
-                   help="mask tokens per unit a plan entry announces (>= 1; default 10, random tiny model 8, "
-                        "trained tiny model 2)")
+    d.add_argument("--length-scale", type=_positive_float, default=None,
+                   help="mask tokens per unit a plan entry announces (> 0, may be a float: int(N x scale) masks; "
+                        "default 10, random tiny model 8, trained tiny model 2)")
+    d.add_argument("--temperature", type=_non_negative_float, default=0.0,
+                   help="0 = greedy (default); > 0 samples, with noise keyed by (seed, step, position)")
+    d.add_argument("--seed", type=_non_negative_int, default=0, help="RNG seed of the request (default 0)")
+    d.add_argument("--top-p", type=_top_p, default=1.0,
+                   help="nucleus filter in (0, 1], applied at every temperature as the PD reference does (default 1)")
+    d.add_argument("--check-batch", action="store_true",
+                   help="afterwards, decode 8 requests alone and in batches (greedy and sampled, dynamic and static "
+                        "step) and report whether each request's tokens depend on its batch")
     d.add_argument("--max-new-tokens", type=_positive_int, default=256,
                    help="cap on tokens added after the prompt (>= 1; default 256)")
     d.add_argument("--tag", type=_tag, action="append", metavar="NAME=TOKEN_OR_ID",

@@ -1,4 +1,5 @@
-"""Query layouts for :func:`pd_kernels.span_attention` (SPEC section 4: who sees whom).
+"""Query layouts for :func:`pd_kernels.span_attention` (SPEC section 4: who sees whom), and the attention
+*tiling plan*: how the queries of a layout are cut into the kernel's work units.
 
 A forward pass of the decoder packs, over a batch of sequences, the queries it computes: a causal chunk
 (prompt prefill, one AR planning token, the ``<sync/>`` token) or the active spans of a diffusion round.
@@ -15,33 +16,104 @@ span, ``"pd-da"``           ``[0, prefix + sum(lens))``  empty
 padding (``pad_to``)        empty                        empty (the output row is 0)
 ==========================  ==========================  =====================================
 
-The kernel works on *tiles*: a few consecutive query rows of one *segment* (one PD span, all active
-spans of a PD-DA round, or a causal chunk) of one sequence, which all share the same two key ranges (a
-causal tile additionally masks each row at its own position). A tile never loads a key that none of its
-rows can see. Tiles depend on how many tokens fit in the kernel's query block (``Hq / Hkv`` query heads
-are stacked per token), so they are built on the first call per tile size and cached on the layout: the
-28 layers of a step share one table.
+**Tiling plan** (this module is its one home; the Triton kernel module reads it). A *segment* is one PD
+span, all active spans of a PD-DA round, or a causal chunk of one sequence: its rows share two key ranges
+(a causal segment further limits each row to its own position). A *tile* is up to ``T`` consecutive
+query rows of one segment; the kernel stacks the ``G = Hq / Hkv`` query heads of a KV head with the tokens
+(``T * G`` rows of its query block), so a tile loads each key block once for the whole group. Two tile
+classes, chosen **per segment from its own length** (:func:`tile_geometry`):
 
-Everything is computed on the host with numpy (microseconds to a millisecond) and reaches the device with
-one non-blocking copy from pinned memory (no host sync on CUDA).
+* *narrow* (decode: one AR token, ``<sync/>``, tiny segments): query block ``max(16, G)`` rows, so
+  ``T_n = 16 // G`` tokens (G = 7: 2). Its keys are split into *work units* of at least
+  :data:`SPLIT_CHUNK_BLOCKS` x :data:`SPLIT_BLOCK_N` = 256 keys (at most :data:`MAX_SPLITS` units per
+  tile; the chunk grows past 8192 keys), so a one-token decode over 4096 keys runs as 16 units per KV head
+  instead of one program. Split units write fp32 partials (unnormalised output, running max, sum) into a
+  workspace slot; a merge kernel folds a tile's slots in split order (log-sum-exp).
+* *wide* (spans, prefill): query block ``max(128, G)`` rows, ``T_w = 128 // G`` tokens (G = 7: 18), one
+  unit per tile (no split: these grids are large).
 
-CUDA graphs: a :class:`SpanLayout` has fresh device tensors every step and a tile count (the kernel's grid)
+**Batch invariance**: a segment's class, tiles, split points and the kernel variant that runs them
+depend only on that segment (its length and key ranges) and the model's ``G`` and head dim, never on the
+other sequences of the step, the grid, the GPU or the bucket: a request's output is bitwise the same alone
+or in any batch, in a :class:`SpanLayout` or a :class:`StaticSpanLayout`. (Grid sizes and the order in
+which programs pick up units do vary; they do not change any unit's arithmetic.)
+
+Plans are computed on the host with numpy once per layout and ``G`` (:meth:`SpanLayout.plan`), reach the
+device with one non-blocking copy, and are shared by the 28 layers of a step. Everything a layout builds
+on the host happens in :meth:`SpanLayout.build` / :meth:`SpanLayout.plan` / :meth:`StaticSpanLayout.update`,
+never inside a model forward's attention call (``torch.compile`` traces those calls; see
+:data:`SpanLayout.segs_host`).
+
+CUDA graphs: a :class:`SpanLayout` has fresh device tensors every step and a unit count (the kernel's grid)
 that depends on the step. :class:`StaticSpanLayout` is the bucketed form: fixed-size device buffers for a
-bucket (query rows, sequences, segments) that :meth:`StaticSpanLayout.update` refills in place (one
-non-blocking copy from a pinned staging buffer), a tile table whose size depends on the bucket only (unused
-rows are empty tiles that write nothing) and a query block / split count fixed per layout, so one captured
-``span_attention`` launch replays correctly for every step of the bucket.
+bucket (query rows, sequences, segments, keys per sequence) that :meth:`StaticSpanLayout.update` refills
+in place (one non-blocking copy from a pinned staging buffer); unit and merge tables have a capacity fixed
+per bucket and carry the step's count in a header row that the kernels read, so one captured
+``span_attention`` replays correctly for every step of the bucket.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-# columns of the per-tile table read by the Triton kernel
+# ---- the tiling plan's constants (read by pd_kernels.ops.triton.span_attention) ---------------------------
+# columns of a tile row (:meth:`SpanLayout.tiles_host`); a work-unit row starts with the same 7 columns
 TILE_SEQ, TILE_ROW0, TILE_NROWS, TILE_A, TILE_B, TILE_C, TILE_CAUSAL = range(7)
-TILE_COLS = 8  # one spare column keeps rows 32-byte aligned
+TILE_COLS = 8
+# work-unit row: tile columns, then key blocks [J0, J1) of the tile's block list, and the workspace slot of a
+# split unit (-1: the unit covers all of its tile's keys and writes the output itself). Row 0 of a unit table
+# is a header: (count, 0, ...).
+UNIT_J0, UNIT_J1, UNIT_SLOT = 7, 8, 9
+UNIT_COLS = 12              # 48-byte rows
+# merge row (one per split tile): first query row, rows, first slot, number of slots; row 0: (count, 0, 0, 0)
+MERGE_ROW0, MERGE_NROWS, MERGE_SLOT0, MERGE_NSPLITS = range(4)
+MERGE_COLS = 4
+J_ALL = 2**31 - 1           # UNIT_J1 of an unsplit unit: every block of the tile
+
+NARROW_ROWS = 16            # query block of the narrow class (the smallest tl.dot M)
+WIDE_ROWS = 128             # query block of the wide class
+SPLIT_BLOCK_N = 64          # key block of the narrow class: the unit of split points (the kernel uses it)
+SPLIT_CHUNK_BLOCKS = 4      # a split unit covers at least 4 key blocks (256 keys)
+MAX_SPLITS = 32             # at most 32 units per narrow tile (the chunk grows beyond 8192 keys)
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Query blocks and tile heights (tokens) of the two classes for a GQA group size ``group``."""
+
+    group: int
+    narrow_m: int
+    narrow_tokens: int
+    wide_m: int
+    wide_tokens: int
+
+
+@functools.lru_cache(maxsize=64)
+def tile_geometry(group: int) -> TileGeometry:
+    """Tile classes for ``group = Hq / Hkv``: narrow ``max(16, next_pow2(G))`` rows (``T_n`` tokens), wide
+    ``max(128, next_pow2(G))`` rows (``T_w`` tokens). A segment of ``n <= T_n`` tokens is one narrow tile,
+    a longer one ``ceil(n / T_w)`` wide tiles."""
+    G = int(group)
+    if G < 1:
+        raise ValueError(f"group must be >= 1, got {G}")
+    p2 = 1 << (G - 1).bit_length()
+    nm, wm = max(NARROW_ROWS, p2), max(WIDE_ROWS, p2)
+    return TileGeometry(G, nm, nm // G, wm, wm // G)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def split_units(num_blocks):
+    """``(chunk, units)`` for a narrow tile with ``num_blocks`` key blocks of :data:`SPLIT_BLOCK_N` keys
+    (numpy arrays or ints): units of ``chunk = max(SPLIT_CHUNK_BLOCKS, ceil(blocks / MAX_SPLITS))`` blocks,
+    ``units = max(1, ceil(blocks / chunk))``. A function of the tile's own key count only."""
+    chunk = np.maximum(SPLIT_CHUNK_BLOCKS, _cdiv(num_blocks, MAX_SPLITS))
+    return chunk, np.maximum(1, _cdiv(num_blocks, chunk))
 
 
 @dataclass(frozen=True)
@@ -214,9 +286,11 @@ def _pack(seqs: tuple[SeqQueries, ...], pad_to: int | None, who: str):
 
 
 def _tiles_of(sg: np.ndarray, T: int) -> np.ndarray:
-    """Tile table int32 ``[num_tiles, TILE_COLS]`` of segments ``sg`` for tiles of at most ``T`` rows."""
+    """Tile rows int64 ``[num_tiles, TILE_COLS]`` (columns ``TILE_*``) of segments ``sg`` for tiles of at most
+    ``T`` query rows. A one-row causal tile is written as a plain range ``[0, pos + 1)`` (one key range, no
+    per-row limit)."""
     if len(sg) == 0:
-        return np.zeros((0, TILE_COLS), dtype=np.int32)
+        return np.zeros((0, TILE_COLS), dtype=np.int64)
     n = sg[:, 2]
     per = -(-n // T)
     idx = np.repeat(np.arange(len(sg)), per)
@@ -231,11 +305,165 @@ def _tiles_of(sg: np.ndarray, T: int) -> np.ndarray:
     # a causal tile of positions p0..p1: every row sees [0, p0); row at p sees [p0, p] of [p0, p1 + 1)
     p0 = s[:, 3] + k * T
     p1 = p0 + out[:, TILE_NROWS] - 1
-    out[:, TILE_A] = np.where(causal, p0, s[:, 4])
-    out[:, TILE_B] = np.where(causal, p0, s[:, 5])
+    one = causal & (out[:, TILE_NROWS] == 1)
+    out[:, TILE_A] = np.where(one, p0 + 1, np.where(causal, p0, s[:, 4]))
+    out[:, TILE_B] = np.where(one, p0 + 1, np.where(causal, p0, s[:, 5]))
     out[:, TILE_C] = np.where(causal, p1 + 1, s[:, 6])
-    out[:, TILE_CAUSAL] = causal
-    return out.astype(np.int32)
+    out[:, TILE_CAUSAL] = causal & ~one
+    return out
+
+
+def _unit_rows(tiles: np.ndarray, split: bool):
+    """Work units of ``tiles``: ``(units int64 [U, UNIT_COLS], merge int64 [M, MERGE_COLS], slots)``.
+
+    ``split=False``: one unit per tile over all its keys. ``split=True`` (narrow class): the tile's
+    ``n0 + n1`` key blocks (``ceil(a / 64) + ceil((c - b) / 64)``, range ``[0, a)`` first) are cut by
+    :func:`split_units`; a tile with more than one unit gets consecutive workspace slots and a merge row."""
+    n = len(tiles)
+    if not split or n == 0:
+        u = np.zeros((n, UNIT_COLS), dtype=np.int64)
+        u[:, :7] = tiles[:, :7]
+        u[:, UNIT_J1] = J_ALL
+        u[:, UNIT_SLOT] = -1
+        return u, np.zeros((0, MERGE_COLS), dtype=np.int64), 0
+    a, b, c = tiles[:, TILE_A], tiles[:, TILE_B], tiles[:, TILE_C]
+    nb = _cdiv(a, SPLIT_BLOCK_N) + _cdiv(np.maximum(c - b, 0), SPLIT_BLOCK_N)
+    chunk, k = split_units(nb)
+    idx = np.repeat(np.arange(n), k)
+    i = np.arange(len(idx)) - np.repeat(np.cumsum(k) - k, k)     # split index inside its tile
+    u = np.zeros((len(idx), UNIT_COLS), dtype=np.int64)
+    u[:, :7] = tiles[idx, :7]
+    u[:, UNIT_J0] = i * chunk[idx]
+    u[:, UNIT_J1] = np.minimum(u[:, UNIT_J0] + chunk[idx], nb[idx])
+    sp = k > 1
+    ks = np.where(sp, k, 0)
+    slot0 = np.cumsum(ks) - ks
+    u[:, UNIT_SLOT] = np.where(sp[idx], slot0[idx] + i, -1)
+    merge = np.stack([tiles[sp, TILE_ROW0], tiles[sp, TILE_NROWS], slot0[sp], k[sp]], axis=1).reshape(-1, MERGE_COLS)
+    return u, merge, int(ks.sum())
+
+
+def _plan_arrays(segs: np.ndarray, geo: TileGeometry):
+    """``(narrow units, wide units, merge rows, slots)`` of segments ``segs`` (``[S, 8]``, see :func:`_pack`)."""
+    narrow = segs[:, 2] <= geo.narrow_tokens
+    un, mg, slots = _unit_rows(_tiles_of(segs[narrow], geo.narrow_tokens), True)
+    uw, _, _ = _unit_rows(_tiles_of(segs[~narrow], geo.wide_tokens), False)
+    return un, uw, mg, slots
+
+
+def _plan_size(cap_n: int, cap_w: int, cap_m: int) -> int:
+    return (2 + cap_n + cap_w) * UNIT_COLS + (1 + cap_m) * MERGE_COLS
+
+
+def _write_plan(flat: np.ndarray, caps, un, uw, mg) -> None:
+    """Write unit / merge tables (header row with the count, then the rows) into ``flat`` (int32) laid out
+    for capacities ``caps = (narrow units, wide units, merge rows)``; rows past a count are left as they are
+    (the kernels never read them)."""
+    off = 0
+    for rows, cap, cols in ((un, caps[0], UNIT_COLS), (uw, caps[1], UNIT_COLS), (mg, caps[2], MERGE_COLS)):
+        assert len(rows) <= cap, (len(rows), cap)
+        flat[off:off + cols] = 0
+        flat[off] = len(rows)
+        flat[off + cols:off + cols * (1 + len(rows))] = rows.reshape(-1)
+        off += cols * (1 + cap)
+
+
+@dataclass(eq=False)
+class ClassPlan:
+    """One tile class of a plan: what one launch of the attention kernel reads.
+
+    ``units``: int32 ``[1 + capacity, UNIT_COLS]`` device table, row 0 = ``(count, 0, ...)``;
+    ``max_units``: the launch bound (a dynamic plan: the count; a static one: the capacity);
+    ``merge`` / ``max_merge``: the merge table of split tiles (narrow class; empty for wide);
+    ``max_slots``: workspace slots the class may write."""
+
+    block_m: int
+    tokens_per_tile: int
+    split: bool
+    units: torch.Tensor
+    max_units: int
+    merge: torch.Tensor
+    max_merge: int
+    max_slots: int
+
+
+@dataclass(eq=False)
+class AttentionPlan:
+    """The tiling plan of one layout for one ``G``: a narrow and a wide :class:`ClassPlan`, their device
+    tables (one buffer), and the split-K workspace, allocated once per ``(Hkv, D)`` on first use and shared by
+    every layer (layers run one after another on one stream).
+
+    Host-side figures of the step: ``num_units`` (narrow, wide), ``num_merge``, ``num_slots``."""
+
+    geometry: TileGeometry
+    narrow: ClassPlan
+    wide: ClassPlan
+    device: torch.device
+    num_units: tuple = (0, 0)
+    num_merge: int = 0
+    num_slots: int = 0
+    _ws: dict = field(default_factory=dict)
+    launch_cache: dict = field(default_factory=dict)   # the Triton launcher's per-geometry arguments
+
+    @staticmethod
+    def _make(geo: TileGeometry, buf: torch.Tensor, caps, device, bounds) -> "AttentionPlan":
+        cn, cw, cm = caps
+        ow = (1 + cn) * UNIT_COLS
+        om = ow + (1 + cw) * UNIT_COLS
+        un = buf[:ow].view(1 + cn, UNIT_COLS)
+        uw = buf[ow:om].view(1 + cw, UNIT_COLS)
+        mg = buf[om:om + (1 + cm) * MERGE_COLS].view(1 + cm, MERGE_COLS)
+        bn, bw, bm, bs = bounds
+        return AttentionPlan(geo, ClassPlan(geo.narrow_m, geo.narrow_tokens, True, un, bn, mg, bm, bs),
+                             ClassPlan(geo.wide_m, geo.wide_tokens, False, uw, bw, mg[:1], 0, 0), device)
+
+    def workspace(self, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``(o_part [slots, Hkv, T_n * G, D], ml [slots, Hkv, T_n * G, 2])`` (at least one slot, so the
+        narrow kernel always gets fp32 pointers), allocated once per ``(Hkv, D)`` and reused."""
+        key = (num_kv_heads, head_dim)
+        ws = self._ws.get(key)
+        if ws is None:
+            rows = self.geometry.narrow_tokens * self.geometry.group
+            shape = (max(1, self.narrow.max_slots), num_kv_heads, rows)
+            ws = self._ws[key] = (torch.empty(shape + (head_dim,), dtype=torch.float32, device=self.device),
+                                  torch.empty(shape + (2,), dtype=torch.float32, device=self.device))
+        return ws
+
+    def workspace_bytes(self, num_kv_heads: int, head_dim: int) -> int:
+        """Bytes :meth:`workspace` allocates (0 when no unit can be split)."""
+        if self.narrow.max_slots == 0:
+            return 0
+        rows = self.geometry.narrow_tokens * self.geometry.group
+        return self.narrow.max_slots * num_kv_heads * rows * (head_dim + 2) * 4
+
+
+def _dynamic_plan(segs: np.ndarray, group: int, device: torch.device) -> AttentionPlan:
+    geo = tile_geometry(group)
+    un, uw, mg, slots = _plan_arrays(segs, geo)
+    caps = (len(un), len(uw), len(mg))
+    flat = np.empty(_plan_size(*caps), dtype=np.int32)
+    _write_plan(flat, caps, un, uw, mg)
+    buf = _to_device(torch.from_numpy(flat), device)
+    p = AttentionPlan._make(geo, buf, caps, device, (len(un), len(uw), len(mg), slots))
+    p.num_units, p.num_merge, p.num_slots = (len(un), len(uw)), len(mg), slots
+    return p
+
+
+def plan_for(segs_host: torch.Tensor, group: int, device) -> AttentionPlan:
+    """The plan of the layout whose segment table is ``segs_host`` (:attr:`SpanLayout.segs_host`) for
+    ``G = group``: built on first use (host numpy + one non-blocking host-to-device copy) and cached on
+    that tensor, so every layer of a step, and the registered op under ``torch.compile`` (which receives the
+    same tensor), reuse it. A :class:`StaticSpanLayout` puts its fixed plan there for its ``group``."""
+    cache = getattr(segs_host, "_pd_plans", None)
+    if cache is None:
+        cache = segs_host._pd_plans = {}
+    p = cache.get(group)
+    if p is None:
+        if getattr(segs_host, "_pd_fixed", False):   # a StaticSpanLayout's buffer: its plan only
+            raise ValueError(f"this StaticSpanLayout was built for group={next(iter(cache))} query heads per KV "
+                             f"head, not {group}")
+        p = cache[group] = _dynamic_plan(segs_host.numpy(), group, _norm_device(device))
+    return p
 
 
 @dataclass(eq=False)
@@ -248,7 +476,12 @@ class SpanLayout:
         q_kv ``[Tq, 3]``: ``(a, b, c)``: the query sees keys ``[0, a) U [b, c)`` of its sequence (a view with
         strides ``(1, Tq)``).
     Host values: ``num_queries`` (padding included), ``num_seqs``, ``kv_lens`` (keys sequence ``b`` must hold
-    in the cache: its largest visible key + 1, 0 without queries), ``seqs`` (the :class:`SeqQueries`).
+    in the cache: its largest visible key + 1, 0 without queries), ``max_kv``, ``seqs`` (the
+    :class:`SeqQueries`).
+    Host tensors (CPU, int64; what the registered op receives under ``torch.compile``, where the layout
+    object itself cannot travel): ``segs_host`` ``[S, 8]`` segments (seq, row0, n, pos0, a, b, c, causal),
+    ``kv_host`` ``[B]`` the ``kv_lens`` (a :class:`StaticSpanLayout`: fixed buffers ``[max_segments + 1, 8]``
+    and ``[max_seqs]`` refilled in place, unused rows empty segments).
     """
 
     seqs: tuple[SeqQueries, ...]
@@ -260,28 +493,36 @@ class SpanLayout:
     q_seq: torch.Tensor
     q_kv: torch.Tensor
     _segs: np.ndarray            # [S, 8] int64: seq, row0, n, pos0, a, b, c, causal (see _pack)
-    _tiles: dict = field(default_factory=dict)
+    segs_host: torch.Tensor = None
+    kv_host: torch.Tensor = None
+    max_kv: int = 0
+
+    def __post_init__(self):
+        self._set_host(self._segs, self.kv_lens)
+
+    def _set_host(self, segs: np.ndarray, kv_lens: list[int]) -> None:
+        self._segs = segs
+        self.segs_host = torch.from_numpy(segs)
+        self.kv_lens = kv_lens
+        self.kv_host = torch.from_numpy(np.asarray(kv_lens, dtype=np.int64).reshape(-1))
+        self.max_kv = max(kv_lens, default=0)
 
     @property
     def num_seqs(self) -> int:
-        return len(self.seqs)
-
-    @property
-    def max_kv(self) -> int:
-        return max(self.kv_lens, default=0)
+        return len(self.kv_lens)
 
     @property
     def max_segment(self) -> int:
-        """Most query rows in one segment (the kernel picks its query block from it)."""
+        """Most query rows in one segment."""
         return int(self._segs[:, 2].max()) if len(self._segs) else 0
 
     @staticmethod
     def build(seqs, device, pad_to: int | None = None) -> "SpanLayout":
         """Pack the queries of ``seqs`` (entry ``b`` = row ``b`` of the block table) in sequence order.
 
-        ``pad_to``: pad the query count to this fixed size (CUDA graphs); padded rows output 0.
-        One host-to-device copy. For a captured CUDA graph use :class:`StaticSpanLayout` (fixed buffers,
-        fixed tile count, refilled in place).
+        ``pad_to``: pad the query count to this fixed size; padded rows output 0.
+        One host-to-device copy (the tiling plan adds one more on the first attention call per ``G``, or call
+        :meth:`plan` ahead). For a captured CUDA graph use :class:`StaticSpanLayout`.
         """
         seqs = _check_seqs(seqs, "SpanLayout.build")
         device = _norm_device(device)
@@ -293,23 +534,19 @@ class SpanLayout:
         return SpanLayout(seqs=seqs, device=device, num_queries=row, num_real_queries=real, kv_lens=kv_lens,
                           q_pos=dev[0], q_seq=dev[1], q_kv=dev[2:5].t(), _segs=seg_arr)
 
-    # ---- kernel tiles ----------------------------------------------------------------------------
+    # ---- tiling plan -----------------------------------------------------------------------------
+    def plan(self, group: int) -> AttentionPlan:
+        """The tiling plan for ``G = group`` query heads per KV head (built on first use, then cached)."""
+        return plan_for(self.segs_host, group, self.device)
+
     def tiles_host(self, tokens_per_tile: int) -> np.ndarray:
-        """Tile table ``[num_tiles, 8]`` int32 (columns ``TILE_*``) for tiles of at most
-        ``tokens_per_tile`` query rows (host numpy; see :meth:`tiles`)."""
+        """Tile rows int64 ``[num_tiles, TILE_COLS]`` (columns ``TILE_*``) cutting every segment into tiles of at
+        most ``tokens_per_tile`` query rows (host numpy, for inspection; the plan cuts each segment with
+        its own class's height)."""
         T = int(tokens_per_tile)
         if T < 1:
             raise ValueError(f"tokens_per_tile must be >= 1, got {T}")
         return _tiles_of(self._segs, T)
-
-    def tiles(self, tokens_per_tile: int) -> torch.Tensor:
-        """Device tile table for tiles of at most ``tokens_per_tile`` query rows: built on first use for
-        that size (host numpy + one non-blocking host-to-device copy) and cached on the layout."""
-        t = self._tiles.get(tokens_per_tile)
-        if t is None:
-            t = _to_device(torch.from_numpy(self.tiles_host(tokens_per_tile)), self.device)
-            self._tiles[tokens_per_tile] = t
-        return t
 
     # ---- inspection ------------------------------------------------------------------------------
     def to_dense_mask(self) -> torch.Tensor:
@@ -330,24 +567,26 @@ class StaticSpanLayout(SpanLayout):
     :func:`pd_kernels.span_attention` (and the model forward around it) can be captured in a CUDA graph once
     per bucket and replayed for every step that fits it.
 
-    A bucket is (``max_queries`` packed query rows, ``max_seqs`` sequences, ``max_segments`` segments). Every
-    shape and launch parameter depends on the bucket only:
+    A bucket is (``max_queries`` packed query rows, ``max_seqs`` sequences, ``max_segments`` segments,
+    ``max_kv`` keys per sequence). Every shape and launch parameter depends on the bucket only:
 
     * ``num_queries == max_queries`` (rows past the step's queries are padding: ``q_seq = -1``, ``q_pos = 0``,
       no keys, output 0), ``num_seqs == max_seqs`` (sequences past the step's are empty: no queries,
       ``kv_lens`` 0; the block table keeps ``max_seqs`` rows, their content is never read);
-    * the kernel's query block ``block_m`` (so ``tokens_per_tile = block_m // group``) and ``num_splits`` are
-      fixed here, not chosen from the step's data;
-    * the tile table has ``max_tiles = min(max_queries, max_queries // tokens_per_tile + max_segments + 1)``
-      rows (enough for any step of the bucket: tiles <= floor(rows / T) + segments, the ``+ 1`` is the
-      padding segment); rows past the step's tiles are *empty tiles* (0 query rows, empty key ranges): their
-      programs load nothing and write nothing.
+    * the tiling plan (:attr:`plan`) is the module's rule for ``group``, exactly as for a dynamic layout (so
+      a request's output is bitwise the same in either); its unit and merge tables have capacities fixed
+      here, and the kernels read the step's counts from their header rows:
 
-    Device memory: one int32 buffer ``[max_tiles * 8 + 5 * max_queries]`` holding the tile table and
-    ``q_pos``, ``q_seq``, ``q_kv`` (views that never move: their ``data_ptr`` is the same after every
-    :meth:`update`), plus, with ``num_splits > 1``, the split-K workspace (fp32 ``[splits, Tq, Hq, D]`` and
-    ``[splits, Tq, Hq, 2]``), allocated on the first :func:`span_attention` call per head count / head dim
-    (do that eager warm-up call before capturing) and reused after.
+      - narrow tiles <= ``min(max_segments, max_queries) + 1`` (the ``+ 1``: the padding segment), each with
+        at most ``min(MAX_SPLITS, ceil((ceil(max_kv / 64) + 1) / 4))`` units (``MAX_SPLITS`` without
+        ``max_kv``);
+      - wide tiles <= ``max_queries // T_w + min(max_segments, max_queries // (T_n + 1)) + 1``.
+
+    Device memory: one int32 buffer holding the unit / merge tables and ``q_pos``, ``q_seq``, ``q_kv`` (views
+    that never move: their ``data_ptr`` is the same after every :meth:`update`), plus the split-K workspace
+    (:meth:`AttentionPlan.workspace`: ``slots x Hkv x T_n G x (D + 2)`` fp32, slots = the narrow unit
+    capacity), allocated on the first :func:`span_attention` call per ``(Hkv, D)`` (do that eager warm-up
+    call before capturing) and reused after.
 
     :meth:`update` (and :meth:`copy_from`) compute the step's arrays on the host and write them into a pinned
     staging buffer, then issue **one** non-blocking host-to-device copy on the current stream: no host sync,
@@ -362,19 +601,16 @@ class StaticSpanLayout(SpanLayout):
         group: ``Hq // Hkv`` of the model (GQA group size); :func:`span_attention` checks it.
         max_segments: most segments of a step (a causal chunk or a PD-DA round is one segment per
             sequence, each active PD span is one); default ``max_queries`` (always enough; a tighter value
-            gives a smaller grid).
-        block_m: the kernel's query block (power of two, >= 16, >= ``group``); default: the dynamic rule
-            (``choose_block_m``) for ``ceil(max_queries / max_seqs)`` rows per segment.
-        num_splits: split-K factor of every call (1..16); pick > 1 for decode-like buckets (few tiles, long
-            key ranges) on a GPU.
+            gives smaller tables and workspace).
+        max_kv: most keys a sequence of a step may see (e.g. the cache's capacity per sequence); bounds the
+            split units, hence the workspace. Default: no bound (``MAX_SPLITS`` units per narrow tile). Kept as
+            ``bucket_max_kv`` (``max_kv`` is the step's largest key count, as for any layout).
 
     Raises ``ValueError`` from :meth:`update` when a step does not fit the bucket.
     """
 
     def __init__(self, max_queries: int, max_seqs: int, device, *, group: int = 1, max_segments: int | None = None,
-                 block_m: int | None = None, num_splits: int = 1):
-        from .ops.triton.span_attention import MAX_SPLITS, choose_block_m
-
+                 max_kv: int | None = None):
         N, B, G = (_as_int(max_queries, "max_queries"), _as_int(max_seqs, "max_seqs"), _as_int(group, "group"))
         if N < 1 or B < 1 or G < 1:
             raise ValueError(f"StaticSpanLayout needs max_queries, max_seqs, group >= 1, got ({N}, {B}, {G})")
@@ -382,24 +618,37 @@ class StaticSpanLayout(SpanLayout):
         if S < 1:
             raise ValueError(f"StaticSpanLayout: max_segments must be >= 1, got {S}")
         S = min(S, N)  # a segment has at least one query row
-        bm = choose_block_m(-(-N // B), G) if block_m is None else _as_int(block_m, "block_m")
-        if bm < 16 or bm & (bm - 1) or bm < G:
-            raise ValueError(f"StaticSpanLayout: block_m must be a power of two >= 16 and >= group ({G}), got {bm}")
-        splits = _as_int(num_splits, "num_splits")
-        if not 1 <= splits <= MAX_SPLITS:
-            raise ValueError(f"StaticSpanLayout: num_splits must be in [1, {MAX_SPLITS}], got {splits}")
-        T = bm // G
+        if max_kv is not None:
+            max_kv = _as_int(max_kv, "max_kv")
+            if max_kv < 1:
+                raise ValueError(f"StaticSpanLayout: max_kv must be >= 1, got {max_kv}")
+        geo = tile_geometry(G)
+        Tn, Tw = geo.narrow_tokens, geo.wide_tokens
+        splits = MAX_SPLITS if max_kv is None else int(min(MAX_SPLITS, _cdiv(_cdiv(max_kv, SPLIT_BLOCK_N) + 1,
+                                                                                SPLIT_CHUNK_BLOCKS)))
+        narrow_tiles = S + 1
+        cap_n = narrow_tiles * splits
+        cap_w = N // Tw + min(S, N // (Tn + 1)) + 1
+        cap_m = narrow_tiles if splits > 1 else 0
         device = _norm_device(device)
-        self.max_queries, self.max_seqs, self.max_segments, self.group = N, B, S, G
-        self.block_m, self.num_splits, self.tokens_per_tile = bm, splits, T
-        self.max_tiles = min(N, N // T + S + 1)
+        self.max_queries, self.max_seqs, self.max_segments, self.group, self.bucket_max_kv = N, B, S, G, max_kv
+        self.geometry = geo
         self.device = device
-        size = self.max_tiles * TILE_COLS + 5 * N
-        # tile table first (32-byte aligned rows), then q_pos, q_seq, q_kv: views that never move
+        self._caps = (cap_n, cap_w, cap_m)
+        psize = _plan_size(*self._caps)
+        size = psize + 5 * N
+        # plan tables first (unit rows 16-byte aligned), then q_pos, q_seq, q_kv: views that never move
         self._buf = torch.zeros(size, dtype=torch.int32, device=device)
-        self._tile_buf = self._buf[:self.max_tiles * TILE_COLS].view(self.max_tiles, TILE_COLS)
-        qv = self._buf[self.max_tiles * TILE_COLS:].view(5, N)
+        self._plan_size = psize
+        qv = self._buf[psize:].view(5, N)
         self.q_pos, self.q_seq, self.q_kv = qv[0], qv[1], qv[2:5].t()
+        self.plan_fixed = AttentionPlan._make(geo, self._buf[:psize], self._caps, device,
+                                              (cap_n, cap_w, cap_m, cap_n if splits > 1 else 0))
+        # host description in fixed CPU buffers too (the registered op's inputs stay the same tensors)
+        self.segs_host = torch.zeros((S + 1, 8), dtype=torch.int64)
+        self.segs_host._pd_plans = {G: self.plan_fixed}
+        self.segs_host._pd_fixed = True
+        self.kv_host = torch.zeros(B, dtype=torch.int64)
         if device.type == "cuda":
             self._staging = [torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
             self._events = [torch.cuda.Event(), torch.cuda.Event()]
@@ -408,16 +657,15 @@ class StaticSpanLayout(SpanLayout):
             self._events = [None]
         self._recorded = [False] * len(self._staging)
         self._slot = 0
-        self._workspace: dict = {}
-        self._tiles = {}
         self.num_queries = N
         self.update(())
 
     # ---- refill ----------------------------------------------------------------------------------
     def update(self, seqs) -> "StaticSpanLayout":
         """Refill the buffers in place with the layout of ``seqs`` (entry ``b`` = row ``b`` of the block
-        table; at most ``max_seqs`` entries, at most ``max_queries`` queries and ``max_segments`` segments).
-        One non-blocking host-to-device copy; must not run while a CUDA graph is being captured. Returns self."""
+        table; at most ``max_seqs`` entries, ``max_queries`` queries, ``max_segments`` segments and
+        ``max_kv`` keys per sequence). One non-blocking host-to-device copy; must not run while a CUDA graph
+        is being captured. Returns self."""
         who = "StaticSpanLayout.update"
         seqs = _check_seqs(seqs, who)
         N, B, S = self.max_queries, self.max_seqs, self.max_segments
@@ -431,8 +679,14 @@ class StaticSpanLayout(SpanLayout):
         if nseg > S:
             raise ValueError(f"{who}: {nseg} segments do not fit the bucket (max_segments={S}); each active PD "
                              f"span is one segment, a causal chunk or a PD-DA round one per sequence")
-        tiles = _tiles_of(segs, self.tokens_per_tile)
-        assert len(tiles) <= self.max_tiles, (len(tiles), self.max_tiles)   # guaranteed by the bound above
+        mk = self.bucket_max_kv
+        if mk is not None and max(kv_lens, default=0) > mk:
+            bad = [(b, n) for b, n in enumerate(kv_lens) if n > mk]
+            raise ValueError(f"{who}: (sequence, keys) {bad[:4]} exceed the bucket's max_kv={mk}")
+        un, uw, mg, slots = _plan_arrays(segs, self.geometry)
+        # guaranteed by the capacities computed in __init__
+        assert len(un) <= self._caps[0] and len(uw) <= self._caps[1] and len(mg) <= self._caps[2], \
+            (len(un), len(uw), len(mg), self._caps)
         slot = self._slot
         st, ev = self._staging[slot], self._events[slot]
         if ev is not None:
@@ -441,21 +695,29 @@ class StaticSpanLayout(SpanLayout):
             if self._recorded[slot]:
                 ev.synchronize()   # the copy that last read this staging buffer (two updates ago)
         a = st.numpy()
-        nt = tiles.size
-        a[:nt] = tiles.reshape(-1)
-        a[nt:self.max_tiles * TILE_COLS] = 0          # empty tiles: 0 rows, empty key ranges
-        a[self.max_tiles * TILE_COLS:] = host.reshape(-1)
+        _write_plan(a[:self._plan_size], self._caps, un, uw, mg)
+        a[self._plan_size:] = host.reshape(-1)
         self._buf.copy_(st, non_blocking=ev is not None)
         if ev is not None:
             ev.record()
             self._recorded[slot] = True
             self._slot = (slot + 1) % len(self._staging)
         self.seqs = seqs
-        self.kv_lens = kv_lens + [0] * (B - len(seqs))
         self.num_real_queries = real
-        self._segs = segs
-        self.num_tiles = len(tiles)
+        self._set_host(segs, kv_lens + [0] * (B - len(seqs)))
+        p = self.plan_fixed
+        p.num_units, p.num_merge, p.num_slots = (len(un), len(uw)), len(mg), slots
         return self
+
+    def _set_host(self, segs: np.ndarray, kv_lens: list[int]) -> None:
+        # refill the fixed host buffers in place (rows past the step's segments: empty segments)
+        self._segs = segs
+        self.kv_lens = kv_lens
+        self.max_kv = max(kv_lens, default=0)
+        sh = self.segs_host.numpy()
+        sh[:len(segs)] = segs
+        sh[len(segs):] = 0
+        self.kv_host.numpy()[:] = kv_lens
 
     def copy_from(self, layout: SpanLayout) -> "StaticSpanLayout":
         """:meth:`update` with the sequences of a dynamic layout (its padding is ignored). Returns self."""
@@ -463,32 +725,15 @@ class StaticSpanLayout(SpanLayout):
             raise TypeError(f"copy_from needs a SpanLayout, got {type(layout).__name__}")
         return self.update(layout.seqs)
 
-    # ---- what span_attention reads ---------------------------------------------------------------
-    @property
-    def num_seqs(self) -> int:
-        return self.max_seqs
-
-    def tiles(self, tokens_per_tile: int) -> torch.Tensor:
-        """The fixed tile table ``[max_tiles, 8]`` (only for this layout's ``tokens_per_tile``)."""
-        if tokens_per_tile != self.tokens_per_tile:
-            raise ValueError(f"StaticSpanLayout has tiles of {self.tokens_per_tile} tokens (block_m={self.block_m}, "
-                             f"group={self.group}), not {tokens_per_tile}")
-        return self._tile_buf
-
-    def split_workspace(self, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 ``([num_splits, Tq, Hq, D], [num_splits, Tq, Hq, 2])`` split-K partials, allocated once per
-        ``(Hq, D)`` and reused by every call (layers run one after another on one stream)."""
-        key = (int(num_heads), int(head_dim))
-        ws = self._workspace.get(key)
-        if ws is None:
-            shape = (self.num_splits, self.max_queries, key[0])
-            ws = (torch.empty(shape + (key[1],), dtype=torch.float32, device=self.device),
-                  torch.empty(shape + (2,), dtype=torch.float32, device=self.device))
-            self._workspace[key] = ws
-        return ws
+    def plan(self, group: int) -> AttentionPlan:
+        """The fixed plan of the bucket (only for this layout's ``group``)."""
+        if group != self.group:
+            raise ValueError(f"StaticSpanLayout was built for group={self.group} query heads per KV head, not {group}")
+        return self.plan_fixed
 
     def __repr__(self) -> str:
+        p = self.plan_fixed
         return (f"StaticSpanLayout(max_queries={self.max_queries}, max_seqs={self.max_seqs}, "
-                f"max_segments={self.max_segments}, block_m={self.block_m}, group={self.group}, "
-                f"num_splits={self.num_splits}, max_tiles={self.max_tiles}; step: {len(self.seqs)} seqs, "
-                f"{self.num_real_queries} queries, {self.num_tiles} tiles, device={self.device})")
+                f"max_segments={self.max_segments}, max_kv={self.bucket_max_kv}, group={self.group}, "
+                f"unit capacity {self._caps[0]} narrow + {self._caps[1]} wide; step: {len(self.seqs)} seqs, "
+                f"{self.num_real_queries} queries, {p.num_units} units, device={self.device})")

@@ -4,7 +4,8 @@ No pd_kernels op, no KV cache: every step runs the *whole* sequence through the 
 (``attn_implementation="sdpa"``) with a dense 4D float mask (0 / -inf) built from SPEC section 4, batch 1.
 
 The one piece of state besides the tokens is SPEC section 3's "a finished span's K/V stays as last
-computed": once a span is finished, forward hooks on every layer's ``k_proj`` / ``v_proj`` replace the
+computed" (with ``refresh_spans``: as computed by one more forward of the finished round before its
+``<sync/>``): once a span is finished, forward hooks on every layer's ``k_proj`` / ``v_proj`` replace the
 projections at its positions by the values of the forward pass in which it was last computed (RoPE is a
 function of the position only, so freezing the pre-RoPE projections freezes the cached keys). Everything
 else (prompt, plans, ``<sync/>``) is recomputed every step; causal attention makes that exact.
@@ -101,12 +102,14 @@ class ReferenceDecoder:
     """Batch-1 reference. ``model``: transformers causal LM with ``attn_implementation="sdpa"``, fp32."""
 
     def __init__(self, model, *, tags, mode="pd", policy="schedule", confidence="prob", tau=0.9, steps_ratio=1.0,
-                 length_scale=10, max_new_tokens=512, max_rounds=16, diffusion_len=None):
+                 length_scale=10, max_new_tokens=512, max_rounds=16, diffusion_len=None, diffusion_attention="causal",
+                 refresh_spans=False):
         assert model.config._attn_implementation == "sdpa", "the reference runs stock sdpa attention"
         self.model, self.tags, self.mode = model, tags, mode
         self.policy, self.conf_kind, self.tau, self.r = policy, confidence, tau, steps_ratio
         self.length_scale, self.max_new, self.max_rounds = length_scale, max_new_tokens, max_rounds
         self.diffusion_len = diffusion_len or max_new_tokens
+        self.full, self.refresh = diffusion_attention == "full", refresh_spans
         self.forwards = 0
 
     # ---- model ---------------------------------------------------------------------------------------
@@ -136,7 +139,8 @@ class ReferenceDecoder:
         out = self.model(input_ids=ids, attention_mask=self._mask(), position_ids=torch.arange(len(self.x))[None],
                          use_cache=False)
         logits = out.logits[0].float()
-        logits[:, self.tags.mask] = float("-inf")   # MASK is never predicted
+        if self.mode != "ar":
+            logits[:, self.tags.mask] = float("-inf")   # MASK is never predicted (an AR model does not know it)
         return logits
 
     # ---- phases --------------------------------------------------------------------------------------
@@ -150,11 +154,11 @@ class ReferenceDecoder:
                 tok = forced[len(out)]
             if tok == self.tags.eos or (tok == self.tags.sync and self.mode != "ar"):
                 return out, ("eos" if tok == self.tags.eos else "sync")
-            if len(self.x) - self.n_prompt >= budget:
-                return out, "length"
             self.x.append(tok)
             self.seg.append(None)
             out.append(tok)
+            if len(self.x) - self.n_prompt >= budget:   # budget spent: no forward of a token that cannot be kept
+                return out, "length"
 
     def _diffuse(self, spans: list[tuple[int, int]]) -> None:
         """spans: (first position, number of masks) with masks at first+1 .. first+masks."""
@@ -216,7 +220,10 @@ class ReferenceDecoder:
             if self.mode == "diffusion":
                 n, L = len(prompt), self.diffusion_len
                 self.x += [tags.mask] * L
-                self.seg = [None] * (n - 1) + [(n - 1, n - 1, n + L, n + L)] * (L + 1)
+                if self.full:   # the paper's baseline: every token sees every token, nothing cached
+                    self.seg = [(0, 0, n + L, n + L)] * (n + L)
+                else:
+                    self.seg = [None] * (n - 1) + [(n - 1, n - 1, n + L, n + L)] * (L + 1)
                 self._diffuse([(n - 1, L)])
                 ans = self.x[n:n + L]
                 if tags.eos in ans:
@@ -249,6 +256,11 @@ class ReferenceDecoder:
                     answer += [t for t in s if t not in tags.specials]
                 if term != "sync" or rounds >= self.max_rounds:
                     break
+                if self.refresh:   # one forward with the spans' final tokens; their K/V are frozen at it
+                    pos = [p for a, L in spans for p in range(a, a + L + 2)]
+                    self.freezer.mask[pos] = False
+                    self._forward()
+                    self.freezer.freeze(pos)
                 self.x.append(tags.sync)
                 self.seg.append(None)
         finally:

@@ -53,16 +53,19 @@ def test_every_option_has_help():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--length-scale", "0"], "--length-scale: must be >= 1, got 0"),
+    (["--length-scale", "0"], "--length-scale: must be a finite number > 0, got 0"),
+    (["--temperature", "-1"], "--temperature: must be a finite number >= 0"),
+    (["--seed", "-2"], "--seed: must be >= 0"),
+    (["--top-p", "0"], r"--top-p: must be in \(0, 1\]"),
     (["--max-new-tokens", "-3"], "--max-new-tokens: must be >= 1"),
-    (["--max-new-tokens", "many"], "--max-new-tokens: expected a positive integer"),
+    (["--max-new-tokens", "many"], "--max-new-tokens: expected an integer >= 1"),
     (["--steps-ratio", "0"], "--steps-ratio: must be a finite number > 0"),
     (["--steps-ratio", "inf"], "--steps-ratio: must be a finite number > 0"),
     (["--tau", "1.5"], r"--tau: must be in \[0, 1\]"),
     (["--tag", "nonsense"], "--tag: expected NAME=TOKEN or NAME=ID"),
     (["--tag", "maskk=5"], "--tag: unknown tag 'maskk'"),
     (["--mode", "fast"], "--mode: invalid choice"),
-], ids=["length-scale-0", "max-new-negative", "max-new-text", "steps-ratio-0", "steps-ratio-inf", "tau", "tag-form",
+], ids=["length-scale-0", "temperature-negative", "seed-negative", "top-p-0", "max-new-negative", "max-new-text", "steps-ratio-0", "steps-ratio-inf", "tau", "tag-form",
         "tag-name", "mode"])
 def test_bad_option_values_are_usage_errors(capsys, argv, match):
     import re

@@ -516,6 +516,7 @@ def test_public_exports():
 def test_decoder_ends_a_span_without_valid_tokens(monkeypatch, static_step):
     """Rows with no valid token are never committed; a span whose masked rows all have none commits nothing
     in that step, and the decoder ends it (its masks stay, noted in plan_errors) instead of looping forever."""
+    import pd_kernels.decoder.step as step_mod
     from pd_kernels.decoder import DecodeConfig, Decoder
     from pd_kernels.models import TINY_TAGS, tiny_model
 
@@ -532,7 +533,7 @@ def test_decoder_ends_a_span_without_valid_tokens(monkeypatch, static_step):
             conf.fill_(float("-inf"))
         return tok, conf
 
-    monkeypatch.setattr(pd_kernels, "token_confidence", no_token_after_two_steps)
+    monkeypatch.setattr(step_mod, "token_confidence", no_token_after_two_steps)   # the decoder's one call
     cfg = DecodeConfig(mode="diffusion", policy="threshold", tau=0.99, tags=TINY_TAGS, diffusion_len=12,
                        max_new_tokens=20)
     res = Decoder(tiny_model(seed=1), cfg, static_step=static_step, backend="torch").generate([[40]])[0]

@@ -39,7 +39,8 @@ def _check_against_reference(models, mode, policy, confidence="prob", steps_rati
                                steps_ratio=steps_ratio, **opts).generate(p, f)
         assert res[i].sequence == ref["sequence"], f"prompt {i}: sequences differ"
         assert res[i].answer == ref["answer"]
-        assert res[i].stats.critical_path == ref["forwards"] + (1 if mode == "diffusion" and len(p) > 1 else 0)
+        prefill = mode == "diffusion" and opts.get("diffusion_attention") != "full" and len(p) > 1
+        assert res[i].stats.critical_path == ref["forwards"] + prefill   # our causal prefill is one more forward
     return res
 
 
@@ -68,6 +69,27 @@ def test_steps_ratio(models, ratio):
 @pytest.mark.parametrize("mode,policy", [("pd", "schedule"), ("pd-da", "threshold"), ("diffusion", "pd_threshold")])
 def test_matches_reference_triton(models, mode, policy):
     _check_against_reference(models, mode, policy, backend="triton", prompts=PROMPTS[:2], plans=PLANS[:2])
+
+
+def test_diffusion_full_attention_matches_reference(models):
+    """``diffusion_attention="full"``: the paper's diffusion baseline (bidirectional over prompt and answer, no
+    cache, every step forwards everything) against the reference run with a full mask."""
+    res = _check_against_reference(models, "diffusion", "pd_threshold", diffusion_attention="full")
+    assert all(r.stats.method == "diffusion-full" and r.stats.steps["prefill"] == 0 for r in res)
+    ours = generate(models[0], PROMPTS, DecodeConfig(mode="diffusion", policy="pd_threshold", tags=T, **KW))
+    assert all(r.stats.method == "diffusion" and r.stats.steps["prefill"] == 1 for r in ours)
+
+
+def test_refresh_spans_matches_reference(models):
+    """``refresh_spans=True``: one more forward of a round's finished spans before its ``<sync/>``, so later
+    tokens see the spans' final K/V (the reference freezes them at that forward); one step per such round."""
+    res = _check_against_reference(models, "pd", "pd_threshold", refresh_spans=True)
+    base = generate(models[0], PROMPTS, DecodeConfig(mode="pd", policy="pd_threshold", tags=T, **KW),
+                    forced_plans=PLANS)
+    assert [r.stats.steps["refresh"] for r in res] == [2, 0, 1]   # rounds ending in <sync/>
+    assert [r.stats.critical_path for r in res] == [b.stats.critical_path + r.stats.steps["refresh"]
+                                                    for r, b in zip(res, base)]
+    assert res[0].spans[0] == base[0].spans[0]      # round 1 is the same; later rounds see other K/V
 
 
 def test_batch_size_does_not_change_tokens(models):
@@ -152,12 +174,14 @@ def test_sampling_runs(models):
     assert all(T.mask not in r.sequence for r in a)
 
 
-def test_prefix_cache_equals_fresh_forward(models):
+@pytest.mark.parametrize("refresh", [False, True], ids=["cached", "refresh_spans"])
+def test_prefix_cache_equals_fresh_forward(models, refresh):
     """At the <sync/> of round 1 the prompt and plan K/V in the paged cache equal a fresh forward; the
     spans' K/V are those of their last forward (documented staleness) and equal a fresh forward of the
-    sequence as it was last forwarded (PD: a span only sees the prefix and itself)."""
+    sequence as it was last forwarded (PD: a span only sees the prefix and itself). With ``refresh_spans``
+    they equal a fresh forward of the spans' final tokens."""
     m_kernel, m_ref = models
-    cfg = DecodeConfig(mode="pd", tags=T, **KW)
+    cfg = DecodeConfig(mode="pd", tags=T, refresh_spans=refresh, **KW)
     seen = {}
     prev = {}
 
@@ -185,8 +209,12 @@ def test_prefix_cache_equals_fresh_forward(models):
     dec._admit = admit
     dec.generate(PROMPTS[:1], PLANS[:1])
     seq = seen["seq"].clone()
+    stale = 0
     for (a, n) in seen["spans"]:
-        seq[a:a + n] = seen["last"][(0, 1, a)]
+        stale += int((seq[a:a + n] != seen["last"][(0, 1, a)]).sum())
+        if not refresh:
+            seq[a:a + n] = seen["last"][(0, 1, a)]
+    assert stale > 0   # the spans' last forward did see other tokens than their final ones
     L, P = seq.shape[0], seen["prefix"]
     vis = torch.tril(torch.ones(L, L, dtype=torch.bool))
     for (a, n) in seen["spans"]:
@@ -207,3 +235,39 @@ def test_demo_runs(capsys):
     assert main(["demo", "--plain", "--no-baseline", "--max-new-tokens", "200"]) == 0
     out = capsys.readouterr().out
     assert "round 2: plan" in out and "span 1" in out and "crit.path" in out and "answer (eos)" in out
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("mode", ["ar", "pd"])
+def test_ar_row_without_a_token_ends_the_request(monkeypatch, mode, static):
+    """token_confidence returns -1 for a row with no usable id. For an AR / plan row the decoder never writes it
+    into the sequence or the token buffer (the K/V path): the request ends with finish_reason "no_token", and
+    the other requests of the batch are exactly as decoded alone."""
+    import pd_kernels.decoder.step as step_mod
+
+    real = step_mod.token_confidence
+    victim = 7   # the seed of the request whose AR rows lose every id after its first few steps
+    calls = []
+
+    def no_token_for_victim(logits, *, seed, offset, **kw):
+        tok, conf = real(logits, seed=seed, offset=offset, **kw)
+        calls.append(1)
+        if len(calls) > 3:
+            late = (seed == victim) & ((offset >> 32) >= 3)   # the victim's own step counter, not the batch's
+            tok.copy_(torch.where(late, -1, tok))
+            conf.copy_(torch.where(late, float("-inf"), conf))
+        return tok, conf
+
+    monkeypatch.setattr(step_mod, "token_confidence", no_token_for_victim)
+    cfg = DecodeConfig(mode=mode, policy="threshold", tags=T, **KW)
+    model = tiny_model(seed=1)
+    plans = [None, PLANS[1]]   # the victim samples its plan (AR rows), the other runs a forced plan
+    dec = Decoder(model, cfg, backend="torch", static_step=static)
+    out = dec.generate([PROMPTS[0], PROMPTS[1]], plans, seeds=[victim, 1])
+    bad = out[0]
+    assert bad.finish_reason == "no_token" and bad.stats.critical_path == 4
+    assert any("no valid AR token" in e for e in bad.stats.plan_errors)
+    assert -1 not in bad.sequence and -1 not in bad.answer
+    assert int(dec._tok_store.min()) >= 0, "a -1 reached the token buffer"
+    alone = Decoder(model, cfg, backend="torch", static_step=static).generate([PROMPTS[1]], [PLANS[1]], seeds=[1])[0]
+    assert out[1].sequence == alone.sequence and out[1].finish_reason == alone.finish_reason

@@ -54,7 +54,7 @@ def test_static_equals_dynamic_torch(model, mode, policy):
 
 
 def test_static_equals_dynamic_sampling_and_small_batch(model):
-    """Temperature > 0: the static step's device RNG offset and row order draw the dynamic step's noise;
+    """Temperature > 0: the static step's per-row RNG keys and row order draw the dynamic step's noise;
     max_batch=2 < 3 prompts: admission into freed slots / cache rows (non-trivial cache-row order)."""
     cfg = DecodeConfig(mode="pd", policy="pd_threshold", confidence="margin", temperature=1.0, seed=5, tags=T, **KW)
     _compare(model, cfg, max_batch=2)
@@ -149,9 +149,21 @@ class _Trace(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("mode", ["pd", "ar"])
-def test_static_body_is_capturable(model, mode):
-    cfg = DecodeConfig(mode=mode, policy="pd_threshold", tags=T, **KW)
+CAPTURE_CASES = {
+    "pd": dict(mode="pd"),
+    "ar": dict(mode="ar"),
+    # the reference's top-p 0.95 (applied at temperature 0 too), neg_entropy, no MASK suppression (sampling is
+    # left out here: the torch backend reads the RNG offset on the host; the GPU test replays it)
+    "reference-like": dict(mode="pd", top_p=0.95, confidence="neg_entropy", suppress_mask=False),
+    "top_p+suppress": dict(mode="pd", top_p=0.95),
+    "top_k+top_p+suppress": dict(mode="pd", top_p=0.9, top_k=5),
+}
+
+
+@pytest.mark.parametrize("case", list(CAPTURE_CASES.values()), ids=list(CAPTURE_CASES))
+def test_static_body_is_capturable(model, case):
+    mode = case["mode"]
+    cfg = DecodeConfig(policy="pd_threshold", tags=T, **dict(KW, **case))
     dec = Decoder(model, cfg, static_step=True, backend="torch")
     traces = {}
     body = dec._static_body

@@ -65,3 +65,14 @@ def test_demo_with_model_path(tmp_path, mode):
     assert str(tmp_path) in out and "prompt: Give three tips" in out
     assert "answer (" in out, out
     assert "note:" not in out  # every tag was found in the tokenizer: no stand-ins
+
+
+def test_demo_check_batch_reports_identical():
+    """``--check-batch``: 8 requests of different lengths and plans, alone vs together vs joining, greedy and
+    sampled (a seed per request), dynamic and static step: every case reports identical tokens."""
+    out = _run(["demo", "--plain", "--max-new-tokens", "24", "--no-baseline", "--check-batch"], timeout=600)
+    cases = [ln.split() for ln in out.splitlines() if ln.startswith("  greedy") or ln.startswith("  sampled")]
+    assert len(cases) == 4, out
+    assert {(c[0], c[-2]) for c in cases} == {
+        ("greedy", "dynamic"), ("greedy", "static"), ("sampled", "dynamic"), ("sampled", "static")}, out
+    assert all(c[-1] == "identical" for c in cases), out

@@ -1,5 +1,6 @@
 """span_attention (SPEC section 4): Triton kernel vs the torch reference (fp64 truth) and, independently, vs
-FlexAttention with a mask_mod written from the SPEC table; SpanLayout; errors; opcheck.
+FlexAttention with a mask_mod written from the SPEC table; SpanLayout and its tiling plan; batch
+invariance (bitwise); NaN in / NaN out; out-of-range page ids; errors; opcheck.
 
 Caches start as NaN and only the sequences' tokens are written, so a kernel that reads a key it should
 not see, or a slot past a sequence, turns its output into NaN; outputs are NaN-poisoned before the
@@ -199,16 +200,39 @@ def test_causal_prefill_and_decode(dtype, poison):
     check_against_truth(o, descs, layout, q, kc, vc, bt)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 16])
-def test_decode_split_keys(num_splits, poison):
-    """Decode shape (one query per sequence, long keys): split-K partial results merged by log-sum-exp."""
-    descs = [dict(kind="causal", start=s, length=1) for s in (300, 5, 129)]
-    descs.append(dict(kind="spans", prefix=130, lens=[20, 7], active=[False, True], mode="pd"))
+def test_decode_split_keys(poison):
+    """Decode shape (one query per sequence, long keys): narrow tiles split into 256-key units whose fp32
+    partials are merged by log-sum-exp; short ones are one unit. Page size 64, G = 4, two KV heads."""
+    descs = [dict(kind="causal", start=s, length=1) for s in (700, 5, 129, 256)]
+    descs.append(dict(kind="spans", prefix=130, lens=[20, 1], active=[False, True], mode="pd"))  # 1-token span
     rng = np.random.default_rng(11)
-    kc, vc, bt = make_cache([301, 6, 130, 157], 2, 64, 64, torch.float32, rng)
+    kc, vc, bt = make_cache([701, 6, 130, 257, 151], 2, 64, 64, torch.float32, rng)
     layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu")
     q = torch.randn(layout.num_queries, 8, 64, generator=torch.Generator().manual_seed(4))
-    o = run_kernel(q, kc, vc, bt, layout, poison, num_splits=num_splits)
+    o = run_kernel(q, kc, vc, bt, layout, poison)
+    plan = layout.plan(4)
+    # 701 keys: 11 blocks -> 3 units; 130: 3 blocks -> 1; 257: 5 blocks -> 2; the span: 3 + 1 blocks -> 1
+    assert plan.num_units == (3 + 1 + 1 + 2 + 1, 0) and plan.num_merge == 2 and plan.num_slots == 5
+    check_against_truth(o, descs, layout, q, kc, vc, bt)
+
+
+def test_split_chunk_grows_past_max_splits(poison, monkeypatch):
+    """Past MAX_SPLITS x chunk keys the chunk grows instead of the unit count (shrunk constants here so the
+    interpreter stays fast): units are capped, every key is still covered once."""
+    import pd_kernels.layout as lay_mod
+
+    monkeypatch.setattr(lay_mod, "SPLIT_CHUNK_BLOCKS", 1)
+    monkeypatch.setattr(lay_mod, "MAX_SPLITS", 3)
+    descs = [dict(kind="causal", start=s, length=1) for s in (64 * 7 + 3, 100, 64 * 2)]
+    rng = np.random.default_rng(12)
+    kc, vc, bt = make_cache([64 * 7 + 4, 101, 129], 1, 64, 16, torch.float32, rng)
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu")
+    units = lay_mod._plan_arrays(layout._segs, lay_mod.tile_geometry(7))[0]
+    # 8 blocks -> chunk 3 -> 3 units (3, 3, 2 blocks); 2 blocks -> 2 units; 3 blocks -> 3 units
+    assert [(int(u[lay_mod.UNIT_J0]), int(u[lay_mod.UNIT_J1])) for u in units] == \
+        [(0, 3), (3, 6), (6, 8), (0, 1), (1, 2), (0, 1), (1, 2), (2, 3)]
+    q = torch.randn(layout.num_queries, 7, 64, generator=torch.Generator().manual_seed(5))
+    o = run_kernel(q, kc, vc, bt, layout, poison)
     check_against_truth(o, descs, layout, q, kc, vc, bt)
 
 
@@ -223,11 +247,10 @@ def test_padding_rows_are_zero_and_strided_q(poison):
     qkv = torch.randn(40, 4 + 2, 64)
     q = qkv[:, :4]
     assert not q.is_contiguous()
-    for splits in (1, 2):
-        o = run_kernel(q, kc, vc, bt, layout, poison, num_splits=splits)
-        assert (o[18:] == 0).all()
-        check_against_truth(o[:18].contiguous(), descs, pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu"),
-                            q[:18].contiguous(), kc, vc, bt)
+    o = run_kernel(q, kc, vc, bt, layout, poison)
+    assert (o[18:] == 0).all()
+    check_against_truth(o[:18].contiguous(), descs, pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu"),
+                        q[:18].contiguous(), kc, vc, bt)
 
 
 def test_torch_backend_matches_reference():
@@ -332,7 +355,7 @@ def test_layout_build_is_cheap():
     prints nothing). The benchmark reports SpanLayout.build vs create_block_mask."""
     seqs = [pk.SeqQueries.spans(512, [80] * 8, [j % 3 != 0 for j in range(8)], "pd") for _ in range(8)]
     lay = pk.SpanLayout.build(seqs, "cpu")
-    assert lay.tiles(18).shape[0] > 0 and lay.tiles(18) is lay.tiles(18)
+    assert lay.plan(7).num_units[1] > 0 and lay.plan(7) is lay.plan(7)
 
 
 # ---- errors --------------------------------------------------------------------------------------------
@@ -382,18 +405,19 @@ def test_bad_inputs_raise():
 # ---- registration --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend):
-    from pd_kernels.ops.triton.span_attention import choose_block_m
-
     rng = np.random.default_rng(1)
-    kc, vc, bt = make_cache([30, 9], 1, 64, 16, torch.float32, rng, spare_pages=1)
+    kc, vc, bt = make_cache([300, 9], 1, 64, 16, torch.float32, rng, spare_pages=1)
     kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)   # opcheck compares repeated runs
+    # a wide span tile, a split decode tile, a causal chunk
     lay = pk.SpanLayout.build([pk.SeqQueries.spans(12, [7, 11], mode="pd"), pk.SeqQueries.causal(5, 4)], "cpu")
-    q = torch.randn(lay.num_queries, 4, 64)
-    bm = choose_block_m(lay.max_segment, 4)
-    tiles = lay.tiles(bm // 4)
-    out = torch.zeros_like(q)
-    torch.library.opcheck(torch.ops.pd_kernels.span_attention.default,
-                          (q, kc, vc, bt, lay.q_pos, lay.q_seq, lay.q_kv, tiles, out, 0.125, bm, 1, backend))
+    lay2 = pk.SpanLayout.build([pk.SeqQueries.causal(299, 1), pk.SeqQueries.causal(5, 4)], "cpu")
+    for layout in (lay, lay2):
+        q = torch.randn(layout.num_queries, 4, 64)
+        out = torch.zeros_like(q)
+        torch.library.opcheck(torch.ops.pd_kernels.span_attention.default,
+                              (q, kc, vc, bt, layout.q_pos, layout.q_seq, layout.q_kv, layout.segs_host,
+                               layout.kv_host, out, 0.125, backend))
+    assert lay2.plan(4).num_slots == 2
 
 
 @pytest.mark.gpu
@@ -420,3 +444,212 @@ def test_debug_mode_reports_bad_page_ids(device, monkeypatch):
     table[0, 1] = 3
     out = pk.span_attention(q, kc, kc, table, layout, backend="torch")
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_debug_mode_raises_for_triton_too(backend, monkeypatch):
+    P, ps, H, D = 4, 16, 1, 64
+    kc = torch.zeros(P, ps, H, D)
+    layout = pk.SpanLayout.build([pk.SeqQueries.causal(40, 1)], "cpu")
+    table = torch.tensor([[2, -1, 0, 0]], dtype=torch.int32)
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "1")
+    with pytest.raises(IndexError, match=r"page ids \[-1\]"):
+        pk.span_attention(torch.randn(1, H, D), kc, kc, table, layout, backend=backend)
+
+
+# ---- the tiling plan -------------------------------------------------------------------------------------
+def test_tile_geometry():
+    from pd_kernels.layout import tile_geometry
+
+    assert [(g.narrow_m, g.narrow_tokens, g.wide_m, g.wide_tokens) for g in map(tile_geometry, (1, 4, 7, 16, 32))] == \
+        [(16, 16, 128, 128), (16, 4, 128, 32), (16, 2, 128, 18), (16, 1, 128, 8), (32, 1, 128, 4)]
+    with pytest.raises(ValueError, match="group"):
+        tile_geometry(0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("G", [1, 4, 7])
+def test_plan_units_cover_every_row_and_key_once(seed, G):
+    """Every query row is in exactly one tile; a tile's units partition its key blocks in order; narrow
+    tiles come from segments of <= T_n tokens, wide from longer ones; slots and merge rows are consistent."""
+    from pd_kernels import layout as L
+
+    rng = np.random.default_rng(seed)
+    descs = [random_seq(rng)[0] for _ in range(int(rng.integers(1, 9)))]
+    descs += [dict(kind="causal", start=int(rng.integers(0, 3000)), length=1)]  # a long decode
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu", pad_to=None)
+    geo = L.tile_geometry(G)
+    un, uw, mg, slots = L._plan_arrays(layout._segs, geo)
+    seg_len = {int(r0): int(n) for r0, n in zip(layout._segs[:, 1], layout._segs[:, 2])}
+    covered = np.zeros(layout.num_queries, dtype=int)
+    for units, narrow in ((un, True), (uw, False)):
+        tiles = {}
+        for u in units:
+            tiles.setdefault(tuple(u[:7]), []).append(u)
+        for t, us in tiles.items():
+            r0, n = t[L.TILE_ROW0], t[L.TILE_NROWS]
+            covered[r0:r0 + n] += 1
+            assert n <= (geo.narrow_tokens if narrow else geo.wide_tokens)
+            nb = -(-t[L.TILE_A] // 64) - (-max(t[L.TILE_C] - t[L.TILE_B], 0) // 64)
+            if narrow:
+                assert [(u[L.UNIT_J0], u[L.UNIT_J1]) for u in us][0][0] == 0
+                ends = [u[L.UNIT_J1] for u in us]
+                assert [u[L.UNIT_J0] for u in us[1:]] == ends[:-1] and ends[-1] == nb
+                sizes = [int(u[L.UNIT_J1] - u[L.UNIT_J0]) for u in us]   # equal chunks, a shorter last one
+                assert len(us) <= L.MAX_SPLITS and all(z == sizes[0] for z in sizes[:-1]) and sizes[-1] <= sizes[0]
+                assert len(us) == 1 or (sizes[0] >= L.SPLIT_CHUNK_BLOCKS and sizes[-1] > 0)
+                assert (len(us) == 1) == (us[0][L.UNIT_SLOT] == -1)
+            else:
+                assert len(us) == 1 and us[0][L.UNIT_J1] == L.J_ALL and us[0][L.UNIT_SLOT] == -1
+    assert (covered == 1).all()
+    # narrow tiles are exactly the segments of <= T_n rows (one tile each)
+    assert sorted({int(u[L.TILE_ROW0]) for u in un}) == sorted(r for r, n in seg_len.items() if n <= geo.narrow_tokens)
+    split = un[un[:, L.UNIT_SLOT] >= 0]
+    assert sorted(split[:, L.UNIT_SLOT].tolist()) == list(range(slots))
+    assert int(mg[:, L.MERGE_NSPLITS].sum()) == slots
+    for r0, n, s0, k in mg:
+        us = split[split[:, L.TILE_ROW0] == r0]
+        assert len(us) == k and us[:, L.UNIT_SLOT].tolist() == list(range(s0, s0 + k))
+
+
+def _alone_and_batched(descs, lens, G, Hkv, D, dtype, rng, backend, pad_to=None):
+    """(outputs of each sequence alone, the batched output, layouts) on one shared cache."""
+    kc, vc, bt = make_cache(lens, Hkv, D, 16, dtype, rng)
+    batch = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu", pad_to=pad_to)
+    q = torch.randn(batch.num_queries, G * Hkv, D, generator=torch.Generator().manual_seed(9)).to(dtype)
+    o_batch = pk.span_attention(q, kc, vc, bt, batch, backend=backend)
+    alone, row = [], 0
+    for b, d in enumerate(descs):
+        lay = pk.SpanLayout.build([to_seq_queries(d)], "cpu")
+        n = lay.num_queries
+        alone.append((row, pk.span_attention(q[row:row + n].contiguous(), kc, vc, bt[b:b + 1], lay, backend=backend)))
+        row += n
+    return alone, o_batch
+
+
+BATCH_DESCS = [dict(kind="causal", start=700, length=1),                       # decode, 3 split units
+               dict(kind="spans", prefix=90, lens=[19, 2, 33], active=[True, True, True], mode="pd"),
+               dict(kind="causal", start=0, length=37),                         # prefill
+               dict(kind="spans", prefix=60, lens=[5, 9], active=[True, False], mode="pd-da"),
+               dict(kind="causal", start=260, length=1)]                        # decode, 2 units
+BATCH_LENS = [701, 144, 37, 74, 261]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("G,dtype", [(7, torch.float32), (4, torch.float16), (1, torch.float32)],
+                         ids=["G7-fp32", "G4-fp16", "G1-fp32"])
+def test_batch_invariance_bitwise(backend, G, dtype):
+    """A sequence's output is bitwise the same alone and among others (and with padding rows): its tiles,
+    split points and kernel variant depend on the sequence only."""
+    rng = np.random.default_rng(21)
+    Hkv = 2 if G == 1 else 1
+    alone, o_batch = _alone_and_batched(BATCH_DESCS, BATCH_LENS, G, Hkv, 64, dtype, rng, backend, pad_to=140)
+    for row, o in alone:
+        assert torch.equal(o, o_batch[row:row + o.shape[0]]), f"rows {row}..{row + o.shape[0]} differ"
+    assert (o_batch[sum(o.shape[0] for _, o in alone):] == 0).all()
+
+
+# ---- NaN in, NaN out -------------------------------------------------------------------------------------
+def _nan_case():
+    descs = [dict(kind="spans", prefix=40, lens=[10, 12], active=[True, True], mode="pd"),
+             dict(kind="causal", start=0, length=20),
+             dict(kind="causal", start=300, length=1)]
+    rng = np.random.default_rng(8)
+    kc, vc, bt = make_cache([62, 20, 301], 1, 64, 16, torch.float32, rng)
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu", pad_to=48)
+    q = torch.randn(48, 4, 64, generator=torch.Generator().manual_seed(3))
+    return layout, q, kc, vc, bt
+
+
+def _slot(bt, b, pos, ps=16):
+    return int(bt[b, pos // ps]), pos % ps
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_in_nan_out(backend):
+    """NaN / inf in a query, a visible key or value, or the scale reaches exactly the rows that see it; the
+    other rows are bitwise unchanged; rows that see no key stay 0. Rows: 0-9 span 1, 10-21 span 2 (prefix 40),
+    22-41 a causal prefill from 0, 42 a decode at 300 (split into 2 units), 43-47 padding."""
+    layout, q, kc, vc, bt = _nan_case()
+    run = lambda q=q, kc=kc, vc=vc, scale=None: pk.span_attention(q, kc, vc, bt, layout, scale=scale,  # noqa: E731
+                                                                  backend=backend)
+    base = run()
+    assert torch.isfinite(base).all() and (base[43:] == 0).all()
+
+    def expect(o, bad_rows, heads=slice(None)):
+        bad = torch.zeros(o.shape[:2], dtype=torch.bool)
+        bad[bad_rows, heads] = True
+        nonfinite = ~torch.isfinite(o).all(-1)
+        assert torch.equal(nonfinite, bad), f"non-finite rows {nonfinite.any(-1).nonzero().flatten().tolist()}"
+        assert torch.equal(o[~bad], base[~bad])
+
+    for r in (3, 30, 42):                 # a span row, a prefill row, the split decode row
+        qn = q.clone()
+        qn[r, 2, 5] = float("nan")
+        expect(run(q=qn), [r], heads=2)
+    qi = q.clone()
+    qi[15, 0, :] = float("inf")
+    expect(run(q=qi), [15], heads=0)
+    # a prefix key: every span row sees it; a prefill key at position 10: rows at positions >= 10
+    for (b, pos), rows in (((0, 5), list(range(22))), ((1, 10), list(range(32, 42))), ((2, 100), [42])):
+        kn = kc.clone()
+        kn[_slot(bt, b, pos)] = float("nan")
+        expect(run(kc=kn), rows)
+    # a value of span 1 (position 41): span 1's rows only (span 2 never loads it); the decode's second unit
+    for (b, pos), rows in (((0, 41), list(range(10))), ((2, 280), [42])):
+        vn = vc.clone()
+        vn[_slot(bt, b, pos)] = float("nan")
+        expect(run(vc=vn), rows)
+    o = run(scale=float("nan"))
+    assert torch.isnan(o[:43]).all() and (o[43:] == 0).all()
+
+
+# ---- page ids outside the pool ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_out_of_range_page_ids_are_never_read(backend, poison):
+    """A block-table entry outside [0, P) (-1, P, P + 7, int32 max) is never read; its keys count as not
+    seen (the other keys of the row still attend), and a row whose keys are all on bad pages outputs 0.
+    Checked against a float64 dense computation with those keys removed."""
+    descs = [dict(kind="spans", prefix=40, lens=[10, 12], active=[True, True], mode="pd"),
+             dict(kind="causal", start=0, length=20),
+             dict(kind="causal", start=300, length=1),
+             dict(kind="causal", start=0, length=1)]
+    lens = [62, 20, 301, 1]
+    rng = np.random.default_rng(10)
+    kc, vc, bt = make_cache(lens, 1, 64, 16, torch.float32, rng)
+    P = kc.shape[0]
+    bad_pages = {(0, 1): -1, (1, 0): P, (2, 5): P + 7, (2, 17): 2**31 - 1, (3, 0): -5}
+    for (b, j), v in bad_pages.items():
+        bt[b, j] = v
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu")
+    q = torch.randn(layout.num_queries, 4, 64, generator=torch.Generator().manual_seed(6))
+    o = pk.span_attention(q, kc, vc, bt, layout, out=poison(torch.empty_like(q)), backend=backend)
+    scale = 64 ** -0.5
+    row = 0
+    for b, d in enumerate(descs):
+        vis, qpos = spec_visible(d, lens[b])
+        n = len(qpos)
+        pos = torch.arange(lens[b])
+        ok = torch.tensor([(b, int(p) // 16) not in bad_pages for p in pos])
+        vis = vis & ok[None]
+        pages = bt[b].long().clamp(0, P - 1)[pos // 16]
+        k = kc[pages, pos % 16].double().masked_fill(~ok[:, None, None], 0).repeat_interleave(4, 1)
+        v = vc[pages, pos % 16].double().masked_fill(~ok[:, None, None], 0).repeat_interleave(4, 1)
+        s = torch.einsum("nhd,lhd->hnl", q[row:row + n].double(), k) * scale
+        p = torch.softmax(s.masked_fill(~vis[None], float("-inf")), -1).nan_to_num(0.0)
+        truth = torch.einsum("hnl,lhd->nhd", p, v)
+        torch.testing.assert_close(o[row:row + n].double(), truth, rtol=1e-5, atol=1e-5)
+        row += n
+    assert (o[-1] == 0).all()   # the last sequence's only key is on a bad page
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
+def test_bf16_in_the_interpreter_raises():
+    rng = np.random.default_rng(0)
+    kc, vc, bt = make_cache([20], 1, 64, 16, torch.bfloat16, rng)
+    lay = pk.SpanLayout.build([pk.SeqQueries.causal(0, 20)], "cpu")
+    q = torch.randn(20, 4, 64).bfloat16()
+    with pytest.raises(pk.BackendUnavailable, match="interpreter"):
+        pk.span_attention(q, kc, vc, bt, lay, backend="triton")
+    o = pk.span_attention(q, kc, vc, bt, lay, backend="torch")   # the reference takes bf16
+    assert torch.isfinite(o).all()

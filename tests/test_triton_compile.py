@@ -14,8 +14,9 @@ are performance figures of one Triton version).
 How the launches are captured: each launcher (``paged_kv_write_triton``, ``span_attention_triton``,
 ``token_confidence_triton``, ``commit_spans_triton``) is called on ``meta`` tensors with its kernels
 replaced by recorders, so the constexprs, scalars, strides and ``num_warps`` / ``num_stages`` are exactly
-what the launcher computes; GPU-side choices made above the launcher (``kernel_config(..., on_gpu=True)``,
-``choose_block_m``, the GPU ``BLOCK_V``, split counts) are passed the way the ops pass them on a GPU.
+what the launcher computes; GPU-side choices (the attention launcher's ``on_gpu=True`` kernel
+configuration and the plan's tile classes, the GPU ``BLOCK_V``, split counts) are passed the way the ops pass
+them on a GPU.
 
 How they are compiled: in a subprocess with ``TRITON_INTERPRET`` unset (conftest sets it on CPU machines,
 and the interpreter patches ``triton.language`` in-process, which breaks code generation there). The
@@ -218,7 +219,6 @@ import torch  # noqa: E402
 import pd_kernels.ops.triton.kv_cache as kvk  # noqa: E402
 import pd_kernels.ops.triton.span_attention as sak  # noqa: E402
 import pd_kernels.ops.triton.unmask as umk  # noqa: E402
-from pd_kernels.layout import TILE_COLS  # noqa: E402
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _KERNELS = {
@@ -283,17 +283,22 @@ def _kv_write(dt, H, D, k_dt=None):
     return lambda: kvk.paged_kv_write_triton(k, k, cache, cache, _meta((T,), torch.int64))
 
 
-def _attention(dt, D, G, max_segment, splits, Hkv=2, page=16):
-    """As ``pd_kernels.span_attention`` on a GPU: block_m from the segment, kernel_config(on_gpu=True)."""
-    block_m = sak.choose_block_m(max_segment, G)
-    bn, warps, stages = sak.kernel_config(block_m, D, True)
+def _attention(dt, D, G, klass, Hkv=2, page=16):
+    """As ``pd_kernels.span_attention`` on a GPU: the plan's class geometry for ``G``, the launcher's GPU
+    kernel configuration; ``klass`` "narrow" (split units + merge) or "wide"."""
+    from pd_kernels.layout import MERGE_COLS, UNIT_COLS, AttentionPlan, ClassPlan, tile_geometry
+
+    geo = tile_geometry(G)
     Tq, P = 37, 64
     q = _meta((Tq, Hkv * G, D), _DT[dt])
     kc = _meta((P, page, Hkv, D), _DT[dt])
-    tiles = _meta((5, TILE_COLS), torch.int32)
-    return lambda: sak.span_attention_triton(
-        q, kc, kc, _meta((3, 16), torch.int32), _meta((Tq,), torch.int32), tiles, torch.empty_like(q), D ** -0.5,
-        block_m, splits, block_n=bn, num_warps=warps, num_stages=stages)
+    units, merge = _meta((9, UNIT_COLS), torch.int32), _meta((3, MERGE_COLS), torch.int32)
+    narrow = klass == "narrow"
+    plan = AttentionPlan(geo, ClassPlan(geo.narrow_m, geo.narrow_tokens, True, units, 8 * narrow, merge, 2, 8),
+                         ClassPlan(geo.wide_m, geo.wide_tokens, False, units, 8 * (not narrow), merge[:1], 0, 0),
+                         torch.device("meta"))
+    return lambda: sak.span_attention_triton(q, kc, kc, _meta((3, 16), torch.int32), _meta((Tq,), torch.int32), plan,
+                                             torch.empty_like(q), D ** -0.5, on_gpu=True)
 
 
 def _row_pass(dt, kind, sample, splits, V=152064, sup=True, thr=False, keys="int"):
@@ -327,17 +332,16 @@ def _cases():
         for H, D in KV_HEADS:
             c[f"kv_write-{dt}-{H}x{D}"] = _kv_write(dt, H, D)
     c["kv_write-fp32_to_bf16-4x128"] = _kv_write("bf16", 4, 128, k_dt="fp32")
-    # attention: decode (1-token segments, split-K) and span / prefill blocks (no split), G = Hq / Hkv
+    # attention: the narrow class (decode tiles, split units + merge) and the wide class (spans, prefill) per
+    # G = Hq / Hkv and head dim
     for D in (64, 128):
         for G in (1, 4, 7):
-            c[f"attn-bf16-D{D}-G{G}-decode-split4"] = _attention("bf16", D, G, 1, 4)
-            c[f"attn-bf16-D{D}-G{G}-span64-nosplit"] = _attention("bf16", D, G, 64, 1)
-    c["attn-bf16-D128-G1-span32-nosplit"] = _attention("bf16", 128, 1, 32, 1)   # block_m 32
-    c["attn-bf16-D128-G4-span16-nosplit"] = _attention("bf16", 128, 4, 16, 1)   # block_m 64, 4 warps
-    c["attn-bf16-D64-G1-span128-split2"] = _attention("bf16", 64, 1, 128, 2)   # block_m 128, BLOCK_N 128
-    c["attn-fp16-D128-G4-decode-split4"] = _attention("fp16", 128, 4, 1, 4)
-    c["attn-fp16-D128-G4-span64-nosplit"] = _attention("fp16", 128, 4, 64, 1)
-    c["attn-fp16-D64-G7-span64-nosplit"] = _attention("fp16", 64, 7, 64, 1)
+            for klass in ("narrow", "wide"):
+                c[f"attn-bf16-D{D}-G{G}-{klass}"] = _attention("bf16", D, G, klass)
+    c["attn-bf16-D128-G32-narrow"] = _attention("bf16", 128, 32, "narrow")   # narrow block 32 rows
+    c["attn-fp16-D128-G4-narrow"] = _attention("fp16", 128, 4, "narrow")
+    c["attn-fp16-D128-G4-wide"] = _attention("fp16", 128, 4, "wide")
+    c["attn-fp16-D64-G7-wide"] = _attention("fp16", 64, 7, "wide")
     # token choice: every KIND x SAMPLE x SPLIT at V = 152064 in bf16 with one suppressed id; then the
     # variants the options add (no id, a floor, per-row keys), other dtypes and a small vocabulary
     for kind in ("prob", "margin", "neg_entropy"):

@@ -1,12 +1,20 @@
-"""Decoder configuration: control-tag ids (SPEC section 2) and the knobs of the loop (sections 3-5)."""
+"""Decoder configuration: control-tag ids (SPEC section 2) and the knobs of the loop (sections 3-5).
+
+Every knob is validated when the :class:`DecodeConfig` is made: a bad value raises ``ValueError`` (``TypeError``
+for a wrong type) naming the field and the value, instead of failing later inside a kernel or the allocator.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 MODES = ("ar", "pd", "pd-da", "diffusion")
 POLICIES = ("schedule", "pd_threshold", "threshold")
 CONFIDENCES = ("prob", "margin", "neg_entropy")
+DIFFUSION_ATTENTION = ("causal", "full")
+ANSWER_TEXT = ("spans", "reference")
+PRESETS = ("reference", "fast")
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,10 @@ class ControlTags:
     def __post_init__(self):
         if len(self.digits) != 10:
             raise ValueError(f"ControlTags.digits must list the ids of '0'..'9', got {len(self.digits)} ids")
+        for name, v in [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "digits"] + \
+                [(f"digits[{i}]", d) for i, d in enumerate(self.digits)]:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"ControlTags.{name} must be a token id (an int >= 0), got {v!r}")
         ids = self.specials
         if len(set(ids)) != len(ids) or set(ids) & set(self.digits):
             raise ValueError(f"control-tag ids must be distinct and differ from the digit ids: {self}")
@@ -43,26 +55,61 @@ class ControlTags:
         return max(max(self.specials), max(self.digits))
 
 
-@dataclass
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
 class DecodeConfig:
-    """Knobs of :func:`pd_kernels.decoder.generate`.
+    """Knobs of :func:`pd_kernels.decoder.generate` (validated on construction; :meth:`replace` re-validates).
 
     Attributes:
         mode: ``"ar"`` (plain autoregressive, the baseline), ``"pd"``, ``"pd-da"`` (dense attention between
             the spans of a round) or ``"diffusion"`` (no plan: ``diffusion_len`` masks after the prompt).
-        steps_ratio: r in ``steps = max(1, int(r * max_k L_k))`` per round (SPEC section 3).
+        steps_ratio: r in ``steps = max(1, int(r * max_k L_k))`` per round (SPEC section 3); finite, > 0.
         policy: commit policy, ``"schedule" | "pd_threshold" | "threshold"`` (SPEC section 5).
         confidence: ``"prob" | "margin" | "neg_entropy"``.
-        tau: threshold of ``pd_threshold`` / ``threshold``.
-        temperature: 0 = greedy; > 0 samples with a counter-based RNG seeded by ``seed`` (no top-p).
+        tau: threshold of ``pd_threshold`` / ``threshold``, in [0, 1].
+        temperature: 0 = greedy; > 0 samples (Gumbel-max) with a counter-based RNG. The noise of a position
+            is keyed by (the request's seed, the request's own step counter, the absolute position), never by
+            the batch, so a seeded request gives the same tokens alone or in any batch.
+        seed: default seed of every request (``generate(..., seeds=[...])`` sets one per request); int >= 0.
+        top_p: nucleus filter in (0, 1] (1 = off). Applied at every temperature, as the PD reference does:
+            at temperature 0 a row whose top-1 probability exceeds ``top_p`` keeps only that token, so its
+            confidence becomes exactly 1 (``prob``, ``margin``) or 0 (``neg_entropy``); equal confidences then
+            commit in position order (lower position first, the commit's tie rule).
+        top_k: keep the ``top_k`` largest logits per row (0 = off), as the reference's ``top_k_logits``.
+        suppress_mask: span rows never choose MASK (ours; the reference has no such rule: a committed MASK
+            stays MASK in the span and is dropped from the answer). AR rows of ``mode="ar"`` are never
+            suppressed (an AR model does not know MASK).
         max_new_tokens: cap on the tokens a request adds after its prompt (plan, tags, spans, ``<sync/>``).
+        max_length: if set, the budget is a *total* length (prompt + new tokens, the reference's
+            ``max_length``) and replaces ``max_new_tokens``; a prompt must be shorter than it.
         max_rounds: cap on plan/diffuse rounds; the last allowed round ends the request even after ``<sync/>``.
-        length_scale: a plan entry announcing N gets ``N * length_scale`` masks (Dream PD: 10).
+        length_scale: a plan entry announcing N gets ``int(N * length_scale)`` masks (Dream PD: 10); an int or
+            a float, finite and > 0.
         max_span_len: a span longer than this is clamped to it (recorded in ``plan_errors``).
         max_spans: most spans one round may open; further entries are dropped (recorded).
-        diffusion_len: answer length of ``mode="diffusion"`` (default: ``max_new_tokens``).
+        diffusion_len: answer length of ``mode="diffusion"`` (default: the request's budget).
+        diffusion_attention: ``mode="diffusion"`` only. ``"causal"`` (ours, the default): the prompt is
+            prefilled causally once and cached, the answer block sees the prompt and itself. ``"full"``: the
+            paper's diffusion baseline (Dream's ``diffusion_generate``): every step forwards prompt and
+            answer together, bidirectionally, with nothing cached.
+        refresh_spans: before a round's ``<sync/>``, one extra forward of the round's (finished) spans so that
+            later tokens see their final K/V, as the reference's uncached path does (the cached path keeps
+            each span's K/V of its last step). Costs one step per round ending in ``<sync/>``
+            (``stats.steps["refresh"]``).
+        answer_text: ``"spans"`` (ours: the spans' tokens in order; a plan with no usable entry gives its own
+            text) or ``"reference"`` (the reference's cleaned output: plan text outside ``<promise> ...
+            </topic>`` entries kept, and in :meth:`GenerationResult.text` every piece joined with a space).
         page_size, num_pages: paged KV cache geometry (``num_pages=None``: sized from the batch).
         tags: control-tag ids.
+
+    ``DecodeConfig.preset("reference")`` / ``preset("fast")``: see :meth:`preset`.
     """
     mode: str = "pd"
     steps_ratio: float = 1.0
@@ -71,34 +118,92 @@ class DecodeConfig:
     tau: float = 0.9
     temperature: float = 0.0
     seed: int = 0
+    top_p: float = 1.0
+    top_k: int = 0
+    suppress_mask: bool = True
     max_new_tokens: int = 512
+    max_length: int | None = None
     max_rounds: int = 16
-    length_scale: int = 10
+    length_scale: float = 10
     max_span_len: int = 400
     max_spans: int = 16
     diffusion_len: int | None = None
+    diffusion_attention: str = "causal"
+    refresh_spans: bool = False
+    answer_text: str = "spans"
     page_size: int = 16
     num_pages: int | None = None
     tags: ControlTags = field(default_factory=ControlTags)
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.confidence not in CONFIDENCES:
-            raise ValueError(f"confidence must be one of {CONFIDENCES}, got {self.confidence!r}")
-        if self.steps_ratio <= 0:
-            raise ValueError(f"steps_ratio must be > 0, got {self.steps_ratio}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        for name in ("max_new_tokens", "max_rounds", "length_scale", "max_span_len", "max_spans", "page_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, choices in (("mode", MODES), ("policy", POLICIES), ("confidence", CONFIDENCES),
+                              ("diffusion_attention", DIFFUSION_ATTENTION), ("answer_text", ANSWER_TEXT)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"DecodeConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name, lo, hi, lo_open in (("steps_ratio", 0.0, math.inf, True), ("temperature", 0.0, math.inf, False),
+                                      ("tau", 0.0, 1.0, False), ("top_p", 0.0, 1.0, True),
+                                      ("length_scale", 0.0, math.inf, True)):
+            v = getattr(self, name)
+            if not _is_real(v):
+                raise TypeError(f"DecodeConfig.{name} must be a number, got {type(v).__name__} {v!r}")
+            if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+                rng = f"{'(' if lo_open else '['}{lo}, {hi}]" if math.isfinite(hi) else f"{'>' if lo_open else '>='} {lo}"
+                raise ValueError(f"DecodeConfig.{name} must be a finite number {rng}, got {v!r}")
+        for name, lo, optional in (("seed", 0, False), ("top_k", 0, False), ("max_new_tokens", 1, False),
+                                   ("max_length", 2, True), ("max_rounds", 1, False), ("max_span_len", 1, False),
+                                   ("max_spans", 1, False), ("diffusion_len", 1, True), ("page_size", 1, False),
+                                   ("num_pages", 1, True)):
+            v = getattr(self, name)
+            if optional and v is None:
+                continue
+            if not _is_int(v):
+                raise TypeError(f"DecodeConfig.{name} must be an int{' or None' if optional else ''}, "
+                                f"got {type(v).__name__} {v!r}")
+            if v < lo:
+                raise ValueError(f"DecodeConfig.{name} must be >= {lo}, got {v}")
+        if self.seed >= 2**63:
+            raise ValueError(f"DecodeConfig.seed must be < 2^63, got {self.seed}")
+        for name in ("suppress_mask", "refresh_spans"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"DecodeConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.tags, ControlTags):
+            raise TypeError(f"DecodeConfig.tags must be a ControlTags, got {type(self.tags).__name__}")
+        if self.diffusion_attention == "full" and self.mode != "diffusion":
+            raise ValueError(f"DecodeConfig.diffusion_attention='full' is the diffusion baseline: it needs "
+                             f"mode='diffusion', got mode={self.mode!r}")
 
     def replace(self, **kw) -> "DecodeConfig":
+        """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **kw)
 
-    @property
-    def answer_len(self) -> int:
-        return self.diffusion_len if self.diffusion_len is not None else self.max_new_tokens
+    def budget(self, prompt_len: int) -> int:
+        """New tokens a request of ``prompt_len`` tokens may add (``max_length - prompt_len`` when
+        ``max_length`` is set, else ``max_new_tokens``)."""
+        return self.max_new_tokens if self.max_length is None else self.max_length - prompt_len
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "DecodeConfig":
+        """Named settings (``overrides`` replace fields).
+
+        * ``"reference"``: the public PD code's AlpacaEval settings (``eval/alpaca_eval_diffusion.py``,
+          ``alg="pd_entropy"``): schedule policy with ``neg_entropy`` confidence, temperature 0.2, top-p 0.95,
+          top-k 50 (its generation config's default), no MASK suppression, ``max_length=1024`` as a total
+          length, length scale 10, the answer text assembled as its ``clean_text`` does.
+        * ``"fast"``: ours: ``pd_threshold`` (budgeted, threshold 0.9, deferral) with ``prob`` confidence,
+          greedy, MASK suppressed in spans, ``max_new_tokens`` budget, the answer as the spans' tokens.
+
+        What we keep different from the reference even under ``"reference"`` (see the README): malformed
+        plan entries are dropped (it raises), every round takes at least one step (its ``int(r * L)`` may be
+        0), and spans are fitted into the budget (it truncates the finished sequence at ``max_length``).
+        """
+        if name == "reference":
+            base = dict(mode="pd", policy="schedule", confidence="neg_entropy", temperature=0.2, top_p=0.95,
+                        top_k=50, suppress_mask=False, max_length=1024, length_scale=10, steps_ratio=1.0,
+                        answer_text="reference")
+        elif name == "fast":
+            base = dict(mode="pd", policy="pd_threshold", confidence="prob", tau=0.9, temperature=0.0, top_p=1.0,
+                        top_k=0, suppress_mask=True, length_scale=10, steps_ratio=1.0, answer_text="spans")
+        else:
+            raise ValueError(f"DecodeConfig.preset: name must be one of {PRESETS}, got {name!r}")
+        base.update(overrides)
+        return cls(**base)

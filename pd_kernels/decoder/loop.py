@@ -5,19 +5,20 @@ request, whatever its phase:
 
 * ``prefill``   - the prompt, causal (one step);
 * ``plan``      - one AR token (a plan token, the AR baseline's next token, or the ``<sync/>`` tag), causal;
-* ``diffusion`` - every token of every unfinished span of the request's current round (PD / PD-DA).
+* ``diffusion`` - every token of every unfinished span of the request's current round (PD / PD-DA);
+* ``refresh``   - (``refresh_spans=True``) every span of a finished round once more, before its ``<sync/>``.
 
-A step: build the :class:`~pd_kernels.SpanLayout` and the step's index tensors on the host (two
-host-to-device copies), run the model (each attention layer: :func:`~pd_kernels.paged_kv_write` then
-:func:`~pd_kernels.span_attention`), apply the LM head to the needed rows only (the last AR token; for a
-span, the rows that predict its masks under the Dream shift), :func:`~pd_kernels.token_confidence` on
-those rows, write AR tokens into the device token buffer and :func:`~pd_kernels.commit_spans` the span
-rows in place, then **one** device-to-host read (the sampled AR tokens and every span's ``masks_left``)
-that drives the host bookkeeping (next layout, plan parsing, finished spans and requests).
+A step (:meth:`Decoder._step`): describe it (:mod:`pd_kernels.decoder.step`: one :class:`StepDesc`, reused
+while no request changes state), run it (dynamic: exactly the description; static: padded into a bucket, a
+CUDA graph per bucket), read back every LM-head row's token and every span's ``masks_left`` (the step's one
+device-to-host read), advance the requests (plan parsing, finished spans and rounds, events).
 
-Static step and CUDA graphs (``Decoder(..., cuda_graphs=True)``; ``static_step=True`` alone runs the same
-step eagerly, also on the CPU): the step's device work runs from fixed buffers of a *bucket* and is captured
-in one CUDA graph per bucket; see :class:`Decoder` for what is captured and what is not.
+Batch invariance: nothing a request computes depends on the other requests of its batch or on when it was
+admitted. Its positions, cache slots and token-buffer row are its own; its RNG noise is keyed by (its seed,
+its own step counter, the absolute position); the ops treat rows independently. What remains is the model's
+own arithmetic: its matmuls run over the packed tokens of the whole step, and a BLAS library may pick another
+kernel (another summation order) for another row count, so greedy near-ties can still flip with the batch
+(see the README, "Batch invariance").
 
 Forced plans (``forced_plans``) replace the sampled plan tokens (the model still forwards them, so the
 critical path and the cache are those of a real plan): random-weight models then run multi-span,
@@ -25,6 +26,7 @@ multi-round generations.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -32,11 +34,16 @@ import numpy as np
 import torch
 
 from .._checks import debug_enabled
+from ..layout import SeqQueries, SpanLayout, StaticSpanLayout
+from ..ops import SpanState, commit_spans
+from ..paged_cache import PagedKVCache
 from ..integrations.transformers import (StepContext, check_model, enabled, forward_hidden, graph_capture_issues,
-                                          is_enabled, model_geometry)
-from .config import DecodeConfig
-from .plan import parse_plan
+                                          is_enabled, logits_for_rows, model_geometry)
+from . import events as ev
+from .inputs import check_cache_fits, check_decoder_args, check_forced_plans, check_prompts, check_seeds
+from .plan import parse_plan, text_outside_entries
 from .stats import RequestStats
+from .step import Bucket, Piece, StepDesc, choose_tokens, describe, write_ar
 
 
 @dataclass
@@ -44,48 +51,50 @@ class GenerationResult:
     """Output of one request.
 
     Attributes:
-        answer: answer token ids (spans in order with tags, ``[PAD]``, EOS and MASK removed; for ``ar`` the
-            tokens before EOS; for ``diffusion`` the answer cut at the first EOS; a plan with no usable
-            entry contributes its own AR tokens).
+        answer: answer token ids: the spans in order, tags, ``[PAD]``, EOS and MASK removed (``answer_text=
+            "reference"``: also the plan text outside its entries); for ``ar`` the tokens before EOS; for
+            ``diffusion`` the answer cut at the first EOS; a plan with no usable entry contributes its own AR
+            tokens.
         sequence: the whole final sequence (prompt, plans, spans with tags, ``<sync/>`` tags); plan
             terminators are not part of it.
         plans: AR tokens of each round (terminator excluded).
         spans: per round, per span, the span's tokens at its mask positions.
         stats: :class:`RequestStats`.
+        pieces: the pieces ``answer`` is made of, in order (spans; with ``answer_text="reference"`` also the
+            plan texts), for :meth:`text`.
+        answer_text: the config's ``answer_text``.
     """
     answer: list
     sequence: list
     plans: list
     spans: list
     stats: RequestStats
+    pieces: list = field(default_factory=list)
+    answer_text: str = "spans"
 
     @property
     def finish_reason(self) -> str:
         return self.stats.finish_reason
 
-
-def _span_rows(span_ids, num_spans: int, first_row: int) -> list[int]:
-    """``span_rows`` of :func:`~pd_kernels.commit_spans`, flattened (``[2 S]``: first row, row count per span
-    id) for step rows whose span ids are ``span_ids``, numbered from ``first_row``. Each span's rows are
-    contiguous in a step (one run of its mask positions)."""
-    out = [0] * (2 * num_spans)
-    for k, sid in enumerate(span_ids):
-        if out[2 * sid + 1] == 0:
-            out[2 * sid] = first_row + k
-        elif out[2 * sid] + out[2 * sid + 1] != first_row + k:
-            raise RuntimeError(f"rows of span {sid} are not contiguous in the step")
-        out[2 * sid + 1] += 1
-    return out
+    def text(self, decode) -> str:
+        """The answer as text, ``decode`` a tokenizer's ``decode(list_of_ids) -> str``. ``"spans"``: the answer
+        tokens decoded at once; ``"reference"``: the pieces joined with a space, runs of spaces and tabs
+        collapsed, stripped (the PD reference's ``clean_text``)."""
+        if self.answer_text == "reference":
+            return re.sub(r"[ \t]+", " ", " ".join(decode(list(p)) for p in self.pieces)).strip()
+        return decode(list(self.answer))
 
 
 @dataclass
 class _Span:
-    start: int          # position of the span's first token (<async>, or the prompt's last token in diffusion)
+    start: int          # position of the span's first query (<async>; diffusion: the token before the answer)
     length: int         # tokens the span forwards (tags included)
-    masks: int          # mask positions: offsets 1..masks
-    sid: int            # span id in the SpanState
+    moff: int           # offset of the first mask from start (mask positions start+moff .. +masks-1)
+    masks: int
+    sid: int            # span id in the SpanState (slot * max_spans + index)
+    index: int          # index in its round
+    toks: np.ndarray    # tokens at its mask positions as last read (final once finished)
     active: bool = True
-    left: int = -1      # masks_left after the last step (-1: no step yet)
 
 
 @dataclass
@@ -93,75 +102,53 @@ class _Request:
     idx: int
     prompt: list
     forced: list | None
-    slot: int = -1
-    seq: int = -1
+    seed: int
+    budget: int                         # new tokens it may add
+    slot: int = -1                      # token-buffer row
+    seq: int = -1                       # cache row
     phase: str = "prefill"
-    length: int = 0                    # tokens in the sequence (= reserved cache positions)
+    length: int = 0                     # tokens in the sequence (= reserved cache positions)
     prefill_len: int = 0
-    plan: list = field(default_factory=list)       # AR tokens of the current round
+    toks: list = field(default_factory=list)        # host copy of the sequence
+    plan: list = field(default_factory=list)        # AR tokens of the current round
     plans: list = field(default_factory=list)
     round_spans: list = field(default_factory=list)  # list[_Span] of the current round
     prefix: int = 0
     terminator: str = ""
     spans_out: list = field(default_factory=list)
     answer: list = field(default_factory=list)
+    pieces: list = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
     result: GenerationResult | None = None
+    piece: Piece | None = None                      # its part of the next step (None: rebuild)
+    pages: list = field(default_factory=list)       # its cache pages (refreshed when a position needs more)
 
     @property
     def new_tokens(self) -> int:
         return self.length - len(self.prompt)
 
+    @property
+    def steps(self) -> int:
+        """Steps taken so far: the counter of its RNG keys."""
+        return self.stats.critical_path
 
+
+_NONE = np.zeros(0, dtype=np.int64)
 DEFAULT_BUCKETS = tuple(16 << i for i in range(8))  # 16 .. 2048 packed queries (and LM-head rows)
-
-
-class _Bucket:
-    """Fixed device buffers of one static-step bucket (``Q`` packed query rows, ``R`` LM-head rows), the
-    :class:`~pd_kernels.StaticSpanLayout` of its attention, and its CUDA graph once captured.
-
-    ``idx`` (int64, device) holds every host-built index of a step, refilled by one host-to-device copy from
-    ``staging`` (pinned on CUDA): ``in_idx [Q]`` (flat token-buffer index of each packed query), ``slots [Q]``
-    (cache slot, -1 = padding), then per LM-head row ``rows [R]`` (packed query row), ``ar_dst [R]``,
-    ``forced [R]``, ``val [R]``, ``s_dst [R]``, then ``span_rows [2 S]`` (per span id: first LM-head row,
-    row count) and ``offset [1]`` (the RNG offset).
-    Outputs: ``tok``, ``conf`` ``[R]``, ``read [R + S]`` (each row's AR value, then every span's
-    ``masks_left``: what the host reads after the step)."""
-
-    def __init__(self, Q: int, R: int, num_spans: int, layout, device):
-        self.Q, self.R = Q, R
-        S = num_spans
-        n = 2 * Q + 5 * R + 2 * S + 1
-        self.idx = torch.zeros(n, dtype=torch.int64, device=device)
-        self.staging = torch.zeros(n, dtype=torch.int64, pin_memory=device.type == "cuda")
-        self.host = self.staging.numpy()
-        v = [self.idx[0:Q], self.idx[Q:2 * Q]] + [self.idx[2 * Q + i * R:2 * Q + (i + 1) * R] for i in range(5)]
-        self.in_idx, self.slots, self.rows, self.ar_dst, self.forced, self.val, self.s_dst = v
-        self.span_rows = self.idx[2 * Q + 5 * R:2 * Q + 5 * R + 2 * S].view(S, 2)
-        self.offset = self.idx[2 * Q + 5 * R + 2 * S:]
-        self.span_rows32 = torch.zeros(S, 2, dtype=torch.int32, device=device)
-        self.tok = torch.zeros(R, dtype=torch.int64, device=device)
-        self.conf = torch.zeros(R, dtype=torch.float32, device=device)
-        self.committed = torch.zeros(num_spans, dtype=torch.int32, device=device)
-        self.all_done = torch.zeros(1, dtype=torch.bool, device=device)
-        self.read = torch.zeros(R + num_spans, dtype=torch.int64, device=device)
-        self.layout = layout
-        self.calls = 0
-        self.graph = None
 
 
 class Decoder:
     """Batched planned-diffusion / AR / diffusion decoding of a transformers model on pd_kernels.
 
     Args:
-        model: a transformers causal LM (families in
+        model: a transformers causal LM in eval mode (families in
             :data:`~pd_kernels.integrations.transformers.VERIFIED_MODEL_TYPES`; a feature the kernels do not
-            implement raises ``UnsupportedModelError`` here). :meth:`generate` switches it to pd_kernels
-            attention for the call and restores its own attention afterwards.
+            implement raises ``UnsupportedModelError`` here). :meth:`generate` / :meth:`stream` switch it to
+            pd_kernels attention while they run and restore its own attention afterwards.
         config: :class:`DecodeConfig`.
         max_batch: most requests decoded together; further prompts wait and join as others finish.
         backend: pd_kernels backend of every op (``None``: the current default, see :func:`pd_kernels.use_backend`).
-        on_step: optional ``callable(decoder)`` run after every step (the demo's live view).
+        on_step: optional ``callable(decoder)`` run after every step.
         cuda_graphs: run each step's device work as a CUDA graph, captured once per bucket (CUDA models
             only: a model on another device raises ``ValueError``). Implies ``static_step``.
         static_step: run each step from the fixed buffers of a bucket (the capturable step) without
@@ -169,58 +156,44 @@ class Decoder:
         buckets: ascending bucket sizes, used for both the packed query count and the LM-head row count
             (default 16, 32, ..., 2048). A step is padded up to the smallest bucket that holds it.
 
-    Dynamic step (default): every step builds a :class:`~pd_kernels.SpanLayout` and index tensors of
-    exactly its size (two host-to-device copies), runs the model, the LM head on the needed rows,
-    :func:`~pd_kernels.token_confidence`, the AR token write and :func:`~pd_kernels.commit_spans`, then one
-    device-to-host read.
+    Both steps run the same :class:`~pd_kernels.decoder.step.StepDesc`. Dynamic step (default): a
+    :class:`~pd_kernels.SpanLayout` and index tensors of exactly the step's size (two host-to-device copies),
+    the model, the LM head on the description's rows, :func:`~pd_kernels.token_confidence`, the AR token write,
+    :func:`~pd_kernels.commit_spans`, one device-to-host read.
 
-    Static step (``static_step=True`` / ``cuda_graphs=True``): a step with ``nq`` packed queries and ``nr``
-    LM-head rows (one per AR request, one per mask position of every active span) uses the bucket
-    ``(Q, R)`` = (smallest bucket >= ``nq``, smallest bucket >= ``max(nr, 1)``), with ``max_batch`` sequences
-    and ``max_batch * max_spans`` segments. Per bucket: a :class:`~pd_kernels.StaticSpanLayout` (layout
-    sequence ``b`` = cache row ``b``, so the cache's own block table is the graph's block table) and fixed
-    index / output buffers (:class:`_Bucket`). Padding: query rows past ``nq`` read the token buffer's
-    scratch area (``buckets[-1]`` elements past the ``[max_batch, cap]`` rows that always hold ``PAD``,
-    never ``MASK``), have slot ``-1`` (:func:`~pd_kernels.paged_kv_write` skips them) and are empty layout
-    rows (attention output 0). LM-head rows past ``nr``, and the unused destination of real rows (an AR row
-    has no commit destination, a span row no AR destination), point at scratch element ``k`` for row ``k``
-    (destinations stay distinct): the AR write stores ``PAD`` there and :func:`~pd_kernels.commit_spans`
-    ignores those rows (in no span's ``span_rows`` range; their destination is not ``MASK`` either). Row order
-    (AR rows, then span rows, then padding) is the dynamic step's, so the counter-based RNG draws the same
-    noise; the RNG offset is a one-element device tensor refilled with the step's indices.
+    Static step: a step with ``nq`` packed queries and ``nr`` LM-head rows uses the bucket ``(Q, R)`` =
+    (smallest bucket >= ``nq``, smallest bucket >= ``max(nr, 1)``), with ``max_batch`` sequences and
+    ``max_batch * max_spans`` segments: a :class:`~pd_kernels.StaticSpanLayout` (layout sequence ``b`` = cache
+    row ``b``, so the cache's own block table is the graph's) and fixed index / output buffers
+    (:class:`~pd_kernels.decoder.step.Bucket`, which also documents the padding). The token buffer has a scratch
+    area (``buckets[-1]`` elements past the ``[max_batch, cap]`` rows, always ``PAD``, never ``MASK``) that
+    padding rows read and write.
 
-    **Captured** in the CUDA graph of a bucket (one graph per bucket; all share one memory pool): the token
-    gather (``tokens[in_idx]``), the whole model forward (embeddings, RoPE, projections, MLPs, norms, and
-    in each layer :func:`~pd_kernels.paged_kv_write` + :func:`~pd_kernels.span_attention` on the static
-    layout), the LM head on the ``R`` rows, :func:`~pd_kernels.token_confidence` (``out=``, device RNG
-    offset), the AR token write (``index_copy_``), :func:`~pd_kernels.commit_spans` (``out=``) and the copy
-    of the AR values and every span's ``masks_left`` into the read buffer.
+    **Captured** in the CUDA graph of a bucket (all graphs share one memory pool): the token gather, the whole
+    model forward (each layer's :func:`~pd_kernels.paged_kv_write` + :func:`~pd_kernels.span_attention` on the
+    static layout), the LM head on the ``R`` rows, :func:`~pd_kernels.token_confidence` (``out=``, per-row RNG
+    keys read on the device), the AR token write, :func:`~pd_kernels.commit_spans` (``out=``) and the gather of
+    the read buffer (every row's token, every span's ``masks_left``).
 
-    **Not captured** (host, between replays): admission, plan parsing, span/round bookkeeping, and the
-    cache ``reserve`` / token-template / ``SpanState.reset`` writes of the host loop (as in the dynamic
-    step); choosing the bucket; packing the step's indices into the pinned staging buffer and its one
-    non-blocking host-to-device copy; :meth:`~pd_kernels.StaticSpanLayout.update` (host packing + one
-    non-blocking copy); the step's one device-to-host read of ``read`` (a sync: the host needs the AR tokens
-    and ``masks_left`` to plan the next step; it also guarantees the staging buffer is free again). The first
-    step of a bucket runs eagerly (warm-up: Triton compilation, cuBLAS handles; the buckets' layouts use
-    ``num_splits=1``, so there is no split-K workspace), the second captures the graph (capture runs nothing)
-    and replays it, later ones replay. ``graph_counts``
-    counts ``captured`` graphs, ``replayed`` steps, ``static_eager`` steps and ``dynamic`` (overflow) steps.
-
-    Overflow: a step with more packed queries than the largest bucket (e.g. the prefill of a long prompt)
-    runs on the dynamic path; buckets never grow (a capture per new size would be unbounded).
-
-    The buffers the graphs point at (paged cache, token buffer, span state) are kept across
-    :meth:`generate` calls while their geometry (batch, sequence capacity, pages) is unchanged, so graphs
-    captured in one call replay in the next; a new geometry drops them.
+    **Not captured** (host, between replays): admission, plan parsing, span/round bookkeeping and the cache
+    ``reserve`` / token-template / ``SpanState.reset`` writes of a state change; choosing the bucket; packing
+    the description into the pinned staging buffer (only the RNG offsets while nothing changed) and its one
+    non-blocking host-to-device copy; :meth:`~pd_kernels.StaticSpanLayout.update` (only when the description
+    changed); the step's one device-to-host read. The first step of a bucket runs eagerly (warm-up: Triton
+    compilation, cuBLAS handles, and the attention's split-K workspace, sized by the bucket), the second
+    captures the graph and replays it, later ones replay. ``graph_counts`` counts ``captured`` graphs,
+    ``replayed`` steps, ``static_eager`` steps and ``dynamic`` (overflow) steps. A step larger than the largest
+    bucket runs on the dynamic path. Buffers (cache, token buffer, span state, buckets) are kept across
+    :meth:`generate` calls while their geometry is unchanged, so graphs captured in one call replay in the next.
     """
 
-    def __init__(self, model, config: DecodeConfig | None = None, *, max_batch: int = 8, backend: str | None = None,
-                 on_step=None, cuda_graphs: bool = False, static_step: bool | None = None, buckets=None):
+    def __init__(self, model, config=None, *, max_batch: int = 8, backend: str | None = None, on_step=None,
+                 cuda_graphs: bool = False, static_step: bool | None = None, buckets=None):
+        config, max_batch = check_decoder_args(model, config, max_batch, backend, on_step, buckets)
         if not is_enabled(model):  # refuse what pd_kernels cannot run; generate() enables it and restores it
             check_model(model)
         self.model = model
-        self.cfg = config or DecodeConfig()
+        self.cfg = config
         self.max_batch = max_batch
         self.backend = backend
         self.on_step = on_step
@@ -251,35 +224,58 @@ class Decoder:
         self.buckets = b
         self.graph_counts = {"captured": 0, "replayed": 0, "static_eager": 0, "dynamic": 0}
         self._arena_key = None
-        self._buckets: dict = {}
+        self._buckets: dict = {}      # (Q, R) -> Bucket
+        self._bucket_of: dict = {}    # (nq, nr) -> Bucket
         self._graph_pool = None
+        self.reqs, self.running, self.queue = [], [], []
 
-    # ------------------------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], forced_plans: list | None = None) -> list[GenerationResult]:
-        """Decode every prompt (lists of token ids). ``forced_plans[i]``: ``None`` or a list of rounds, each
-        the AR tokens to force in that round (usually ending with ``<sync/>`` or EOS, see
-        :func:`~pd_kernels.decoder.make_plan`); rounds past the list, or tokens past a round's list, are sampled.
-        Returns one :class:`GenerationResult` per prompt, in order. The model runs on pd_kernels attention
-        only during the call: its own attention implementation is restored when it returns or raises."""
-        with enabled(self.model):
-            return self._generate(prompts, forced_plans)
+    # ---- public entry points ---------------------------------------------------------------------------
+    def generate(self, prompts, forced_plans=None, *, seeds=None, on_event=None) -> list[GenerationResult]:
+        """Decode every prompt (each a list of token ids, or one row of a 2-D tensor) and return one
+        :class:`GenerationResult` per prompt, in order.
 
-    def _generate(self, prompts: list[list[int]], forced_plans: list | None = None) -> list[GenerationResult]:
-        from .. import PagedKVCache, SpanState
+        ``forced_plans[i]``: ``None`` or a list of rounds, each the AR tokens to force in that round (usually
+        ending with ``<sync/>`` or EOS, see :func:`~pd_kernels.decoder.make_plan`); rounds past the list, or tokens
+        past a round's list, are sampled. ``seeds[i]``: the RNG seed of request ``i`` (default: the config's
+        ``seed``). ``on_event``: ``callable(event)`` for each :mod:`~pd_kernels.decoder.events` event. The model
+        runs on pd_kernels attention only during the call: its own attention is restored when it returns or
+        raises."""
+        self._start(prompts, forced_plans, seeds)
+        for e in self._loop(events=on_event is not None):
+            on_event(e)
+        return [r.result for r in self.reqs]
 
-        cfg = self.cfg
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs at least one prompt, each with at least one token")
-        forced_plans = forced_plans or [None] * len(prompts)
-        if len(forced_plans) != len(prompts):
-            raise ValueError(f"{len(forced_plans)} forced plans for {len(prompts)} prompts")
-        self.reqs = [_Request(i, [int(t) for t in p], f) for i, (p, f) in enumerate(zip(prompts, forced_plans))]
-        extra = max(cfg.max_new_tokens, cfg.answer_len + 1 if cfg.mode == "diffusion" else 0)
-        self.cap = max(len(p) for p in prompts) + extra + 4
+    def stream(self, prompts, forced_plans=None, *, seeds=None):
+        """Like :meth:`generate`, but returns an iterator over the events (:mod:`pd_kernels.decoder.events`) as
+        they happen: plan tokens, span commits, finished spans and rounds, finished requests (each with its
+        :class:`GenerationResult`). Arguments are checked now; decoding runs as the iterator is consumed, with the
+        model on pd_kernels attention until the iterator is exhausted or closed."""
+        self._start(prompts, forced_plans, seeds)
+        return self._loop(events=True)
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def _start(self, prompts, forced_plans, seeds) -> None:
+        cfg, V = self.cfg, self.geo["vocab_size"]
+        prompts = check_prompts(prompts, V)
+        forced_plans = check_forced_plans(forced_plans, len(prompts), V)
+        seeds = check_seeds(seeds, len(prompts), cfg.seed)
+        budgets = [cfg.budget(len(p)) for p in prompts]
+        for i, (p, bud) in enumerate(zip(prompts, budgets)):
+            if bud < 1:
+                raise ValueError(f"prompt {i} has {len(p)} tokens: no room left under max_length={cfg.max_length}")
+        self.reqs = [_Request(i, p, f, s, b) for i, (p, f, s, b) in enumerate(zip(prompts, forced_plans, seeds,
+                                                                                  budgets))]
+        ans = [cfg.diffusion_len or b for b in budgets] if cfg.mode == "diffusion" else budgets
+        self.cap = max(len(p) + a for p, a in zip(prompts, ans)) + 4
         nb = min(self.max_batch, len(prompts))
         ps = cfg.page_size
         pages_per_seq = -(-self.cap // ps) + 1
         num_pages = cfg.num_pages or nb * pages_per_seq
+        if num_pages < -(-(self.cap - 4) // ps):
+            raise ValueError(f"DecodeConfig.num_pages={num_pages} cannot hold one request of {self.cap - 4} "
+                             f"positions (pages of {ps} tokens)")
+        maxpos = getattr(self.model.config, "max_position_embeddings", None)
+        n_scratch = self.buckets[-1] if self.static_step else 1
         key = (nb, self.cap, num_pages, ps, pages_per_seq, cfg.max_spans, cfg.tags.mask, cfg.tags.pad, self.buckets)
         if (self.static_step and key == self._arena_key and not self.cache.sequences
                 and self.cache.num_free_pages == self.cache.num_pages):
@@ -289,15 +285,21 @@ class Decoder:
                 t.zero_()
             self.state.num_steps.fill_(1)
         else:
-            self._buckets = {}  # graphs and buffers of the previous geometry
+            self._buckets, self._bucket_of = {}, {}  # free the old arena first
+            self._arena_key, self.cache, self._tok_store = None, None, None
+            budget_name = "max_length" if cfg.max_length is not None else "max_new_tokens"
+            check_cache_fits(what=f"{budget_name}={getattr(cfg, budget_name)}", nb=nb, cap=self.cap,
+                             num_pages=num_pages, page_size=ps, pages_per_seq=pages_per_seq, n_scratch=n_scratch,
+                             geo=self.geo, dtype=self.dtype, device=self.device)
+            if maxpos is not None and self.cap - 4 > maxpos:
+                raise ValueError(f"requests need up to {self.cap - 4} positions (prompt + {budget_name}), beyond "
+                                 f"the model's max_position_embeddings={maxpos}")
             self._arena_key = key
             self.cache = PagedKVCache(self.geo["num_layers"], self.geo["num_kv_heads"], self.geo["head_dim"],
                                       num_pages, ps, max_seqs=nb, max_pages_per_seq=pages_per_seq,
                                       dtype=self.dtype, device=self.device)
             # [nb, cap] token rows, then a scratch area (always PAD, never MASK) of one element per LM-head row
-            # of the largest bucket: the static step's padding rows gather from it and write into it (row k
-            # into element k: destinations stay distinct)
-            n_scratch = self.buckets[-1] if self.static_step else 1
+            # of the largest bucket: the static step's padding rows gather from it and write into it
             self._tok_store = torch.full((nb * self.cap + n_scratch,), cfg.tags.mask, dtype=torch.int64,
                                          device=self.device)
             self._tok_store[nb * self.cap:] = cfg.tags.pad
@@ -305,70 +307,329 @@ class Decoder:
             self.tokens_flat = self._tok_store
             self.scratch = nb * self.cap
             self.state = SpanState.new(nb * cfg.max_spans, self.device)
-            self.suppress = torch.tensor([cfg.tags.mask], dtype=torch.int64, device=self.device)
+            mask_free = cfg.mode == "ar" or not cfg.suppress_mask
+            self.suppress = None if mask_free else torch.tensor([cfg.tags.mask], dtype=torch.int64, device=self.device)
+        self._no_queries = SeqQueries.causal(0, 0)
+        self._left = np.zeros(self.state.num_spans, dtype=np.int64)   # masks_left of each span at its last step
+        self._specials = frozenset(cfg.tags.specials)
         self.free_slots = list(range(nb - 1, -1, -1))
         self.queue = list(self.reqs)
         self.running: list[_Request] = []
+        self._by_slot: dict = {}
         self.step_index = 0
-        with torch.no_grad():
+        self._desc, self._dirty, self._gen, self._dyn_key = None, True, 0, None
+        self._events = None
+
+    def _loop(self, events: bool):
+        """Admit and step until every request is done; yields the events of each step when ``events``."""
+        self._events = [] if events else None
+        with enabled(self.model):
             while self.queue or self.running:
                 while self.queue and self.free_slots:
                     self._admit(self.queue.pop(0))
-                self._step()
+                with torch.no_grad():
+                    self._step()
                 if self.on_step is not None:
                     self.on_step(self)
-        return [r.result for r in self.reqs]
+                if self._events:
+                    out, self._events = self._events, []
+                    yield from out
 
-    # ---- request life cycle ------------------------------------------------------------------------
+    def _emit(self, event) -> None:
+        if self._events is not None:
+            self._events.append(event)
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def _step(self) -> None:
+        """One forward pass of every running request: describe, run (static bucket or dynamic), advance."""
+        t0 = time.perf_counter()
+        desc = self._describe()
+        if self.static_step and desc.nq <= self.buckets[-1]:
+            read, R = self._run_static(desc)
+        else:
+            read, R = self._run_dynamic(desc)
+        self.step_index += 1
+        dt = time.perf_counter() - t0
+        phases = [r.phase for r in desc.reqs]
+        for r, ph in zip(desc.reqs, phases):
+            r.stats.steps[ph] += 1
+            r.stats.time_s[ph] += dt
+        self._advance(desc, phases, read[:desc.nr], read[R:])
+
+    def _describe(self) -> StepDesc:
+        """The step's description: the previous one with its RNG offsets advanced while no request changed
+        state, else rebuilt from the requests' pieces (each kept while its request does not change)."""
+        if self._desc is not None and not self._dirty:
+            self._desc.tick()
+            return self._desc
+        self._gen += 1
+        entries = sorted(((r, self._piece(r)) for r in self.running), key=lambda e: e[0].seq)
+        self._desc = describe(entries, self.state.num_spans, self._gen)
+        self._dirty = False
+        return self._desc
+
+    def _piece(self, r: _Request) -> Piece:
+        """The request's part of the step, from its phase (cached until :meth:`_touch`)."""
+        if r.piece is not None:
+            return r.piece
+        base, ps = r.slot * self.cap, self.cache.page_size
+        if r.phase == "plan":   # the common AR step, kept lean: one query at the last position
+            p = r.length - 1
+            if p // ps >= len(r.pages):
+                r.pages = self.cache.pages(r.seq)
+            f = self._forced_token(r)
+            r.piece = Piece(SeqQueries("causal", start=p, length=1), np.array([base + p], dtype=np.int64),
+                            np.array([r.pages[p // ps] * ps + p % ps], dtype=np.int64), _NONE, _NONE, _NONE, (), (),
+                            (0, base + p + 1, p + 1, 0 if f is None else 1, 0 if f is None else f))
+            return r.piece
+        ar, s_q, s_pos, sids, cnts = None, [], [], [], []
+        if r.phase == "prefill":
+            sq = SeqQueries.causal(0, r.prefill_len)
+            pos = np.arange(r.prefill_len, dtype=np.int64)
+            if self.cfg.mode != "diffusion":
+                f = self._forced_token(r)
+                n = r.prefill_len
+                ar = (n - 1, base + n, n, 0 if f is None else 1, 0 if f is None else f)
+        else:   # diffusion / refresh
+            refresh = r.phase == "refresh"
+            spans = r.round_spans
+            sq = SeqQueries.spans(r.prefix, [s.length for s in spans], [refresh or s.active for s in spans],
+                                  mode="pd-da" if self.cfg.mode == "pd-da" else "pd")
+            pos = sq.positions()
+            q = 0
+            for s in spans:
+                if not s.active:
+                    continue
+                if not refresh:  # row k of a span predicts mask k from the query before it (Dream shift)
+                    s_q.append(np.arange(q + s.moff - 1, q + s.moff - 1 + s.masks, dtype=np.int64))
+                    s_pos.append(np.arange(s.start + s.moff, s.start + s.moff + s.masks, dtype=np.int64))
+                    sids.append(s.sid)
+                    cnts.append(s.masks)
+                q += s.length
+        r.pages = self.cache.pages(r.seq)
+        pages = np.asarray(r.pages, dtype=np.int64)
+        s_pos = np.concatenate(s_pos) if s_pos else _NONE
+        r.piece = Piece(sq, pos + base, pages[pos // ps] * ps + pos % ps, np.concatenate(s_q) if s_q else _NONE,
+                        s_pos + base, s_pos, tuple(sids), tuple(cnts), ar)
+        return r.piece
+
+    def _touch(self, r: _Request) -> None:
+        """``r`` changed state: its piece and the step description are rebuilt before the next step."""
+        r.piece = None
+        self._dirty = True
+
+    def _run_dynamic(self, desc: StepDesc) -> tuple[np.ndarray, int]:
+        """The dynamic step: index tensors of exactly the description's size (one host-to-device copy; the layout
+        is reused while the description is). Returns (the read, where ``masks_left`` starts in it)."""
+        cfg = self.cfg
+        nq, nr, ns, na, S = desc.nq, desc.nr, desc.ns, desc.na, self.state.num_spans
+        if self._dyn_key != (id(desc), desc.gen):
+            self._dyn_layout = SpanLayout.build(desc.seqs, self.device)
+            self._dyn_bt = self.cache.block_tables(desc.rows_of)
+            self._dyn_key = (id(desc), desc.gen)
+        host = np.concatenate([desc.in_idx, desc.slots, desc.rows, desc.dst, desc.seed, desc.offset, desc.forced,
+                               desc.val, desc.span_rows.reshape(-1)])
+        dev = torch.from_numpy(host).to(self.device)   # every index of the step: one host-to-device copy
+        in_idx, slots, rows, dst, seed, offset, forced, val, span_rows = \
+            dev.split([nq, nq, nr, nr, nr, nr, na, na, 2 * S])
+        layout = self._dyn_layout
+        ctx = StepContext(self.cache, layout, slots, self._dyn_bt, self.backend)
+        hidden = forward_hidden(self.model, self.tokens_flat.index_select(0, in_idx), layout.q_pos[:nq], ctx)
+        read = []
+        if nr:
+            logits = logits_for_rows(self.model, hidden, rows)
+            tok, conf = choose_tokens(logits, cfg, seed, offset, self.suppress, None, self.backend)
+            if ns:
+                commit_spans(tok[:ns], conf[:ns], dst[:ns], span_rows.view(S, 2).to(torch.int32), self.tokens_flat,
+                             self.state, policy=cfg.policy, tau=cfg.tau, mask_id=cfg.tags.mask, backend=self.backend)
+                read.append(self.tokens_flat.index_select(0, dst[:ns]))
+            if na:
+                read.append(write_ar(self.tokens_flat, dst[ns:], forced, val, tok[ns:], cfg.tags.pad))
+        read.append(self.state.masks_left.to(torch.int64))
+        self.graph_counts["dynamic"] += 1
+        return torch.cat(read).cpu().numpy(), nr       # the step's one device-to-host read
+
+    # ---- the static (capturable) step ----------------------------------------------------------------------
+    def _bucket(self, nq: int, nr: int) -> Bucket:
+        bk = self._bucket_of.get((nq, nr))
+        if bk is not None:
+            return bk
+        Q = next(b for b in self.buckets if b >= nq)
+        R = next(b for b in self.buckets if b >= max(nr, 1))  # nr <= nq: always found
+        bk = self._buckets.get((Q, R))
+        if bk is None:
+            nb = self.tokens.shape[0]
+            # max_kv: a sequence never holds more than cap tokens; it bounds the split-K workspace
+            layout = StaticSpanLayout(Q, nb, self.device, group=self.geo["num_heads"] // self.geo["num_kv_heads"],
+                                      max_segments=nb * self.cfg.max_spans, max_kv=self.cap)
+            bk = self._buckets[(Q, R)] = Bucket(Q, R, self.state.num_spans, layout, self.device)
+        self._bucket_of[(nq, nr)] = bk
+        return bk
+
+    def _run_static(self, desc: StepDesc) -> tuple[np.ndarray, int]:
+        """The static step: pad the description into its bucket (one host-to-device copy, plus the static
+        layout's when the description changed), run the captured graph (or the same work eagerly), read."""
+        bk = self._bucket(desc.nq, desc.nr)
+        changed = bk.fill(desc, self.scratch, self.cfg.tags.pad)
+        # the staging buffer is free: the previous step ended with a device-to-host read (a sync)
+        bk.idx.copy_(bk.staging, non_blocking=True)
+        if changed:
+            seqs = [self._no_queries] * self.cache.max_seqs   # layout sequence b = cache row b
+            for row, sq in zip(desc.rows_of, desc.seqs):
+                seqs[row] = sq
+            bk.layout.update(seqs)
+        if self.cuda_graphs and bk.graph is None and bk.calls > 0:
+            self._capture(bk)
+        if bk.graph is not None:
+            bk.graph.replay()
+            self.graph_counts["replayed"] += 1
+        else:
+            self._static_body(bk)
+            self.graph_counts["static_eager"] += 1
+        bk.calls += 1
+        bk.read_host.copy_(bk.read)  # the step's one device-to-host read
+        return bk.read_host.numpy(), bk.R
+
+    def _capture(self, bk: Bucket) -> None:
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self._static_body(bk)
+        bk.graph = graph
+        self.graph_counts["captured"] += 1
+
+    def _static_body(self, bk: Bucket) -> None:
+        """The device work of a static step: fixed shapes, fixed buffers, no host sync (what is captured)."""
+        cfg = self.cfg
+        input_ids = self.tokens_flat.index_select(0, bk.in_idx)
+        ctx = StepContext(self.cache, bk.layout, bk.slots, self.cache.block_table, self.backend)
+        hidden = forward_hidden(self.model, input_ids, bk.layout.q_pos, ctx)
+        logits = logits_for_rows(self.model, hidden, bk.rows)
+        choose_tokens(logits, cfg, bk.seed, bk.offset, self.suppress, (bk.tok, bk.conf), self.backend)
+        ar = write_ar(self.tokens_flat, bk.ar_dst, bk.forced, bk.val, bk.tok, cfg.tags.pad)  # non-AR rows: PAD
+        bk.span_rows32.copy_(bk.span_rows)
+        commit_spans(bk.tok, bk.conf, bk.s_dst, bk.span_rows32, self.tokens_flat, self.state, policy=cfg.policy,
+                     tau=cfg.tau, mask_id=cfg.tags.mask, out=(bk.committed, bk.all_done), backend=self.backend)
+        # every row's token after the step; an AR row that had no token reads its -1 (its buffer holds PAD)
+        bk.read[:bk.R].copy_(torch.where(ar < 0, ar, self.tokens_flat.index_select(0, bk.dst)))
+        bk.read[bk.R:].copy_(self.state.masks_left)
+
+    # ---- after a step ------------------------------------------------------------------------------------
+    def _advance(self, desc: StepDesc, phases: list, vals: np.ndarray, masks_left: np.ndarray) -> None:
+        """Bookkeeping from the step's read: span commits and finished spans/rounds, AR tokens, the end of a
+        diffusion-mode prefill or a refresh step. ``vals``: every LM-head row's token after the step."""
+        ns, ms = desc.ns, self.cfg.max_spans
+        if ns:
+            if self._events is not None:
+                self._commit_events(desc, vals)
+            ended, sids = [], desc.span_ids
+            left = masks_left[sids]
+            # a span that committed nothing had no valid token in any masked row (commit_spans never commits a
+            # negative token): the next step would see the same, so it ends now, with its masks
+            stalled = (left > 0) & (left >= self._left[sids])
+            self._left[sids] = left
+            for sid in sids[(left == 0) | stalled].tolist():
+                r = self._by_slot[sid // ms]
+                s = r.round_spans[sid % ms]
+                if self._left[sid]:
+                    r.stats.plan_errors.append(f"round {r.stats.rounds}: span {s.index} stopped with "
+                                               f"{self._left[sid]} masks (no valid token)")
+                first, n = desc.span_rows[sid]
+                s.toks, s.active = vals[first:first + n].copy(), False
+                r.toks[s.start + s.moff:s.start + s.moff + s.masks] = s.toks.tolist()
+                self._emit(ev.SpanFinished(r.idx, r.stats.rounds, s.index, tuple(s.toks.tolist())))
+                self._touch(r)
+                if not any(x.active for x in r.round_spans) and r not in ended:
+                    ended.append(r)
+            for r in ended:
+                self._end_round(r)
+        for r, v in zip(desc.ar_reqs, vals[ns:].tolist()):
+            self._after_ar(r, v)
+        for r, ph in zip(desc.reqs, phases):
+            if r.phase != ph:   # moved on above
+                continue
+            if ph == "prefill" and self.cfg.mode == "diffusion":   # the prompt is cached: open the answer
+                self._open_diffusion_answer(r)
+            elif ph == "refresh":
+                self._sync(r)
+
+    def _commit_events(self, desc: StepDesc, vals: np.ndarray) -> None:
+        mask, ms = self.cfg.tags.mask, self.cfg.max_spans
+        for sid in desc.span_ids.tolist():
+            r = self._by_slot[sid // ms]
+            s = r.round_spans[sid % ms]
+            first, n = desc.span_rows[sid]
+            new = vals[first:first + n]
+            hit = np.nonzero((s.toks == mask) & (new != mask))[0]
+            if len(hit):
+                self._emit(ev.SpanCommit(r.idx, r.stats.rounds, s.index, tuple((s.start + s.moff + hit).tolist()),
+                                         tuple(new[hit].tolist())))
+            s.toks = new.copy()
+
+    # ---- request life cycle ------------------------------------------------------------------------------
     def _admit(self, r: _Request) -> None:
+        cfg = self.cfg
         r.slot = self.free_slots.pop()
         r.seq = self.cache.add_sequence()
+        self._by_slot[r.slot] = r
         self.running.append(r)
+        self._touch(r)
         n = len(r.prompt)
+        r.toks = list(r.prompt)
+        r.stats.seed = r.seed
+        r.stats.method = "diffusion-full" if cfg.diffusion_attention == "full" else cfg.mode
         self.tokens[r.slot, :n] = torch.tensor(r.prompt, dtype=torch.int64).to(self.device)
-        if self.cfg.mode == "diffusion":
-            # the answer is one span anchored on the prompt's last token (its hidden state predicts the first
-            # mask); the rest of the prompt is prefilled causally
-            r.prefill_len = n - 1
-            if r.prefill_len:
-                self.cache.reserve(r.seq, r.prefill_len, slots=False)
-                r.length = r.prefill_len
-                r.phase = "prefill"
-            else:
-                self._open_diffusion_answer(r)
+        if cfg.mode == "diffusion":
+            # ours: the answer is one span anchored on the prompt's last token (its hidden state predicts the
+            # first mask), the rest of the prompt is prefilled causally; "full": no prefill at all
+            r.prefill_len = 0 if cfg.diffusion_attention == "full" else n - 1
         else:
             r.prefill_len = n
-            self.cache.reserve(r.seq, n, slots=False)
-            r.length = n
+        if r.prefill_len:
+            self.cache.reserve(r.seq, r.prefill_len, slots=False)
+            r.length = r.prefill_len
             r.phase = "prefill"
+        else:
+            self._open_diffusion_answer(r)
 
     def _finish(self, r: _Request, reason: str) -> None:
         r.stats.finish_reason = reason
         r.stats.answer_tokens = len(r.answer)
-        seq = self.tokens[r.slot, :r.length].tolist()
-        r.result = GenerationResult(list(r.answer), seq, r.plans, r.spans_out, r.stats)
+        r.result = GenerationResult(list(r.answer), list(r.toks), r.plans, r.spans_out, r.stats, r.pieces,
+                                    self.cfg.answer_text)
         self.cache.free(r.seq)
         self.free_slots.append(r.slot)
+        del self._by_slot[r.slot]
         self.running.remove(r)
         r.phase = "done"
+        self._touch(r)
+        self._emit(ev.RequestFinished(r.idx, r.result))
 
     def _open_diffusion_answer(self, r: _Request) -> None:
+        """``mode="diffusion"``: one span of ``diffusion_len`` masks after the prompt (``"full"``: the span is
+        the whole sequence, so every query sees prompt and answer)."""
         cfg = self.cfg
         n = len(r.prompt)
-        L = cfg.answer_len
-        start = n - 1
-        self.cache.reserve(r.seq, L + 1, slots=False)
+        L = cfg.diffusion_len or r.budget
+        start = 0 if cfg.diffusion_attention == "full" else n - 1
+        self.cache.reserve(r.seq, n + L - r.length, slots=False)
         r.length = n + L
         self.tokens[r.slot, n:n + L] = cfg.tags.mask
+        r.toks += [cfg.tags.mask] * L
         r.prefix = start
-        r.round_spans = [_Span(start, L + 1, L, r.slot * cfg.max_spans)]
+        r.round_spans = [_Span(start, n + L - start, n - start, L, r.slot * cfg.max_spans, 0,
+                               np.full(L, cfg.tags.mask, dtype=np.int64))]
         r.terminator = "eos"
-        r.stats.rounds = 1
-        r.stats.spans = 1
+        r.stats.rounds = r.stats.spans = 1
         self._reset_spans(r)
         r.phase = "diffusion"
+        self._touch(r)
+        self._emit(ev.RoundStarted(r.idx, 1, (), (L,), (n,)))
 
     def _reset_spans(self, r: _Request) -> None:
+        for s in r.round_spans:
+            self._left[s.sid] = s.masks
         steps = max(1, int(self.cfg.steps_ratio * max(s.masks for s in r.round_spans)))
         self.state.reset([s.sid for s in r.round_spans], [s.masks for s in r.round_spans],
                          [steps] * len(r.round_spans))
@@ -379,310 +640,92 @@ class Decoder:
         r.plans.append(list(r.plan))
         r.terminator = terminator
         if cfg.mode == "ar":
-            r.answer.extend(t for t in r.plan if t not in tags.specials)
+            self._add_answer(r, r.plan)
             self._finish(r, terminator)
             return
         entries, errors = parse_plan(r.plan, tags, length_scale=cfg.length_scale, max_span_len=cfg.max_span_len,
                                      max_spans=cfg.max_spans)
         r.stats.plan_errors.extend(f"round {r.stats.rounds}: {e}" for e in errors)
-        lens = [e.length for e in entries]
-        room = cfg.max_new_tokens - r.new_tokens
+        if cfg.answer_text == "reference":   # the reference keeps the plan's text outside its entries
+            self._add_answer(r, text_outside_entries(r.plan, tags))
+        room = r.budget - r.new_tokens
         fitted = []
-        for L in lens:  # spans that do not fit in max_new_tokens are shortened, then dropped
+        for e in entries:  # spans that do not fit in the budget are shortened, then dropped
+            L = e.length
             if room - 2 < 1:
-                r.stats.plan_errors.append(f"round {r.stats.rounds}: span dropped (max_new_tokens)")
+                r.stats.plan_errors.append(f"round {r.stats.rounds}: span dropped (budget)")
                 r.terminator = "length"
                 continue
             if L + 2 > room:
-                r.stats.plan_errors.append(f"round {r.stats.rounds}: span of {L} shortened to {room - 2} "
-                                           f"(max_new_tokens)")
+                r.stats.plan_errors.append(f"round {r.stats.rounds}: span of {L} shortened to {room - 2} (budget)")
                 L = room - 2
                 r.terminator = "length"
             fitted.append(L)
             room -= L + 2
         if not fitted:
-            # no usable plan entry: the round's AR text is the answer
-            r.answer.extend(t for t in r.plan if t not in tags.specials)
-            self._finish(r, "length" if r.terminator == "length" else "no_plan")
+            if cfg.answer_text == "spans":   # no usable plan entry: the round's AR text is the answer
+                self._add_answer(r, r.plan)
+            self._finish(r, r.terminator if r.terminator in ("length", "no_token") else "no_plan")
             return
         r.prefix = r.length
         template, spans, pos = [], [], r.length
         for j, L in enumerate(fitted):
             template += [tags.async_open] + [tags.mask] * L + [tags.async_close]
-            spans.append(_Span(pos, L + 2, L, r.slot * cfg.max_spans + j))
+            spans.append(_Span(pos, L + 2, 1, L, r.slot * cfg.max_spans + j, j, np.full(L, tags.mask, np.int64)))
             pos += L + 2
         self.cache.reserve(r.seq, len(template), slots=False)
         self.tokens[r.slot, r.length:pos] = torch.tensor(template, dtype=torch.int64).to(self.device)
+        r.toks += template
         r.length = pos
         r.round_spans = spans
         r.stats.rounds += 1
         r.stats.spans += len(spans)
         self._reset_spans(r)
         r.phase = "diffusion"
+        self._touch(r)
+        self._emit(ev.RoundStarted(r.idx, r.stats.rounds, tuple(r.plan), tuple(fitted),
+                                   tuple(s.start + s.moff for s in spans)))
         r.plan = []
 
+    def _add_answer(self, r: _Request, toks) -> None:
+        piece = [t for t in toks if t not in self._specials]
+        if piece:
+            r.answer.extend(piece)
+            r.pieces.append(piece)
+
     def _end_round(self, r: _Request) -> None:
-        """Every span of the round is finished: collect them, then ``<sync/>`` (next round) or finish."""
+        """Every span of the round is finished: collect them, then refresh / ``<sync/>`` (next round) or finish."""
         cfg, tags = self.cfg, self.cfg.tags
-        row = self.tokens[r.slot, r.prefix:r.length].tolist()
-        spans = [row[s.start - r.prefix + 1: s.start - r.prefix + 1 + s.masks] for s in r.round_spans]
+        spans = [s.toks.tolist() for s in r.round_spans]
         r.spans_out.append(spans)
-        for s in spans:
-            r.stats.span_tokens += len(s)
+        r.stats.span_tokens += sum(len(s) for s in spans)
         if cfg.mode == "diffusion":
-            ans = spans[0]
-            if tags.eos in ans:
-                ans = ans[:ans.index(tags.eos)]
-            r.answer.extend(t for t in ans if t not in tags.specials)
-            self._finish(r, "eos")
-            return
-        for s in spans:
-            r.answer.extend(t for t in s if t not in tags.specials)
-        if r.terminator == "sync":
-            if r.stats.rounds >= cfg.max_rounds:
-                self._finish(r, "max_rounds")
-                return
-            if cfg.max_new_tokens - r.new_tokens < 2:
-                self._finish(r, "length")
-                return
-            self.tokens[r.slot, r.length] = tags.sync
-            self.cache.reserve(r.seq, 1, slots=False)
-            r.length += 1
-            r.phase = "plan"
-            return
-        self._finish(r, r.terminator)
-
-    # ---- one step ------------------------------------------------------------------------------------
-    def _step(self) -> None:
-        from .. import SeqQueries
-
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        batch = list(self.running)
-        cap = self.cap
-        # per request: its queries, their positions, its AR row and span rows (row numbers relative to the
-        # request's first packed query)
-        ents = []
-        for r in batch:
-            base = r.slot * cap
-            ar, sp = None, []
-            if r.phase in ("prefill", "plan"):
-                start, n = (0, r.prefill_len) if r.phase == "prefill" else (r.length - 1, 1)
-                sq = SeqQueries.causal(start, n)
-                pos = list(range(start, start + n))
-                if not (r.phase == "prefill" and cfg.mode == "diffusion"):
-                    f = self._forced_token(r)
-                    ar = (n - 1, base + start + n, 0 if f is None else 1, 0 if f is None else f)
-            else:
-                spans = r.round_spans
-                sq = SeqQueries.spans(r.prefix, [s.length for s in spans], [s.active for s in spans],
-                                      mode="pd-da" if cfg.mode == "pd-da" else "pd")
-                pos, q = [], 0
-                for s in spans:
-                    if not s.active:
-                        continue
-                    pos.extend(range(s.start, s.start + s.length))
-                    sp.extend((q + i, base + s.start + 1 + i, s.sid) for i in range(s.masks))
-                    q += s.length
-            ents.append((r, sq, pos, ar, sp))
-        nq = sum(len(e[2]) for e in ents)
-        if self.static_step and nq <= self.buckets[-1]:
-            ar_vals, masks_left = self._run_static(ents, nq)
+            ans = spans[0][:spans[0].index(tags.eos)] if tags.eos in spans[0] else spans[0]
+            self._add_answer(r, ans)
         else:
-            ar_vals, masks_left = self._run_dynamic(ents)
-        self.step_index += 1
-        dt = time.perf_counter() - t0
-        ar_reqs = [e[0] for e in ents if e[3] is not None]
-        phases = [r.phase for r in batch]
-        for r, phase in zip(batch, phases):
-            r.stats.steps[phase] += 1
-            r.stats.time_s[phase] += dt
-        for r, v in zip(ar_reqs, ar_vals):
-            self._after_ar(r, int(v))
-        for r, phase in zip(batch, phases):
-            if r.phase != phase:  # moved on in _after_ar: this step's masks_left is not about its new round
-                continue
-            if r.phase == "prefill":  # diffusion mode: the prompt is in the cache, open the answer
-                self._open_diffusion_answer(r)
-            elif r.phase == "diffusion":
-                for s in r.round_spans:
-                    left = masks_left[s.sid]
-                    if s.active and left > 0 and 0 <= s.left <= left:
-                        # nothing committed: every masked row had no valid token (commit_spans never commits
-                        # a negative token) and the next step would see the same; the span ends with its masks
-                        r.stats.plan_errors.append(f"round {r.stats.rounds}: span {s.sid % cfg.max_spans} stopped "
-                                                   f"with {left} masks (no valid token)")
-                        s.active = False
-                    s.left = left
-                    s.active = s.active and left > 0
-                if not any(s.active for s in r.round_spans):
-                    self._end_round(r)
-
-    def _run_dynamic(self, ents) -> tuple[list, list]:
-        """The dynamic step: layout and index tensors of exactly the step's size. Returns (AR values,
-        masks_left of every span) from the step's one device-to-host read."""
-        from .. import SpanLayout, commit_spans, token_confidence
-
-        cfg = self.cfg
-        cap, ps = self.cap, self.cache.page_size
-        seqs, in_idx, slots = [], [], []
-        ar_rows, ar_dst, ar_forced, ar_val = [], [], [], []
-        sp_rows, sp_dst, sp_span = [], [], []
-        q0 = 0
-        for r, sq, pos, ar, sp in ents:
-            pages = self.cache.pages(r.seq)
-            base = r.slot * cap
-            seqs.append(sq)
-            if ar is not None:
-                ar_rows.append(q0 + ar[0])
-                ar_dst.append(ar[1])
-                ar_forced.append(ar[2])
-                ar_val.append(ar[3])
-            for q, d, sid in sp:
-                sp_rows.append(q0 + q)
-                sp_dst.append(d)
-                sp_span.append(sid)
-            in_idx.extend(base + p for p in pos)
-            slots.extend(pages[p // ps] * ps + p % ps for p in pos)
-            q0 += len(pos)
-        layout = SpanLayout.build(seqs, self.device)
-        # every host-built index of the step in one host-to-device copy
-        nq, na, ns = len(in_idx), len(ar_rows), len(sp_rows)
-        S = self.state.num_spans
-        host = torch.tensor(in_idx + slots + ar_rows + sp_rows + ar_dst + ar_forced + ar_val + sp_dst
-                            + _span_rows(sp_span, S, 0), dtype=torch.int64)
-        dev = host.to(self.device)
-        o = 0
-
-        def take(n):
-            nonlocal o
-            o += n
-            return dev[o - n:o]
-
-        input_idx, slot_mapping, rows = take(nq), take(nq), take(na + ns)
-        a_dst, a_forced, a_val, s_dst = take(na), take(na), take(na), take(ns)
-        span_rows = take(2 * S).to(torch.int32).view(S, 2)
-        input_ids = self.tokens_flat.index_select(0, input_idx)
-        block_table = self.cache.block_tables([r.seq for r, *_ in ents])
-        ctx = StepContext(self.cache, layout, slot_mapping, block_table, self.backend)
-        hidden = forward_hidden(self.model, input_ids, layout.q_pos[:nq], ctx)
-        read = []
-        if na + ns:
-            logits = self.model.get_output_embeddings()(hidden.index_select(0, rows))
-            tok, conf = token_confidence(logits, confidence=cfg.confidence, temperature=cfg.temperature,
-                                         seed=cfg.seed, offset=self.step_index << 20, suppress_ids=self.suppress,
-                                         backend=self.backend)
-            if na:
-                vals = torch.where(a_forced.bool(), a_val, tok[:na])
-                self.tokens_flat.index_copy_(0, a_dst, vals)
-                read.append(vals)
-            if ns:
-                commit_spans(tok[na:], conf[na:], s_dst, span_rows, self.tokens_flat, self.state, policy=cfg.policy,
-                             tau=cfg.tau, mask_id=cfg.tags.mask, backend=self.backend)
-                read.append(self.state.masks_left.to(torch.int64))
-        host_read = torch.cat(read).tolist() if read else []  # the step's one device-to-host read
-        self.graph_counts["dynamic"] += 1
-        return host_read[:na], host_read[na:]
-
-    # ---- the static (capturable) step ----------------------------------------------------------------------
-    def _bucket(self, nq: int, nr: int) -> _Bucket:
-        from .. import StaticSpanLayout
-
-        Q = next(b for b in self.buckets if b >= nq)
-        R = next(b for b in self.buckets if b >= max(nr, 1))  # nr <= nq: always found
-        bk = self._buckets.get((Q, R))
-        if bk is None:
-            nb = self.tokens.shape[0]
-            layout = StaticSpanLayout(Q, nb, self.device, group=self.geo["num_heads"] // self.geo["num_kv_heads"],
-                                      max_segments=nb * self.cfg.max_spans)
-            bk = self._buckets[(Q, R)] = _Bucket(Q, R, self.state.num_spans, layout, self.device)
-        return bk
-
-    def _run_static(self, ents, nq: int) -> tuple[list, list]:
-        """The static step: pack the step into the fixed buffers of its bucket (one host-to-device copy plus
-        the static layout's), run the captured graph (or the same work eagerly), one device-to-host read."""
-        from .. import SeqQueries
-
-        cap, ps = self.cap, self.cache.page_size
-        nr = sum(e[3] is not None for e in ents) + sum(len(e[4]) for e in ents)
-        bk = self._bucket(nq, nr)
-        Q, R, h = bk.Q, bk.R, bk.host
-        scratch, pad = self.scratch, self.cfg.tags.pad
-        # packed queries in cache-row order: layout sequence b = row b of the cache's block table
-        seqs = [SeqQueries.causal(0, 0)] * self.cache.max_seqs
-        first = {}
-        q0 = 0
-        for r, sq, pos, _, _ in sorted(ents, key=lambda e: e[0].seq):
-            seqs[r.seq] = sq
-            pages = self.cache.pages(r.seq)
-            base = r.slot * cap
-            n = len(pos)
-            h[q0:q0 + n] = [base + p for p in pos]
-            h[Q + q0:Q + q0 + n] = [pages[p // ps] * ps + p % ps for p in pos]
-            first[r.idx] = q0
-            q0 += n
-        h[nq:Q] = scratch   # padding queries: gather the scratch element (PAD) ...
-        h[Q + nq:2 * Q] = -1  # ... and write no K/V
-        rows, ar_dst, forced, val, s_dst = (h[2 * Q + i * R:2 * Q + (i + 1) * R] for i in range(5))
-        spare = np.arange(scratch, scratch + R)  # row k's unused destination: scratch element k (distinct)
-        rows[:], ar_dst[:], forced[:], val[:], s_dst[:] = 0, spare, 1, pad, spare
-        k = 0
-        for r, _, _, ar, _ in ents:   # AR rows first, then span rows, in batch order (the dynamic step's)
-            if ar is not None:
-                rows[k], ar_dst[k], forced[k], val[k] = first[r.idx] + ar[0], ar[1], ar[2], ar[3]
-                k += 1
-        na = k
-        sids = []
-        for r, _, _, _, sp in ents:
-            for q, d, sid in sp:
-                rows[k], s_dst[k] = first[r.idx] + q, d
-                sids.append(sid)
-                k += 1
-        S = self.state.num_spans
-        h[2 * Q + 5 * R:2 * Q + 5 * R + 2 * S] = _span_rows(sids, S, na)  # rows past them: in no span
-        h[-1] = self.step_index << 20   # RNG offset
-        # the staging buffer is free: the previous step ended with a device-to-host read (a sync)
-        bk.idx.copy_(bk.staging, non_blocking=True)
-        bk.layout.update(seqs)
-        if self.cuda_graphs and bk.graph is None and bk.calls > 0:
-            self._capture(bk)
-        if bk.graph is not None:
-            bk.graph.replay()
-            self.graph_counts["replayed"] += 1
+            for s in spans:
+                self._add_answer(r, s)
+        self._emit(ev.RoundFinished(r.idx, r.stats.rounds, tuple(r.answer)))
+        if r.terminator != "sync" or cfg.mode == "diffusion":
+            self._finish(r, r.terminator)
+        elif r.stats.rounds >= cfg.max_rounds:
+            self._finish(r, "max_rounds")
+        elif r.budget - r.new_tokens < 2:
+            self._finish(r, "length")
+        elif cfg.refresh_spans:
+            r.phase = "refresh"
+            self._touch(r)
         else:
-            self._static_body(bk)
-            self.graph_counts["static_eager"] += 1
-        bk.calls += 1
-        read = bk.read.tolist()  # the step's one device-to-host read
-        return read[:na], read[R:]
+            self._sync(r)
 
-    def _capture(self, bk: _Bucket) -> None:
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            self._static_body(bk)
-        bk.graph = graph
-        self.graph_counts["captured"] += 1
-
-    def _static_body(self, bk: _Bucket) -> None:
-        """The device work of a static step: fixed shapes, fixed buffers, no host sync (what is captured)."""
-        from .. import commit_spans, token_confidence
-
-        cfg = self.cfg
-        input_ids = self.tokens_flat.index_select(0, bk.in_idx)
-        ctx = StepContext(self.cache, bk.layout, bk.slots, self.cache.block_table, self.backend)
-        hidden = forward_hidden(self.model, input_ids, bk.layout.q_pos, ctx)
-        logits = self.model.get_output_embeddings()(hidden.index_select(0, bk.rows))
-        token_confidence(logits, confidence=cfg.confidence, temperature=cfg.temperature, seed=cfg.seed,
-                         offset=bk.offset, suppress_ids=self.suppress, out=(bk.tok, bk.conf), backend=self.backend)
-        vals = torch.where(bk.forced.bool(), bk.val, bk.tok)
-        self.tokens_flat.index_copy_(0, bk.ar_dst, vals)
-        bk.span_rows32.copy_(bk.span_rows)
-        commit_spans(bk.tok, bk.conf, bk.s_dst, bk.span_rows32, self.tokens_flat, self.state, policy=cfg.policy,
-                     tau=cfg.tau, mask_id=cfg.tags.mask, out=(bk.committed, bk.all_done), backend=self.backend)
-        bk.read[:bk.R].copy_(vals)
-        bk.read[bk.R:].copy_(self.state.masks_left)
+    def _sync(self, r: _Request) -> None:
+        """Append ``<sync/>``: its forward (the next plan step) sees every finished span."""
+        self.tokens[r.slot, r.length] = self.cfg.tags.sync
+        r.toks.append(self.cfg.tags.sync)
+        self.cache.reserve(r.seq, 1, slots=False)
+        r.length += 1
+        r.phase = "plan"
+        self._touch(r)
 
     def _forced_token(self, r: _Request):
         f = r.forced
@@ -695,21 +738,29 @@ class Decoder:
         tags = self.cfg.tags
         if r.phase == "prefill":
             r.phase = "plan"
+        self._touch(r)
+        if tok < 0:   # token_confidence found no usable logit in the row (all suppressed, -inf or NaN)
+            r.stats.plan_errors.append(f"round {r.stats.rounds + 1}: no valid AR token")
+            self._end_plan(r, "no_token")
+            return
         if tok == tags.eos or (tok == tags.sync and self.cfg.mode != "ar"):
             self._end_plan(r, "eos" if tok == tags.eos else "sync")
-            return
-        if r.new_tokens >= self.cfg.max_new_tokens:
-            self._end_plan(r, "length")
             return
         self.cache.reserve(r.seq, 1, slots=False)
         r.length += 1
         r.plan.append(tok)
+        r.toks.append(tok)
         r.stats.plan_tokens += 1
+        if self._events is not None:
+            self._events.append(ev.PlanToken(r.idx, r.stats.rounds + 1, r.length - 1, tok))
+        if r.length - len(r.prompt) >= r.budget:   # the budget is spent: no forward of a token it cannot keep
+            self._end_plan(r, "length")
 
 
-def generate(model, prompts: list[list[int]], config: DecodeConfig | None = None, *, forced_plans=None,
-             max_batch: int = 8, backend: str | None = None, on_step=None, cuda_graphs: bool = False,
-             static_step: bool | None = None, buckets=None) -> list[GenerationResult]:
-    """Functional form of :meth:`Decoder.generate` (arguments as :class:`Decoder`)."""
+def generate(model, prompts, config=None, *, forced_plans=None, seeds=None, on_event=None, max_batch: int = 8,
+             backend: str | None = None, on_step=None, cuda_graphs: bool = False, static_step: bool | None = None,
+             buckets=None) -> list[GenerationResult]:
+    """Functional form of :meth:`Decoder.generate` (arguments as :class:`Decoder` and :meth:`Decoder.generate`)."""
     return Decoder(model, config, max_batch=max_batch, backend=backend, on_step=on_step, cuda_graphs=cuda_graphs,
-                   static_step=static_step, buckets=buckets).generate(prompts, forced_plans)
+                   static_step=static_step, buckets=buckets).generate(prompts, forced_plans, seeds=seeds,
+                                                                       on_event=on_event)

@@ -4,7 +4,7 @@ Outcomes of malformed plans (never an exception, never a bad kernel launch); eac
 message in the returned ``errors`` list (and in the request's stats):
 
 * an entry with no digit token between ``<promise>`` and ``</topic>``: the entry is dropped;
-* an entry announcing 0: dropped (a span needs at least one mask);
+* an entry announcing 0, or whose ``int(N * length_scale)`` is 0: dropped (a span needs at least one mask);
 * an entry with no ``</topic>`` (unterminated, e.g. the plan was cut by ``max_new_tokens``): dropped;
 * a span longer than ``max_span_len``: clamped to ``max_span_len``;
 * more than ``max_spans`` entries: the extra ones are dropped.
@@ -22,16 +22,18 @@ from .config import ControlTags
 @dataclass(frozen=True)
 class PlanEntry:
     number: int       # N as written in the plan
-    length: int       # masks of the span (N * length_scale, clamped)
+    length: int       # masks of the span (int(N * length_scale), clamped)
     start: int        # index of the entry's <promise> token in the parsed token list
+    end: int          # index of the entry's </topic> token
 
 
-def parse_plan(tokens: list[int], tags: ControlTags, *, length_scale: int = 10, max_span_len: int = 400,
+def parse_plan(tokens: list[int], tags: ControlTags, *, length_scale: float = 10, max_span_len: int = 400,
                max_spans: int = 16) -> tuple[list[PlanEntry], list[str]]:
     """Entries of a plan (the AR tokens written since the last ``<sync/>``, terminator excluded).
 
     The first digit token inside an entry and the one right after it, if it is a digit too, give N
-    (the reference convention). Returns ``(entries, errors)``.
+    (the reference convention); the span gets ``int(N * length_scale)`` masks (``length_scale`` an int or a
+    float, as the reference's). Returns ``(entries, errors)``.
     """
     digit = {t: i for i, t in enumerate(tags.digits)}
     entries: list[PlanEntry] = []
@@ -56,6 +58,7 @@ def parse_plan(tokens: list[int], tags: ControlTags, *, length_scale: int = 10, 
                 if k + 1 < j and tokens[k + 1] in digit:
                     number = number * 10 + digit[tokens[k + 1]]
                 break
+        end = j
         i = j + 1
         if number is None:
             errors.append(f"plan entry at {start} has no number: dropped")
@@ -63,14 +66,17 @@ def parse_plan(tokens: list[int], tags: ControlTags, *, length_scale: int = 10, 
         if number == 0:
             errors.append(f"plan entry at {start} announces 0 tokens: dropped")
             continue
-        length = number * length_scale
+        length = int(number * length_scale)
+        if length < 1:
+            errors.append(f"plan entry at {start} announces {number} x length_scale {length_scale} = 0 tokens: dropped")
+            continue
         if length > max_span_len:
             errors.append(f"plan entry at {start} asks for {length} tokens: clamped to max_span_len={max_span_len}")
             length = max_span_len
         if len(entries) == max_spans:
             errors.append(f"plan entry at {start} exceeds max_spans={max_spans}: dropped")
             continue
-        entries.append(PlanEntry(number, length, start))
+        entries.append(PlanEntry(number, length, start, end))
     return entries, errors
 
 
@@ -94,4 +100,24 @@ def make_plan(tags: ControlTags, numbers: list[int], *, topic_tokens: list[list[
         out.append(tags.sync)
     elif terminator is not None:
         raise ValueError(f"terminator must be 'eos', 'sync' or None, got {terminator!r}")
+    return out
+
+
+def text_outside_entries(tokens: list[int], tags: ControlTags) -> list[int]:
+    """The plan's tokens outside its ``<promise> ... </topic>`` entries, control tags removed: what the PD
+    reference's ``clean_text`` keeps of a plan (its regex removes ``<promise>.*?</topic>``, from a
+    ``<promise>`` to the first ``</topic>`` after it, and the tags)."""
+    out, i, n = [], 0, len(tokens)
+    specials = set(tags.specials)
+    while i < n:
+        t = tokens[i]
+        if t == tags.promise:
+            try:
+                i = tokens.index(tags.topic_close, i + 1) + 1
+                continue
+            except ValueError:  # no </topic> after it: the regex leaves the rest as text
+                pass
+        if t not in specials:
+            out.append(t)
+        i += 1
     return out

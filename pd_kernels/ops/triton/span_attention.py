@@ -1,29 +1,38 @@
 """Triton kernels for block-sparse span-isolated attention over the paged KV cache.
 
-Work unit: one program per (tile, KV head[, key split]). A tile (see :mod:`pd_kernels.layout`) is up to
-``T_TILE`` consecutive query rows of one segment of one sequence; its rows all see the keys
-``[0, a) U [b, c)`` (a causal tile further limits each row to keys ``<= its position`` inside
-``[b, c)``). GQA packing: the ``G = Hq / Hkv`` query heads of the KV head are stacked with the tokens
-into the M dimension of the block (row ``r`` = token ``r // G``, head ``r % G``), so each K/V block is
-loaded once for the whole group and a one-token decode still fills ``G`` rows of the MMA.
+The tiling plan (tile classes, tile heights, split points, table layouts) lives in
+:mod:`pd_kernels.layout`; this module runs it. One launch per tile class present (narrow: decode-shaped
+tiles, split over keys; wide: span / prefill tiles), plus a merge launch when narrow tiles were split.
 
-The kernel walks the two key ranges with an online softmax (fp32, base 2), fetching every key through the
-block table (any page size, any page order, ranges that start mid-page). Keys outside a range are masked
-by column; the causal limit is a per-row compare. Only blocks of ``[0, a)`` and ``[b, c)`` are visited:
-work scales with what the tile can see.
+Work unit: a row of the class's unit table (see :mod:`pd_kernels.layout`): a tile (up to ``T_TILE``
+consecutive query rows of one segment of one sequence, all seeing the keys ``[0, a) U [b, c)``; a causal
+tile further limits each row to keys ``<= its position`` inside ``[b, c)``) and the key blocks
+``[j0, j1)`` of the tile's block list (the ``n0`` blocks of ``[0, a)``, then the ``n1`` of ``[b, c)``).
+GQA packing: the ``G = Hq / Hkv`` query heads of the KV head are stacked with the tokens into the M
+dimension of the block (row ``r`` = token ``r // G``, head ``r % G``), so each K/V block is loaded once for
+the whole group and a one-token decode still fills ``G`` rows of the MMA.
 
-Split-K (decode and other small grids): the blocks of the two ranges are numbered 0..n0+n1-1 and split
-evenly over ``num_splits`` programs, which write unnormalised partial outputs plus (max, sum) per row;
-a second kernel merges them by log-sum-exp. With ``num_splits == 1`` the first kernel normalises and
-writes ``out`` directly.
+Grid: ``(units, Hkv)``, one program per unit and KV head. A dynamic layout's grid is its unit count; a
+static layout's is its table capacity, and programs past the count in the table's header row take no rows
+and no key blocks (they read their row, inside the table, and nothing else). A persistent loop over units
+(grid capped at a few programs per SM) was tried and not kept: 219 registers against 162 for the narrow
+kernel at D = 128 (sm_90, Triton 3.9), to save empty programs of static buckets.
 
-Per-step lengths (tile count, query count, split count) are runtime values or grid sizes; constexprs are
-head dim, group size, page size, block sizes and two flags, so a decode loop never recompiles.
+Per unit: an online softmax (fp32, base 2) over its key blocks, every key fetched through the block table
+(any page size, any page order, ranges that start mid-page); keys outside a range are masked by column,
+the causal limit is a per-row compare, and a key on a page id outside ``[0, num_pages)`` is masked and never
+loaded. A unit that covers all of its tile's keys writes the normalised output (``out`` rows, 0 for a row
+that sees no key); a split unit writes its unnormalised fp32 partial ``(acc, max, sum)`` to its workspace
+slot, and the merge kernel folds a tile's slots in split order.
 
-CUDA graphs: with a :class:`pd_kernels.StaticSpanLayout` the grid (``max_tiles x Hkv x splits``), the
-query block, the tile table / query arrays and the split-K workspace are all fixed per bucket; tiles past
-the step's count have 0 rows and empty key ranges, so their programs skip both key loops and every store
-is masked off.
+NaN in, NaN out: a NaN/inf in a row's query, in a key or value it sees, or in the scale makes the row's
+output non-finite; scores of keys a row does not see are replaced by ``-inf`` before the softmax, and "sees
+no key" is decided by the softmax sum being exactly 0 (a NaN sum stays NaN). The one leak: a non-finite
+*value* (V) of a causal tile's own rows reaches the earlier rows of that tile (``0 x NaN`` in ``P @ V``;
+only within one causal chunk of one sequence).
+
+Per-step values (unit counts, positions, key ranges) are device data or grid sizes; constexprs are head
+dim, group size, page size, block sizes and flags, so a decode loop never recompiles.
 """
 from __future__ import annotations
 
@@ -31,14 +40,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ...layout import TILE_COLS
-from . import sm_count
+from ...layout import MERGE_COLS, SPLIT_BLOCK_N, UNIT_COLS, AttentionPlan
 
-MAX_SPLITS = 16
+LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, b_q, kc_ptr, vc_ptr, bt_row_ptr, start, end, lim,
+def _attend_block(acc, m_i, l_i, b_q, kc_ptr, vc_ptr, bt_row_ptr, start, end, lim, num_pages,
                   s_kp, s_ks, s_vp, s_vs, o_kvh_k, o_kvh_v, o_d, m_d, qk_scale,
                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, ROW_LIMIT: tl.constexpr, IEEE: tl.constexpr):
     """One key block ``[start, start + BLOCK_N)`` clipped to ``< end`` (and, with ROW_LIMIT, to ``< lim`` per
@@ -46,7 +54,10 @@ def _attend_block(acc, m_i, l_i, b_q, kc_ptr, vc_ptr, bt_row_ptr, start, end, li
     o_k = start + tl.arange(0, BLOCK_N)
     m_k = o_k < end
     # keys -> pages through the block table: any page order, ranges may start mid-page
-    b_page = tl.load(bt_row_ptr + o_k // PAGE, mask=m_k, other=0).to(tl.int64)
+    b_page = tl.load(bt_row_ptr + o_k // PAGE, mask=m_k, other=-1)
+    # a page id outside the pool contributes nothing: its keys are masked and never loaded
+    m_k = m_k & (b_page >= 0) & (b_page < num_pages)
+    b_page = b_page.to(tl.int64)
     o_in = (o_k % PAGE).to(tl.int64)
     p_k = kc_ptr + (b_page * s_kp + o_in * s_ks + o_kvh_k)[:, None] + o_d[None, :]
     p_v = vc_ptr + (b_page * s_vp + o_in * s_vs + o_kvh_v)[:, None] + o_d[None, :]
@@ -59,9 +70,10 @@ def _attend_block(acc, m_i, l_i, b_q, kc_ptr, vc_ptr, bt_row_ptr, start, end, li
         b_s = tl.dot(b_q, tl.trans(b_k))
     b_s = b_s * qk_scale
     if ROW_LIMIT:
-        m_s = o_k[None, :] < lim[:, None]
+        m_s = m_k[None, :] & (o_k[None, :] < lim[:, None])
     else:
-        m_s = (o_k < end)[None, :] & (lim >= 0)[:, None]
+        m_s = m_k[None, :] & (lim >= 0)[:, None]
+    # invisible keys: -inf (so a NaN score of a key the row does not see never reaches it)
     b_s = tl.where(m_s, b_s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(b_s, 1))
     # a row that has seen no key yet keeps m = -inf: shift by 0 instead, so exp2 gives 0, not NaN
@@ -77,36 +89,51 @@ def _attend_block(acc, m_i, l_i, b_q, kc_ptr, vc_ptr, bt_row_ptr, start, end, li
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["Tq", "num_splits"])
+@triton.jit
+def _store_normalised(p_o, acc, l_i, m_out):
+    """``acc / l`` into the output rows; a row that sees no key (sum exactly 0) outputs 0, a NaN sum stays NaN."""
+    none = l_i == 0.0
+    inv = tl.where(none, 0.0, 1.0 / tl.where(none, 1.0, l_i))
+    tl.store(p_o, (acc * inv[:, None]).to(p_o.dtype.element_ty), mask=m_out)
+
+
+@triton.jit(do_not_specialize=["num_pages"])
 def _span_attn_fwd_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, tile_ptr, o_ptr, op_ptr, ml_ptr,
-    Tq, num_splits, qk_scale,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, unit_ptr, o_ptr, op_ptr, ml_ptr,
+    num_pages, qk_scale,
     s_qt, s_qh, s_ot, s_oh,
     s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_bt,
-    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T_TILE: tl.constexpr, PAGE: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, TCOLS: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, UCOLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    p_tile = tile_ptr + pid.to(tl.int64) * TCOLS
-    seq = tl.load(p_tile + 0)
-    row0 = tl.load(p_tile + 1)
-    nrows = tl.load(p_tile + 2)
-    a = tl.load(p_tile + 3)
-    b = tl.load(p_tile + 4)
-    c = tl.load(p_tile + 5)
-    causal = tl.load(p_tile + 6)
-
     o_m = tl.arange(0, BLOCK_M)
     o_tok = o_m // G
     o_hh = o_m % G
-    m_row = (o_tok < nrows) & (o_m < T_TILE * G)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    o_row = (row0 + o_tok).to(tl.int64)
     o_head = (kvh * G + o_hh).to(tl.int64)
+    o_kvh_k = kvh.to(tl.int64) * s_kh
+    o_kvh_v = kvh.to(tl.int64) * s_vh
+    # a program past the step's unit count (header row; a static layout's grid is its capacity) reads its row
+    # (inside the table) but takes no rows and no key blocks: it loads nothing more and writes nothing
+    live = pid < tl.load(unit_ptr)
+    p_u = unit_ptr + (pid + 1) * UCOLS
+    seq = tl.load(p_u + 0)
+    row0 = tl.load(p_u + 1)
+    nrows = tl.where(live, tl.load(p_u + 2), 0)
+    a = tl.load(p_u + 3)
+    b = tl.load(p_u + 4)
+    c = tl.load(p_u + 5)
+    causal = tl.load(p_u + 6)
+    j0 = tl.load(p_u + 7)
+    j1 = tl.where(live, tl.load(p_u + 8), 0)
+    slot = tl.load(p_u + 9)
+
+    m_row = (o_tok < nrows) & (o_m < T_TILE * G)   # T_TILE * G: a tile's query-head rows
+    o_row = (row0 + o_tok).to(tl.int64)
     b_q = tl.load(q_ptr + (o_row * s_qt + o_head * s_qh)[:, None] + o_d[None, :],
                   mask=m_row[:, None] & m_d[None, :], other=0.0)
     b_pos = tl.load(pos_ptr + o_row, mask=m_row, other=0)
@@ -114,148 +141,151 @@ def _span_attn_fwd_kernel(
     b_causal = tl.zeros([BLOCK_M], dtype=tl.int32) + causal
     lim = tl.where(b_causal != 0, b_pos + 1, tl.zeros([BLOCK_M], dtype=tl.int32) + c)
 
-    # split the n0 + n1 key blocks of the two ranges evenly over the splits
+    # this unit's blocks [j0, j1) of the tile's n0 + n1 blocks (range [0, a) first, then [b, c))
     n0 = tl.cdiv(a, BLOCK_N)
     n1 = tl.cdiv(tl.maximum(c - b, 0), BLOCK_N)
-    per = tl.cdiv(n0 + n1, num_splits)
-    j0 = split * per
-    j1 = tl.minimum(j0 + per, n0 + n1)
-
+    j1 = tl.minimum(j1, n0 + n1)
     bt_row = bt_ptr + seq.to(tl.int64) * s_bt
-    o_kvh_k = kvh.to(tl.int64) * s_kh
-    o_kvh_v = kvh.to(tl.int64) * s_vh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + float("-inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # range 0: [0, a), seen by every row of the tile (the prefix, or a causal tile's past)
     for j in range(j0, tl.minimum(j1, n0)):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, b_q, kc_ptr, vc_ptr, bt_row, j * BLOCK_N, a, lim,
-                                      s_kp, s_ks, s_vp, s_vs, o_kvh_k, o_kvh_v, o_d, m_d, qk_scale,
-                                      PAGE, BLOCK_N, False, IEEE)
+                                      num_pages, s_kp, s_ks, s_vp, s_vs, o_kvh_k, o_kvh_v, o_d, m_d,
+                                      qk_scale, PAGE, BLOCK_N, False, IEEE)
     # range 1: [b, c), the tile's own span (or its causal diagonal), masked per row
     for j in range(tl.maximum(j0, n0), j1):
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, b_q, kc_ptr, vc_ptr, bt_row, b + (j - n0) * BLOCK_N, c, lim,
-                                      s_kp, s_ks, s_vp, s_vs, o_kvh_k, o_kvh_v, o_d, m_d, qk_scale,
-                                      PAGE, BLOCK_N, True, IEEE)
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, b_q, kc_ptr, vc_ptr, bt_row, b + (j - n0) * BLOCK_N, c,
+                                      lim, num_pages, s_kp, s_ks, s_vp, s_vs, o_kvh_k, o_kvh_v, o_d, m_d,
+                                      qk_scale, PAGE, BLOCK_N, True, IEEE)
 
     m_out = m_row[:, None] & m_d[None, :]
+    p_o = o_ptr + (o_row * s_ot + o_head * s_oh)[:, None] + o_d[None, :]
     if SPLIT:
-        # partial state of this split: unnormalised acc, running max (base 2) and sum
-        o_part = (split * Tq + o_row) * HQ + o_head
-        tl.store(op_ptr + (o_part * D)[:, None] + o_d[None, :], acc, mask=m_out)
-        tl.store(ml_ptr + o_part * 2, m_i, mask=m_row)
-        tl.store(ml_ptr + o_part * 2 + 1, l_i, mask=m_row)
+        if slot >= 0:
+            # partial state of this split: unnormalised acc, running max (base 2) and sum
+            o_part = (slot.to(tl.int64) * HKV + kvh) * (T_TILE * G) + o_m
+            tl.store(op_ptr + (o_part * D)[:, None] + o_d[None, :], acc, mask=m_out)
+            tl.store(ml_ptr + o_part * 2, m_i, mask=m_row)
+            tl.store(ml_ptr + o_part * 2 + 1, l_i, mask=m_row)
+        else:
+            _store_normalised(p_o, acc, l_i, m_out)
     else:
-        # rows that see no key (padding) output 0
-        inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
-        b_o = acc * inv[:, None]
-        tl.store(o_ptr + (o_row * s_ot + o_head * s_oh)[:, None] + o_d[None, :],
-                 b_o.to(o_ptr.dtype.element_ty), mask=m_out)
+        _store_normalised(p_o, acc, l_i, m_out)
 
 
-@triton.jit(do_not_specialize=["Tq", "num_splits"])
-def _span_attn_merge_kernel(op_ptr, ml_ptr, o_ptr, Tq, num_splits, s_ot, s_oh,
-                            HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge the splits of one (query, head) row by log-sum-exp."""
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    o_s = tl.arange(0, BLOCK_S)
-    m_s = o_s < num_splits
+@triton.jit
+def _span_attn_merge_kernel(op_ptr, ml_ptr, mrg_ptr, o_ptr, s_ot, s_oh,
+                            HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_M: tl.constexpr, T_TILE: tl.constexpr, MCOLS: tl.constexpr):
+    """Fold the split partials of one split tile (one program each), in split order (log-sum-exp), into ``out``."""
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    o_m = tl.arange(0, BLOCK_M)
+    o_tok = o_m // G
+    o_hh = o_m % G
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    o_part = (o_s.to(tl.int64) * Tq + t) * HQ + h
-    b_m = tl.load(ml_ptr + o_part * 2, mask=m_s, other=float("-inf"))
-    b_l = tl.load(ml_ptr + o_part * 2 + 1, mask=m_s, other=0.0)
-    m_all = tl.max(b_m, 0)
-    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-    w = tl.math.exp2(b_m - m_use)
-    l_all = tl.sum(w * b_l, 0)
-    b_o = tl.load(op_ptr + (o_part * D)[:, None] + o_d[None, :], mask=m_s[:, None] & m_d[None, :], other=0.0)
-    o = tl.sum(b_o * w[:, None], 0)
-    inv = tl.where(l_all > 0, 1.0 / tl.where(l_all > 0, l_all, 1.0), 0.0)
-    tl.store(o_ptr + t * s_ot + h * s_oh + o_d, (o * inv).to(o_ptr.dtype.element_ty), mask=m_d)
+    o_head = (kvh * G + o_hh).to(tl.int64)
+    live = pid < tl.load(mrg_ptr)                     # header row: the step's split tiles
+    p_e = mrg_ptr + (pid + 1) * MCOLS
+    row0 = tl.load(p_e + 0)
+    nrows = tl.where(live, tl.load(p_e + 1), 0)
+    slot0 = tl.load(p_e + 2)
+    nsplit = tl.where(live, tl.load(p_e + 3), 0)
+    m_row = (o_tok < nrows) & (o_m < T_TILE * G)   # T_TILE * G: a tile's query-head rows
+    m_out = m_row[:, None] & m_d[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + float("-inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(0, nsplit):
+        o_part = ((slot0 + s).to(tl.int64) * HKV + kvh) * (T_TILE * G) + o_m
+        m_s = tl.load(ml_ptr + o_part * 2, mask=m_row, other=float("-inf"))
+        l_s = tl.load(ml_ptr + o_part * 2 + 1, mask=m_row, other=0.0)
+        b_o = tl.load(op_ptr + (o_part * D)[:, None] + o_d[None, :], mask=m_out, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        beta = tl.math.exp2(m_s - m_use)
+        acc = acc * alpha[:, None] + b_o * beta[:, None]
+        l_i = l_i * alpha + l_s * beta
+        m_i = m_new
+    o_row = (row0 + o_tok).to(tl.int64)
+    _store_normalised(o_ptr + (o_row * s_ot + o_head * s_oh)[:, None] + o_d[None, :], acc, l_i, m_out)
 
 
-def choose_block_m(max_segment: int, group: int) -> int:
-    """Query block (rows = tokens x G query heads) for a layout whose largest segment has ``max_segment``
-    query rows: the smallest of 16/32/64/128 that holds a segment. Few distinct values, so at most a
-    handful of compiles per head dim / group size; a decode loop (same shapes every step) compiles once."""
-    rows = max(1, max_segment) * group
-    bm = 16
-    while bm < rows and bm < 128:
-        bm *= 2
-    return max(bm, triton.next_power_of_2(group))
-
-
-def kernel_config(block_m: int, head_dim: int, on_gpu: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for a query block."""
+def kernel_config(block_m: int, head_dim: int, split: bool, on_gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of a class launch. The narrow (split) class uses the plan's
+    ``SPLIT_BLOCK_N`` everywhere: its split points are counted in those blocks."""
+    if split:
+        bn = SPLIT_BLOCK_N
+    elif not on_gpu:
+        bn = 64
+    else:
+        # Hopper: 128 x 64 blocks at D=128 (FlashAttention-2 style tile), wider key blocks for small D
+        bn = 64 if head_dim > 64 else 128
     if not on_gpu:
-        return 64, 4, 1  # interpreter: cost is per program and loop step, so few, wide blocks
-    # Hopper: 128 x 64 blocks at D=128 (FlashAttention-2 style tile), wider key blocks for small D
-    bn = 64 if head_dim > 64 or block_m <= 32 else 128
+        return bn, 4, 1  # interpreter: cost is per program and loop step
     warps = 8 if block_m >= 128 else 4
     stages = 3 if head_dim <= 128 else 2
     return bn, warps, stages
 
 
-def choose_splits(num_tiles: int, num_kv_heads: int, max_kv: int, block_n: int, device: torch.device) -> int:
-    """Split keys over programs when the grid is too small to fill the GPU and the key ranges are long."""
-    if device.type != "cuda":
-        return 1
-    sms = sm_count(device)
-    programs = max(1, num_tiles * num_kv_heads)
-    if programs >= sms:
-        return 1
-    blocks = triton.cdiv(max_kv, block_n)
-    # keep >= 4 key blocks per split so the merge stays cheap next to the work
-    return int(max(1, min(MAX_SPLITS, sms // programs, blocks // 4)))
+def _launches(q, k_cache, v_cache, block_table, out, plan: AttentionPlan, on_gpu: bool) -> list:
+    """What the launches of ``plan`` need besides the call's tensors and scale: ``(forward?, grid, table,
+    workspace, trailing positional arguments (sizes, strides, constexprs), options)`` per launch. Depends only
+    on the plan and the tensors' geometry (shapes, strides, dtype), so :func:`span_attention_triton` computes
+    it once per plan and geometry."""
+    Tq, Hq, D = q.shape
+    P, PAGE, Hkv, _ = k_cache.shape
+    G = Hq // Hkv
+    BLOCK_D = max(16, 1 << (D - 1).bit_length())
+    ieee = q.dtype == torch.float32
+    s_q, s_o, s_k, s_v = q.stride(), out.stride(), k_cache.stride(), v_cache.stride()
+    strides = (s_q[0], s_q[1], s_o[0], s_o[1], s_k[0], s_k[1], s_k[2], s_v[0], s_v[1], s_v[2], block_table.stride(0))
+    out_l = []
+    for cp in (plan.narrow, plan.wide):
+        if cp.max_units == 0:
+            continue
+        bn, warps, stages = kernel_config(cp.block_m, D, cp.split, on_gpu)
+        ws = plan.workspace(Hkv, D) if cp.split else None
+        # positional, in the kernel's order: constexprs too (a positional call is cheaper than keywords)
+        out_l.append((True, (cp.max_units, Hkv), cp.units, ws,
+                      strides + (Hkv, G, D, BLOCK_D, cp.block_m, bn, cp.tokens_per_tile, PAGE, cp.split, ieee,
+                                 UNIT_COLS), dict(num_warps=warps, num_stages=stages)))
+        if cp.split and cp.max_merge:
+            out_l.append((False, (cp.max_merge, Hkv), cp.merge, ws,
+                          (s_o[0], s_o[1], Hkv, G, D, BLOCK_D, cp.block_m, cp.tokens_per_tile, MERGE_COLS),
+                          dict(num_warps=4 if cp.block_m * BLOCK_D >= 2048 * 4 else 2)))
+    return out_l
 
 
 def span_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                          q_pos: torch.Tensor, tiles: torch.Tensor, out: torch.Tensor, scale: float,
-                          block_m: int, num_splits: int, block_n: int = 64, num_warps: int = 4,
-                          num_stages: int = 1, o_part: torch.Tensor | None = None,
-                          ml: torch.Tensor | None = None) -> None:
-    """Shapes as :func:`pd_kernels.span_attention` (validated). ``tiles`` is the layout's tile table for
-    ``block_m // G`` tokens per tile; rows with 0 query rows (a static layout's unused tiles) write nothing.
-    ``o_part`` fp32 ``[>= num_splits, Tq, Hq, D]`` / ``ml`` fp32 ``[>= num_splits, Tq, Hq, 2]``: split-K
-    workspace (contiguous); allocated here when not given (a captured graph passes fixed ones)."""
-    Tq, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    G = Hq // Hkv
-    num_tiles = tiles.shape[0]
-    if Tq == 0 or num_tiles == 0:
-        return
-    assert tiles.shape[1] == TILE_COLS
-    T_TILE = block_m // G
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    qk_scale = scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
-    ieee = q.dtype == torch.float32
-    assert 1 <= num_splits <= MAX_SPLITS
-    split = num_splits > 1
-    if split:
-        if o_part is None:
-            o_part = torch.empty((num_splits, Tq, Hq, D), dtype=torch.float32, device=q.device)
-        if ml is None:
-            ml = torch.empty((num_splits, Tq, Hq, 2), dtype=torch.float32, device=q.device)
-        assert o_part.is_contiguous() and o_part.shape[1:] == (Tq, Hq, D) and o_part.shape[0] >= num_splits
-        assert ml.is_contiguous() and ml.shape[1:] == (Tq, Hq, 2) and ml.shape[0] >= num_splits
-    else:
-        o_part = ml = out  # unused
-    grid = (num_tiles, Hkv, num_splits)
-    _span_attn_fwd_kernel[grid](
-        q, k_cache, v_cache, block_table, q_pos, tiles, out, o_part, ml,
-        Tq, num_splits, qk_scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
-        HQ=Hq, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_M=block_m, BLOCK_N=block_n, T_TILE=T_TILE,
-        PAGE=k_cache.shape[1], SPLIT=split, IEEE=ieee, TCOLS=TILE_COLS,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    if split:
-        _span_attn_merge_kernel[(Tq, Hq)](
-            o_part, ml, out, Tq, num_splits, out.stride(0), out.stride(1),
-            HQ=Hq, D=D, BLOCK_D=BLOCK_D, BLOCK_S=MAX_SPLITS,  # fixed: the split count changes per step
-            num_warps=4 if D >= 128 else 2,
-        )
+                          q_pos: torch.Tensor, plan: AttentionPlan, out: torch.Tensor, scale: float,
+                          on_gpu: bool | None = None) -> None:
+    """Shapes as :func:`pd_kernels.span_attention` (validated); ``plan`` is the layout's
+    :class:`~pd_kernels.layout.AttentionPlan` for ``G = Hq / Hkv``. Launches the narrow class (and the merge
+    of its split tiles) and the wide class, each only when it may have units. ``on_gpu``: the kernel
+    configuration to use (default: ``q.is_cuda``; the ahead-of-time compile test passes True on meta
+    tensors).
+
+    Host cost: the launch arguments are cached on the plan per tensor geometry (the 28 layers of a step
+    share one entry), so a call costs a key of strides and shapes plus the launches themselves."""
+    if on_gpu is None:
+        on_gpu = q.is_cuda
+    key = (q.shape, q.stride(), out.stride(), k_cache.shape, k_cache.stride(), v_cache.stride(),
+           block_table.stride(0), q.dtype, on_gpu)
+    launches = plan.launch_cache.get(key)
+    if launches is None:
+        launches = plan.launch_cache[key] = _launches(q, k_cache, v_cache, block_table, out, plan, on_gpu)
+    qk_scale = scale * LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    P = k_cache.shape[0]
+    # kernels are looked up at call time, never cached (benchmarks and tests swap them for stubs/recorders)
+    for fwd, grid, table, ws, tail, opts in launches:
+        if fwd:
+            o_part, ml = ws if ws is not None else (out, out)   # unused without splits
+            _span_attn_fwd_kernel[grid](q, k_cache, v_cache, block_table, q_pos, table, out, o_part, ml, P, qk_scale,
+                                        *tail, **opts)
+        else:
+            _span_attn_merge_kernel[grid](ws[0], ws[1], table, out, *tail, **opts)
