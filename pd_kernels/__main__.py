@@ -5,13 +5,21 @@ and runs with the parsed arguments; :func:`main` owns what every command shares:
 (``demo``), one-line errors, Ctrl-C and closed pipes. To add a command, write ``add_arguments(parser)`` and
 ``run(args) -> int`` and register them in :data:`COMMANDS`.
 
-``demo``: planned diffusion, live. With no arguments: a tiny built-in random-weight Qwen2 and a forced
-two-round plan (random weights plan nothing sensible), on the GPU if there is one, else the CPU with the
-torch backend. Prints, from the decoder's stream of events, the plan, the spans filling in (coloured and
-updated in place on a terminal) and each span as soon as it is final, in order, while later ones are still
-diffusing; then a stats table: critical path (sequential forward passes) of PD against AR for the same
-number of answer tokens. ``--check-batch`` then checks that a request's tokens do not depend on its batch. ``--model PATH`` runs a real checkpoint with its tokenizer (the model writes
-its own plan); the control tags are read from the tokenizer by their text (or given with ``--tag``).
+``demo``: planned diffusion, live. With no arguments: the tiny planned-diffusion model shipped in the
+package (:mod:`pd_kernels.tiny`, trained on a synthetic list task) on a fixed held-out prompt, on the GPU if
+there is one, else the CPU with the torch backend. Prints, from the decoder's stream of events, the plan the
+model writes, the spans filling in (coloured and updated in place on a terminal) and each span as soon as it
+is final, in order, while later ones are still diffusing; whether the answer matches the task's ground
+truth; then a stats table: critical path (sequential forward passes) of AR, PD, PD-DA and diffusion on that
+prompt. ``--prompt`` takes a task prompt in the task's words (``"rev h o e ; sort k d a f b ; then rev"``).
+``--model random``: a tiny random-weight Qwen2 with a forced two-round plan (random weights plan nothing
+sensible), PD against AR for the same number of answer tokens. ``--check-batch`` then checks that a
+request's tokens do not depend on its batch. ``--model PATH`` runs a checkpoint with its tokenizer (the
+model writes its own plan): one written by ``train`` like the shipped model, any other with the control tags
+read from its tokenizer by their text (or given with ``--tag``).
+
+``train``: train the tiny planned-diffusion model (the defaults reproduce the shipped checkpoint).
+``eval``: its accuracy against critical path over held-out prompts (JSON + Pareto plot).
 
 Exit status: 0 done, 1 an error (one line on stderr, ``pd-kernels: error: ...``; ``--traceback`` shows the
 full traceback), 2 a bad command line (argparse), 130 interrupted (Ctrl-C), 141 output pipe closed
@@ -26,6 +34,8 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from .tiny import cli as _tiny_cli  # argument parsers of `train` / `eval` (torch is imported when they run)
 
 COLORS = ["\x1b[36m", "\x1b[33m", "\x1b[35m", "\x1b[32m", "\x1b[34m", "\x1b[31m"]
 DIM, RESET, BOLD = "\x1b[2m", "\x1b[0m", "\x1b[1m"
@@ -167,6 +177,9 @@ class _Setup:
     length_scale: int
     notes: list            # lines printed before the prompt
     raw_answer: bool = False  # print the generated sequence, not the answer (tag ids are stand-ins)
+    title: str = ""           # what runs, for the first line (default: --model)
+    diffusion_len: int | None = None  # answer length of --mode diffusion (default: --max-new-tokens)
+    tiny: object = None       # the trained tiny model's (TinyPD, task example): ground truth and every mode
 
 
 def _device(args) -> str:
@@ -197,7 +210,45 @@ def _tiny_setup(args) -> _Setup:
     prompt = tok.encode(_prompt_text(args, "tell me three things about planned diffusion"))
     plan = [make_plan(T, [3, 2, 4], topic_tokens=[[101, 102], [103], [104, 105]], terminator="sync"),
             make_plan(T, [2, 3], topic_tokens=[[106], [107, 108]], terminator="eos")]
-    return _Setup(model, tok.decode, T, prompt, [plan], 8, [])
+    return _Setup(model, tok.decode, T, prompt, [plan], 8, [], title="built-in random-weight tiny model, forced plan")
+
+
+TINY_PD_PROMPT = "rev h o e k c ; sort n d j f b i g ; then rev"  # held out of training
+
+
+def _tiny_pd_setup(args) -> _Setup:
+    """The trained tiny planned-diffusion model (the shipped one, or a ``train --out`` directory)."""
+    from .models import load_tiny_pd
+    from .tiny import task
+
+    if args.tag:
+        raise CLIError("--tag applies to --model checkpoints other than the tiny planned-diffusion model (its tag "
+                       "ids are in its files)")
+    try:
+        ex = task.parse_prompt(_prompt_text(args, TINY_PD_PROMPT))
+    except ValueError as e:
+        raise CLIError(f"--prompt: {e}") from None
+    tp = load_tiny_pd(args.model, device=_device(args))
+    title = f"tiny planned-diffusion model {'(shipped)' if args.model is None else args.model}"
+    return _Setup(tp.model, tp.tokenizer.decode, tp.tokenizer.tags, tp.prompt_ids(ex.prompt, args.mode), None,
+                  tp.length_scale, [], title=title, diffusion_len=tp.diffusion_len, tiny=(tp, ex))
+
+
+def _tiny_pd_compare(s: _Setup, cfg, backend: str | None, mode: str, res) -> list:
+    """Stats rows of every mode on the tiny model's prompt (``mode`` already decoded as ``res``), each
+    labelled with its answer's verdict; prints the answers of the other modes."""
+    from .decoder import Decoder
+
+    tp, ex = s.tiny
+    rows = []
+    for m in ("ar", "pd", "pd-da", "diffusion"):
+        r = res if m == mode else Decoder(s.model, cfg.replace(mode=m), backend=backend).generate(
+            [tp.prompt_ids(ex.prompt, m)])[0]
+        ok = ex.check(tp.tokenizer.decode(r.answer))
+        if m != mode:
+            print(f"  {m:9s} ({'correct' if ok else 'wrong'}): {tp.tokenizer.decode(r.answer)}")
+        rows.append((f"{m} {'ok' if ok else 'WRONG'}", r.stats))
+    return rows
 
 
 def _token_id(tok, vocab: dict, text: str) -> int | None:
@@ -340,13 +391,16 @@ def demo(args) -> int:
     from .decoder import DecodeConfig, Decoder, RequestFinished, format_table
 
     t_start = time.perf_counter()
-    s = _real_setup(args) if args.model else _tiny_setup(args)
+    if args.model is None or os.path.isfile(os.path.join(args.model, "pd_kernels.json")):
+        s = _tiny_pd_setup(args)  # the shipped tiny planned-diffusion model, or one written by `train`
+    else:
+        s = _tiny_setup(args) if args.model == "random" else _real_setup(args)
     if not s.prompt:
         raise CLIError("the prompt encodes to no tokens")
     device = next(s.model.parameters()).device
     backend = args.backend or ("torch" if device.type == "cpu" else None)
     tty = sys.stdout.isatty() and not args.plain
-    print(f"pd_kernels {pd_kernels.__version__} demo: {args.model or 'built-in tiny model, forced plan'}"
+    print(f"pd_kernels {pd_kernels.__version__} demo: {s.title or args.model}"
           f" on {device.type} (backend {backend or 'auto'}), mode {args.mode}")
     for note in s.notes:
         print(note)
@@ -355,7 +409,7 @@ def demo(args) -> int:
         cfg = DecodeConfig(mode=args.mode, steps_ratio=args.steps_ratio, tau=args.tau, policy=args.policy,
                            tags=s.tags, length_scale=args.length_scale or s.length_scale,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                           top_p=args.top_p)
+                           top_p=args.top_p, diffusion_len=s.diffusion_len)
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
     live = _Live(s.decode, s.tags, tty) if args.mode != "ar" else None
@@ -367,8 +421,14 @@ def demo(args) -> int:
             res = ev.result
     answer = s.decode(res.sequence[len(s.prompt):]) if s.raw_answer else res.text(s.decode)
     print(f"answer ({res.finish_reason}): {answer}")
+    if s.tiny is not None:
+        ex = s.tiny[1]
+        print(f"ground truth: {' '.join(ex.answer)}  -> {'correct' if ex.check(answer) else 'WRONG'}")
     rows = [(args.mode, res.stats)]
-    if args.mode != "ar" and not args.no_baseline:
+    if s.tiny is not None and not args.no_baseline:
+        print("the other modes on this prompt:")
+        rows = _tiny_pd_compare(s, cfg, backend, args.mode, res)
+    elif args.mode != "ar" and not args.no_baseline:
         # AR baseline on the same cache and kernels, for as many answer tokens
         ar_cfg = cfg.replace(mode="ar", max_new_tokens=max(1, len(res.answer)))
         ar = Decoder(s.model, ar_cfg, backend=backend).generate([s.prompt])[0]
@@ -377,6 +437,9 @@ def demo(args) -> int:
     print(format_table(rows))
     if len(rows) == 2:
         print(critical_path_line(args.mode, rows[0][1].critical_path, rows[1][1].critical_path))
+    elif len(rows) > 2 and args.mode != "ar":
+        path = {label.split()[0]: st.critical_path for label, st in rows}
+        print(critical_path_line(args.mode, path[args.mode], path["ar"]))
     ok = check_batch(s, cfg, backend) if args.check_batch else True
     if device.type == "cpu":
         print("(CPU timings: a smoke run, not GPU performance)")
@@ -438,8 +501,12 @@ def _demo_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--model", default=None, metavar="PATH",
                    help="checkpoint directory with config.json, weights and tokenizer: a Dream / planned-diffusion "
                         "checkpoint, or any transformers family pd_kernels supports (Llama, Qwen2/3, Mistral, ...; "
-                        "without PD tags in the tokenizer only --mode ar runs). Default: the tiny built-in model")
-    d.add_argument("--prompt", default=None, help="the user prompt (default: a fixed example)")
+                        "without PD tags in the tokenizer only --mode ar runs), or one written by `train`. Default: "
+                        "the tiny planned-diffusion model shipped in the package; `random`: a tiny random-weight "
+                        "model with a forced plan (./random for a directory of that name)")
+    d.add_argument("--prompt", default=None, help="the user prompt (default: a fixed example); for the tiny "
+                   "planned-diffusion model a task in its words, e.g. 'rev h o e ; sort k d a f b ; then rev' "
+                   "(parts of 3, 5 or 7 distinct letters a-p, or one part of 1-2)")
     d.add_argument("--mode", default="pd", choices=["ar", "pd", "pd-da", "diffusion"],
                    help="decoding mode: ar (autoregressive baseline), pd (planned diffusion), pd-da (spans of a "
                         "round see each other), diffusion (no plan). Default: pd")
@@ -451,7 +518,7 @@ def _demo_arguments(d: argparse.ArgumentParser) -> None:
                    help="commit policy of a diffusion step (default: schedule)")
     d.add_argument("--length-scale", type=_positive_float, default=None,
                    help="mask tokens per unit a plan entry announces (> 0, may be a float: int(N x scale) masks; "
-                        "default 10, tiny model 8)")
+                        "default 10, random tiny model 8, trained tiny model 2)")
     d.add_argument("--temperature", type=_non_negative_float, default=0.0,
                    help="0 = greedy (default); > 0 samples, with noise keyed by (seed, step, position)")
     d.add_argument("--seed", type=_non_negative_int, default=0, help="RNG seed of the request (default 0)")
@@ -482,7 +549,10 @@ class Command:
 
 #: The subcommands of ``python -m pd_kernels``; the first is the default when none is named.
 COMMANDS: dict[str, Command] = {
-    "demo": Command("run planned diffusion live (tiny built-in model by default)", _demo_arguments, demo),
+    "demo": Command("run planned diffusion live (the shipped tiny planned-diffusion model by default)",
+                    _demo_arguments, demo),
+    "train": Command(_tiny_cli.TRAIN_HELP, _tiny_cli.train_arguments, _tiny_cli.train_main),
+    "eval": Command(_tiny_cli.EVAL_HELP, _tiny_cli.eval_arguments, _tiny_cli.eval_main),
 }
 
 

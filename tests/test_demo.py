@@ -14,8 +14,37 @@ def _run(args, timeout=240):
     return out.stdout
 
 
-def test_demo_default_prints_plan_spans_and_stats():
-    out = _run(["demo", "--plain", "--max-new-tokens", "64"])
+def test_demo_default_runs_the_shipped_model_and_checks_its_answer():
+    """The default: the shipped tiny planned-diffusion model writes its own plan (no forced plan) on a held-out
+    prompt; the answer is checked against the task's ground truth and every mode is compared on the prompt."""
+    from pd_kernels.tiny import task
+
+    out = _run(["demo", "--plain"])
+    assert "tiny planned-diffusion model (shipped)" in out
+    assert "round 1: plan <promise>-<topic>" in out and "span 0" in out and "span 1" in out
+    ex = task.parse_prompt("rev h o e k c ; sort n d j f b i g ; then rev")
+    truth = [ln for ln in out.splitlines() if ln.startswith("ground truth: ")]
+    assert len(truth) == 1 and truth[0].startswith("ground truth: " + " ".join(ex.answer) + "  -> ")
+    verdict = truth[0].rsplit("-> ", 1)[1]
+    answer = next(ln for ln in out.splitlines() if ln.startswith("answer ("))
+    assert verdict == ("correct" if ex.check(answer.split(": ", 1)[1]) else "WRONG")
+    table = {ln.split()[0]: ln.split() for ln in out.splitlines()
+             if ln.split() and ln.split()[0] in ("ar", "pd", "pd-da", "diffusion") and len(ln.split()) >= 9}
+    assert set(table) == {"ar", "pd", "pd-da", "diffusion"}, out
+    assert all(row[1] in ("ok", "WRONG") for row in table.values())
+    assert f"critical path: pd {table['pd'][2]} vs AR {table['ar'][2]} steps" in out
+
+
+def test_demo_task_prompt_and_bad_task_prompt():
+    out = _run(["demo", "--plain", "--prompt", "rev a b", "--mode", "ar", "--no-baseline"])
+    assert "ground truth: b a ;" in out
+    bad = subprocess.run([sys.executable, "-m", "pd_kernels", "demo", "--prompt", "rev a b c d"],
+                         capture_output=True, text=True, timeout=240)
+    assert bad.returncode == 1 and "pd-kernels: error: --prompt: part 1 has 4 letters" in bad.stderr
+
+
+def test_demo_random_model_prints_plan_spans_and_stats():
+    out = _run(["demo", "--model", "random", "--plain", "--max-new-tokens", "64"])
     assert "round 1: plan" in out and "span 0" in out
     lines = [ln.split() for ln in out.splitlines()]
     table = {ln[0]: ln for ln in lines if ln and ln[0] in ("pd", "ar") and len(ln) >= 8}

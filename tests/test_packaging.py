@@ -68,6 +68,20 @@ def test_wheel_ships_the_cuda_sources(wheel):
     assert "pd_kernels/__main__.py" in names and "pd_kernels/ops/triton/span_attention.py" in names
 
 
+def test_wheel_ships_the_tiny_model(wheel):
+    """The demo's default model is package data: every file of the checkpoint, byte for byte."""
+    from pd_kernels.models import TINY_PD_DIR
+
+    prefix = "pd_kernels/models/tiny_pd/"
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {n[len(prefix):]: z.read(n) for n in z.namelist() if n.startswith(prefix)}
+    want = {}
+    for f in os.listdir(TINY_PD_DIR):
+        with open(os.path.join(TINY_PD_DIR, f), "rb") as fh:
+            want[f] = fh.read()
+    assert "model.safetensors" in want and shipped == want
+
+
 def test_installed_wheel_finds_its_sources_outside_the_checkout(wheel, tmp_path):
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
