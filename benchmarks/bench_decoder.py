@@ -315,7 +315,7 @@ def aggregate(suite: Suite, impl: str, mode: str, variant: str, batch: int, recs
     else:  # throughput: tokens over the groups' wall time (each group counted once)
         row["tok_per_s"] = round(tokens / _group_seconds(recs, batch), 1)
     w_floor = facts["weight_bytes_per_step"] / ceil["copy_bytes_per_s"] * 1e3
-    row["floor_ms_per_step"] = round(w_floor, 4)
+    row["floor_ms_per_step"] = float(f"{w_floor:.5g}")   # significant digits: a tiny model's floor is < 1e-3 ms
     row["floor_ratio"] = round(row["ms_per_step"] / w_floor, 3) if w_floor > 0 else None
     if batch == 1 and all(r["forward_tokens"] for r in recs):
         wf, rf = zip(*(floors(r["forward_tokens"], facts, ceil) for r in recs))

@@ -166,8 +166,8 @@ def test_decoder_on_llama():
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     m = LlamaForCausalLM(cfg).eval()
-    res = generate(m, [[40, 41, 42]], DecodeConfig(mode="pd", tags=TINY_TAGS, length_scale=3),
-                   forced_plans=[[make_plan(TINY_TAGS, [1, 2], terminator="eos")]])
+    res = generate(m, [[40, 41, 42]], DecodeConfig(mode="pd", tags=TINY_TAGS, length_scale=3, max_new_tokens=64),
+                   forced_plans=[[make_plan(TINY_TAGS, [1, 2], terminator="eos")]])   # 3 + 512 > 512 positions
     assert [len(s) for s in res[0].spans[0]] == [3, 6] and TINY_TAGS.mask not in res[0].sequence
 
 
