@@ -5,6 +5,7 @@ imports pd_kernels. Fixtures:
 
 * ``device``  - ``"cuda"`` when a GPU is present, else ``"cpu"`` (Triton then runs interpreted);
 * ``poison``  - ``poison(t)`` fills a float output with NaN (ints with a sentinel) before a kernel writes;
+* ``one_thread`` - one intra-op thread for a module (restored afterwards);
 * marker ``gpu`` - tests that need a real GPU are skipped, with the reason, where there is none.
 """
 import os
@@ -60,6 +61,17 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def poison():
     return poison_
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module, restored afterwards: tiny models are overhead-bound, and on the
+    shared 2-core machines OpenMP's spinning threads made such tests ~10x slower
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def triton_dtypes():

@@ -23,14 +23,7 @@ HAND = [([40, 41, 42, 43, 44], [make_plan(T, [1, 2], terminator="sync"), make_pl
         ([7], [make_plan(T, [2, 1, 1], topic_tokens=[[100], [101, 102], []], terminator="eos")])]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are overhead-bound: one intra-op thread is faster, and on the shared 2-core machines
-    OpenMP's spinning threads made these tests ~10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,7 @@ from pd_kernels.models import TINY_TAGS, tiny_model  # noqa: E402
 DREAM = ControlTags()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are overhead-bound: one intra-op thread is faster, and on the shared 2-core machines
-    OpenMP's spinning threads made these tests ~10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -84,8 +84,7 @@ def test_shipped_checkpoint_is_small_and_complete():
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    torch.set_num_threads(1)
+def shipped(one_thread):
     return load_tiny_pd()
 
 

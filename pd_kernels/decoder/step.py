@@ -205,7 +205,7 @@ def choose_tokens(logits, cfg, seed: torch.Tensor, offset: torch.Tensor, suppres
     per-row RNG keys ``seed`` / ``offset`` (int64 device tensors, one entry per row: the noise of a row is a
     hash of its own keys and the column, never of its packed row). A row with no usable id (every id
     suppressed or filtered) gets token -1: ``commit_spans`` never commits it, the AR write replaces it
-    (:func:`ar_write`)."""
+    (:func:`write_ar`)."""
     return token_confidence(logits, confidence=cfg.confidence, temperature=cfg.temperature, seed=seed,
                             offset=offset, top_k=cfg.top_k, top_p=cfg.top_p, suppress_ids=suppress, out=out,
                             backend=backend)
