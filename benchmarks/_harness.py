@@ -159,9 +159,20 @@ def environment() -> dict:
             env["power_limit_w"] = round(nv.nvmlDeviceGetEnforcedPowerLimit(h) / 1000, 1)
         except Exception as e:
             env["driver"] = f"unknown ({type(e).__name__})"
-    else:
-        env["device"] = "cpu (smoke)"
+    else:   # no GPU: the figures are CPU figures (host time, interpreter), never GPU performance
+        env["device"] = f"cpu ({_cpu_model()})"
     return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 class GpuSampler:

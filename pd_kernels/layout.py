@@ -108,12 +108,12 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def split_units(num_blocks):
-    """``(chunk, units)`` for a narrow tile with ``num_blocks`` key blocks of :data:`SPLIT_BLOCK_N` keys
-    (numpy arrays or ints): units of ``chunk = max(SPLIT_CHUNK_BLOCKS, ceil(blocks / MAX_SPLITS))`` blocks,
-    ``units = max(1, ceil(blocks / chunk))``. A function of the tile's own key count only."""
-    chunk = np.maximum(SPLIT_CHUNK_BLOCKS, _cdiv(num_blocks, MAX_SPLITS))
-    return chunk, np.maximum(1, _cdiv(num_blocks, chunk))
+def split_units(num_blocks: int) -> tuple[int, int]:
+    """``(chunk, units)`` for a narrow tile with ``num_blocks`` key blocks of :data:`SPLIT_BLOCK_N` keys:
+    units of ``chunk = max(SPLIT_CHUNK_BLOCKS, ceil(blocks / MAX_SPLITS))`` blocks, ``units = max(1,
+    ceil(blocks / chunk))``. A function of the tile's own key count only."""
+    chunk = max(SPLIT_CHUNK_BLOCKS, -(-num_blocks // MAX_SPLITS))
+    return chunk, max(1, -(-num_blocks // chunk))
 
 
 @dataclass(frozen=True)
@@ -166,25 +166,42 @@ class SeqQueries:
             raise ValueError(f"SeqQueries.spans: mode must be 'pd' or 'pd-da', got {mode!r}")
         return SeqQueries("spans", prefix=prefix, span_lens=lens, active=act, mode=mode)
 
-    # (pos0, n, a, b, c, causal) for each segment; a causal segment's a/b/c are per tile
-    def segments(self) -> list[tuple[int, int, int, int, int, int]]:
+    @functools.cached_property
+    def _parts(self) -> tuple[tuple, tuple, int]:
+        """``(runs, segments, max_key)`` of this sequence, rows counted from its first query (computed once per
+        object: the decoder keeps a request's :class:`SeqQueries` while the request does not change).
+
+        A *run* ``(row, n, pos0, a, b, c, causal)`` is ``n`` query rows at consecutive positions from ``pos0``
+        with the same key ranges (a causal run: row ``i`` sees ``[0, pos0 + i + 1)``, its ``a, b, c`` are 0);
+        a *segment* has the same columns (see the module docstring; a PD-DA round is one segment made of one
+        run per active span, its ``pos0`` the first run's). ``max_key``: the largest visible key + 1."""
         if self.kind == "causal":
-            return [(self.start, self.length, 0, 0, 0, 1)] if self.length else []
-        starts = np.concatenate([[0], np.cumsum(self.span_lens, dtype=np.int64)]) + self.prefix
-        segs = []
+            if not self.length:
+                return (), (), 0
+            run = (0, self.length, self.start, 0, 0, 0, 1)
+            return (run,), (run,), self.start + self.length
+        p = pos = self.prefix
+        runs, row = [], 0
         if self.mode == "pd":
-            for j, n in enumerate(self.span_lens):
-                if self.active[j]:
-                    s = int(starts[j])
-                    segs.append((s, n, self.prefix, s, s + n, 0))
-        else:  # pd-da: every active query sees the same keys; one segment (positions may have gaps)
-            end = int(starts[-1])
-            for j, n in enumerate(self.span_lens):
-                if self.active[j]:
-                    segs.append((int(starts[j]), n, end, end, end, 0))
-            if segs:
-                segs = [(segs[0][0], sum(s[1] for s in segs), end, end, end, 0)]
-        return segs
+            for n, act in zip(self.span_lens, self.active):
+                if act:
+                    runs.append((row, n, pos, p, pos, pos + n, 0))
+                    row += n
+                pos += n
+            return tuple(runs), tuple(runs), max((max(p, r[5]) for r in runs), default=0)
+        end = p + sum(self.span_lens)   # pd-da: every active query sees the same keys
+        for n, act in zip(self.span_lens, self.active):
+            if act:
+                runs.append((row, n, pos, end, end, end, 0))
+                row += n
+            pos += n
+        if not runs:
+            return (), (), 0
+        return tuple(runs), ((0, row, runs[0][2], end, end, end, 0),), end
+
+    def segments(self) -> list[tuple[int, int, int, int, int, int]]:
+        """``(pos0, n, a, b, c, causal)`` of each segment (a causal segment's ``a, b, c`` are per tile)."""
+        return [sg[1:] for sg in self._parts[1]]
 
     def positions(self) -> np.ndarray:
         if self.kind == "causal":
@@ -237,118 +254,92 @@ def _pack(seqs: tuple[SeqQueries, ...], pad_to: int | None, who: str):
     """Host arrays of a layout: ``(host int32 [5, rows], segs int64 [S, 8], kv_lens, real_rows)``.
 
     ``host`` rows: q_pos, q_seq, q_kv a, b, c. ``segs`` rows: (seq, row0, n, pos0, a, b, c, causal); a padding
-    segment (empty key ranges: its rows output 0) is appended when ``pad_to`` adds rows.
+    segment (empty key ranges: its rows output 0) is appended when ``pad_to`` adds rows. A Python pass over
+    the sequences' cached runs and segments, then a fixed number of numpy calls whatever the batch.
     """
-    pos_parts, seq_parts, kv_parts, segs, kv_lens = [], [], [], [], []
+    runs, segs, kv_lens = [], [], []
     row = 0
     for b, s in enumerate(seqs):
-        pos = s.positions()
-        n = len(pos)
-        kv = np.zeros((n, 3), dtype=np.int64)
-        max_key = 0
-        r = 0
-        for pos0, m, a, bb, c, causal in s.segments():
-            if causal:
-                kv[r:r + m, 0] = pos[r:r + m] + 1
-                max_key = max(max_key, pos0 + m)
-                segs.append((b, row + r, m, pos0, 0, 0, 0, 1))
-            else:
-                kv[r:r + m] = (a, bb, c)
-                max_key = max(max_key, a, c)
-                segs.append((b, row + r, m, pos0, a, bb, c, 0))
-            r += m
-        assert r == n
-        pos_parts.append(pos)
-        seq_parts.append(np.full(n, b, dtype=np.int64))
-        kv_parts.append(kv)
-        kv_lens.append(max_key)
-        row += n
+        rs, sg, mk = s._parts
+        runs.extend((b, row + r[0]) + r[1:] for r in rs)
+        segs.extend((b, row + g[0]) + g[1:] for g in sg)
+        kv_lens.append(mk)
+        if rs:
+            row += rs[-1][0] + rs[-1][1]
     real = row
-    if pad_to is not None:
+    if pad_to is not None and pad_to != real:
         if pad_to < real:
             raise ValueError(f"{who}: pad_to={pad_to} is smaller than the {real} queries")
-        if pad_to > real:
-            npad = pad_to - real
-            pos_parts.append(np.zeros(npad, dtype=np.int64))
-            seq_parts.append(np.full(npad, -1, dtype=np.int64))
-            kv_parts.append(np.zeros((npad, 3), dtype=np.int64))
-            segs.append((0, real, npad, 0, 0, 0, 0, 0))  # empty key ranges: rows output 0
-            row = pad_to
+        segs.append((0, real, pad_to - real, 0, 0, 0, 0, 0))  # empty key ranges: rows output 0
+        row = pad_to
     if max(kv_lens, default=0) >= 2**31 - 1 or row >= 2**31 - 1:
         raise ValueError("SpanLayout: positions must fit in int32")
-    # one buffer, one copy; fields are rows so q_pos / q_seq are contiguous views (the kernel reads q_pos)
+    # one buffer, one copy; fields are rows so q_pos / q_seq are contiguous views (the kernel reads q_pos).
+    # Padding rows: position 0, sequence -1, no keys.
     host = np.zeros((5, row), dtype=np.int32)
-    if row:
-        host[0] = np.concatenate(pos_parts)
-        host[1] = np.concatenate(seq_parts)
-        host[2:5] = np.concatenate(kv_parts).T
-    return host, np.asarray(segs, dtype=np.int64).reshape(-1, 8), kv_lens, real
+    host[1, real:] = -1
+    if real:
+        per_row = np.repeat(np.array(runs, dtype=np.int64), [r[2] for r in runs], axis=0)  # [real, 8]
+        pos = per_row[:, 3] + (np.arange(real) - per_row[:, 1])
+        host[0, :real] = pos
+        host[1, :real] = per_row[:, 0]
+        host[2, :real] = np.where(per_row[:, 7] == 1, pos + 1, per_row[:, 4])   # causal: [0, pos + 1)
+        host[3:5, :real] = per_row[:, 5:7].T
+    return host, np.array(segs, dtype=np.int64).reshape(-1, 8), kv_lens, real
 
 
-def _tiles_of(sg: np.ndarray, T: int) -> np.ndarray:
-    """Tile rows int64 ``[num_tiles, TILE_COLS]`` (columns ``TILE_*``) of segments ``sg`` for tiles of at most
-    ``T`` query rows. A one-row causal tile is written as a plain range ``[0, pos + 1)`` (one key range, no
-    per-row limit)."""
-    if len(sg) == 0:
-        return np.zeros((0, TILE_COLS), dtype=np.int64)
-    n = sg[:, 2]
-    per = -(-n // T)
-    idx = np.repeat(np.arange(len(sg)), per)
-    first = np.repeat(np.cumsum(per) - per, per)
-    k = np.arange(len(idx)) - first                  # tile index inside its segment
-    s = sg[idx]
-    out = np.zeros((len(idx), TILE_COLS), dtype=np.int64)
-    out[:, TILE_SEQ] = s[:, 0]
-    out[:, TILE_ROW0] = s[:, 1] + k * T
-    out[:, TILE_NROWS] = np.minimum(T, s[:, 2] - k * T)
-    causal = s[:, 7] == 1
-    # a causal tile of positions p0..p1: every row sees [0, p0); row at p sees [p0, p] of [p0, p1 + 1)
-    p0 = s[:, 3] + k * T
-    p1 = p0 + out[:, TILE_NROWS] - 1
-    one = causal & (out[:, TILE_NROWS] == 1)
-    out[:, TILE_A] = np.where(one, p0 + 1, np.where(causal, p0, s[:, 4]))
-    out[:, TILE_B] = np.where(one, p0 + 1, np.where(causal, p0, s[:, 5]))
-    out[:, TILE_C] = np.where(causal, p1 + 1, s[:, 6])
-    out[:, TILE_CAUSAL] = causal & ~one
-    return out
+def _segment_tiles(seg, T: int) -> list[tuple]:
+    """The tiles ``(seq, row0, n, a, b, c, causal)`` (columns ``TILE_*``) of one segment ``seg`` = ``(seq, row0, n,
+    pos0, a, b, c, causal)`` for tiles of at most ``T`` query rows. A causal tile of positions ``p0..p1``: every
+    row sees ``[0, p0)`` and the row at ``p`` sees ``[p0, p]`` of ``[p0, p1 + 1)``; a one-row causal tile is
+    written as a plain range ``[0, p0 + 1)`` (one key range, no per-row limit)."""
+    b, row0, n, pos0, a, bb, c, causal = seg
+    if not causal:
+        return [(b, row0 + r, min(T, n - r), a, bb, c, 0) for r in range(0, n, T)]
+    tiles = []
+    for r in range(0, n, T):
+        m = min(T, n - r)
+        p0 = pos0 + r + (m == 1)
+        tiles.append((b, row0 + r, m, p0, p0, pos0 + r + m, int(m > 1)))
+    return tiles
 
 
-def _unit_rows(tiles: np.ndarray, split: bool):
-    """Work units of ``tiles``: ``(units int64 [U, UNIT_COLS], merge int64 [M, MERGE_COLS], slots)``.
-
-    ``split=False``: one unit per tile over all its keys. ``split=True`` (narrow class): the tile's
-    ``n0 + n1`` key blocks (``ceil(a / 64) + ceil((c - b) / 64)``, range ``[0, a)`` first) are cut by
-    :func:`split_units`; a tile with more than one unit gets consecutive workspace slots and a merge row."""
-    n = len(tiles)
-    if not split or n == 0:
-        u = np.zeros((n, UNIT_COLS), dtype=np.int64)
-        u[:, :7] = tiles[:, :7]
-        u[:, UNIT_J1] = J_ALL
-        u[:, UNIT_SLOT] = -1
-        return u, np.zeros((0, MERGE_COLS), dtype=np.int64), 0
-    a, b, c = tiles[:, TILE_A], tiles[:, TILE_B], tiles[:, TILE_C]
-    nb = _cdiv(a, SPLIT_BLOCK_N) + _cdiv(np.maximum(c - b, 0), SPLIT_BLOCK_N)
-    chunk, k = split_units(nb)
-    idx = np.repeat(np.arange(n), k)
-    i = np.arange(len(idx)) - np.repeat(np.cumsum(k) - k, k)     # split index inside its tile
-    u = np.zeros((len(idx), UNIT_COLS), dtype=np.int64)
-    u[:, :7] = tiles[idx, :7]
-    u[:, UNIT_J0] = i * chunk[idx]
-    u[:, UNIT_J1] = np.minimum(u[:, UNIT_J0] + chunk[idx], nb[idx])
-    sp = k > 1
-    ks = np.where(sp, k, 0)
-    slot0 = np.cumsum(ks) - ks
-    u[:, UNIT_SLOT] = np.where(sp[idx], slot0[idx] + i, -1)
-    merge = np.stack([tiles[sp, TILE_ROW0], tiles[sp, TILE_NROWS], slot0[sp], k[sp]], axis=1).reshape(-1, MERGE_COLS)
-    return u, merge, int(ks.sum())
+_WHOLE = (0, J_ALL, -1, 0, 0)   # unit columns J0, J1, SLOT (+ 2 unused) of a unit covering all its tile's keys
 
 
 def _plan_arrays(segs: np.ndarray, geo: TileGeometry):
-    """``(narrow units, wide units, merge rows, slots)`` of segments ``segs`` (``[S, 8]``, see :func:`_pack`)."""
-    narrow = segs[:, 2] <= geo.narrow_tokens
-    un, mg, slots = _unit_rows(_tiles_of(segs[narrow], geo.narrow_tokens), True)
-    uw, _, _ = _unit_rows(_tiles_of(segs[~narrow], geo.wide_tokens), False)
-    return un, uw, mg, slots
+    """``(narrow units int64 [Un, UNIT_COLS], wide units [Uw, UNIT_COLS], merge rows [M, MERGE_COLS], slots)`` of
+    segments ``segs`` (``[S, 8]``, see :func:`_pack`).
+
+    A segment of ``n <= T_n`` rows is one narrow tile, a longer one is cut into wide tiles of ``T_w`` rows. A
+    wide tile is one unit over all its keys. A narrow tile's ``n0 + n1`` key blocks (``ceil(a / 64) +
+    ceil((c - b) / 64)``, range ``[0, a)`` first) are cut by :func:`split_units`; a narrow tile with more than
+    one unit gets consecutive workspace slots (in tile order) and a merge row.
+
+    Plain Python over the segments: a decode step has a few dozen tiles, for which this costs about a fifth of
+    the equivalent numpy (whose per-call overhead dominates at these sizes); a large prefill (thousands of
+    tiles) costs about 1 us per tile, small beside its device work."""
+    Tn, Tw = geo.narrow_tokens, geo.wide_tokens
+    un, uw, mg = [], [], []
+    slots = 0
+    for seg in segs.tolist():
+        if seg[2] > Tn:
+            uw.extend(t + _WHOLE for t in _segment_tiles(seg, Tw))
+            continue
+        if seg[2] == 0:      # an empty segment (an unused row of a StaticSpanLayout's table): no tile
+            continue
+        t = _segment_tiles(seg, Tn)[0]
+        a, b, c = t[TILE_A], t[TILE_B], t[TILE_C]
+        nb = -(-a // SPLIT_BLOCK_N) + (-(-(c - b) // SPLIT_BLOCK_N) if c > b else 0)
+        chunk, k = split_units(nb)
+        if k == 1:
+            un.append(t + (0, nb, -1, 0, 0))
+        else:
+            un.extend(t + (j, min(j + chunk, nb), slots + i, 0, 0) for i, j in enumerate(range(0, nb, chunk)))
+            mg.append((t[TILE_ROW0], t[TILE_NROWS], slots, k))
+            slots += k
+    return (np.array(un, dtype=np.int64).reshape(-1, UNIT_COLS), np.array(uw, dtype=np.int64).reshape(-1, UNIT_COLS),
+            np.array(mg, dtype=np.int64).reshape(-1, MERGE_COLS), slots)
 
 
 def _plan_size(cap_n: int, cap_w: int, cap_m: int) -> int:
@@ -546,7 +537,8 @@ class SpanLayout:
         T = int(tokens_per_tile)
         if T < 1:
             raise ValueError(f"tokens_per_tile must be >= 1, got {T}")
-        return _tiles_of(self._segs, T)
+        tiles = [t + (0,) for seg in self._segs.tolist() for t in _segment_tiles(seg, T)]
+        return np.array(tiles, dtype=np.int64).reshape(-1, TILE_COLS)
 
     # ---- inspection ------------------------------------------------------------------------------
     def to_dense_mask(self) -> torch.Tensor:

@@ -535,6 +535,18 @@ BATCH_DESCS = [dict(kind="causal", start=700, length=1),                       #
 BATCH_LENS = [701, 144, 37, 74, 261]
 
 
+def test_plan_skips_empty_segment_rows():
+    """A StaticSpanLayout's segment table has unused all-zero rows; the plan built from it (as opcheck and
+    torch.compile see it, without the cached plan) must equal the plan of the real segments alone."""
+    from pd_kernels import layout as L
+
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in BATCH_DESCS], "cpu", pad_to=200)
+    padded = np.concatenate([layout._segs, np.zeros((3, 8), dtype=np.int64)])
+    for G in (1, 4, 7):
+        a, b = L._plan_arrays(layout._segs, L.tile_geometry(G)), L._plan_arrays(padded, L.tile_geometry(G))
+        assert all(np.array_equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3] == b[3] and len(a[0]) > 0
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("G,dtype", [(7, torch.float32), (4, torch.float16), (1, torch.float32)],
                          ids=["G7-fp32", "G4-fp16", "G1-fp32"])
