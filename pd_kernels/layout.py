@@ -38,10 +38,10 @@ other sequences of the step, the grid, the GPU or the bucket: a request's output
 or in any batch, in a :class:`SpanLayout` or a :class:`StaticSpanLayout`. (Grid sizes and the order in
 which programs pick up units do vary; they do not change any unit's arithmetic.)
 
-Plans are computed on the host with numpy once per layout and ``G`` (:meth:`SpanLayout.plan`), reach the
-device with one non-blocking copy, and are shared by the 28 layers of a step. Everything a layout builds
-on the host happens in :meth:`SpanLayout.build` / :meth:`SpanLayout.plan` / :meth:`StaticSpanLayout.update`,
-never inside a model forward's attention call (``torch.compile`` traces those calls; see
+Plans are computed on the host (plain Python over the segments) once per layout and ``G``
+(:meth:`SpanLayout.plan`), reach the device with one non-blocking copy, and are shared by the 28 layers of
+a step. Everything a layout builds on the host happens in :meth:`SpanLayout.build` /
+:meth:`SpanLayout.plan` / :meth:`StaticSpanLayout.update`, never inside a model forward's attention call (``torch.compile`` traces those calls; see
 :data:`SpanLayout.segs_host`).
 
 CUDA graphs: a :class:`SpanLayout` has fresh device tensors every step and a unit count (the kernel's grid)
@@ -442,7 +442,7 @@ def _dynamic_plan(segs: np.ndarray, group: int, device: torch.device) -> Attenti
 
 def plan_for(segs_host: torch.Tensor, group: int, device) -> AttentionPlan:
     """The plan of the layout whose segment table is ``segs_host`` (:attr:`SpanLayout.segs_host`) for
-    ``G = group``: built on first use (host numpy + one non-blocking host-to-device copy) and cached on
+    ``G = group``: built on first use (on the host, plus one non-blocking host-to-device copy) and cached on
     that tensor, so every layer of a step, and the registered op under ``torch.compile`` (which receives the
     same tensor), reuse it. A :class:`StaticSpanLayout` puts its fixed plan there for its ``group``."""
     cache = getattr(segs_host, "_pd_plans", None)
