@@ -41,8 +41,8 @@ which programs pick up units do vary; they do not change any unit's arithmetic.)
 Plans are computed on the host (plain Python over the segments) once per layout and ``G``
 (:meth:`SpanLayout.plan`), reach the device with one non-blocking copy, and are shared by the 28 layers of
 a step. Everything a layout builds on the host happens in :meth:`SpanLayout.build` /
-:meth:`SpanLayout.plan` / :meth:`StaticSpanLayout.update`, never inside a model forward's attention call (``torch.compile`` traces those calls; see
-:data:`SpanLayout.segs_host`).
+:meth:`SpanLayout.plan` / :meth:`StaticSpanLayout.update`, never inside a model forward's attention call
+(``torch.compile`` traces those calls; see :data:`SpanLayout.segs_host`).
 
 CUDA graphs: a :class:`SpanLayout` has fresh device tensors every step and a unit count (the kernel's grid)
 that depends on the step. :class:`StaticSpanLayout` is the bucketed form: fixed-size device buffers for a
