@@ -212,11 +212,19 @@ def _consume(x, cols, c, m, ms, s, w, t2, ci, bk, bi, bx, h_row, inv_t, scale,
 
 
 @triton.jit
+def _sup_id(sup_ptr, q):
+    """Suppressed id ``q`` as an int32 that matches a column iff the id does: an id outside ``[0, 2^31 - 1)``
+    (int64 ids can be, e.g. ``2^32 + v``, which a plain int32 cast would wrap onto column v) becomes -1."""
+    sid = tl.load(sup_ptr + q)
+    return tl.where((sid >= 0) & (sid < 2147483647), sid, -1).to(tl.int32)
+
+
+@triton.jit
 def _mask(x, cols, sup_ptr, n_sup, thr, HAS_SUP: tl.constexpr, HAS_THR: tl.constexpr):
     """Suppressed ids and entries below the row's floor become -inf (a NaN below nothing stays NaN)."""
     if HAS_SUP:
         for q in range(n_sup):
-            x = tl.where(cols == tl.load(sup_ptr + q).to(tl.int32), float("-inf"), x)
+            x = tl.where(cols == _sup_id(sup_ptr, q), float("-inf"), x)
     if HAS_THR:
         x = tl.where(x < thr, float("-inf"), x)
     return x
@@ -260,8 +268,8 @@ def _row_kernel(
     sup_hi = tl.full([], -1, tl.int32)
     if HAS_SUP:
         for q in range(n_sup):
-            sid = tl.load(sup_ptr + q).to(tl.int32)
-            sup_lo = tl.minimum(sup_lo, sid)
+            sid = _sup_id(sup_ptr, q)
+            sup_lo = tl.minimum(sup_lo, tl.where(sid >= 0, sid, 2147483647))
             sup_hi = tl.maximum(sup_hi, sid)
 
     R: tl.constexpr = BLOCK_V // VEC
