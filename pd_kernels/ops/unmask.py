@@ -347,9 +347,13 @@ def _commit_check_all(token, conf, row_dst, span_rows, tokens, state, committed,
     check(isinstance(tau, Real) and tau == tau, f"tau must be a real number, not NaN, got {tau!r}")
 
 
-def _commit_check_device_values(row_dst: torch.Tensor, span_rows: torch.Tensor, n_tokens: int) -> None:
+def _commit_check_device_values(row_dst: torch.Tensor, span_rows: torch.Tensor, n_tokens: int,
+                                arrivals: torch.Tensor) -> None:
     """``PD_KERNELS_DEBUG=1``: the checks that read device values (a sync): span ranges inside the rows and
-    disjoint, destinations of the spans' rows inside ``tokens`` and distinct."""
+    disjoint, destinations of the spans' rows inside ``tokens`` and distinct, the arrival counter at 0."""
+    if int(arrivals[0]) != 0:
+        raise ValueError(f"commit_spans: state.arrivals is {int(arrivals[0])}, must be 0 between calls (the "
+                         f"kernels' counter; a nonzero value makes all_done wrong)")
     N = row_dst.shape[0]
     sr = span_rows.cpu().long()
     first, count = sr[:, 0], sr[:, 1]
@@ -413,8 +417,8 @@ def commit_spans(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor,
 
     Checked on the host (metadata only): dtypes, shapes, devices, contiguity. With ``PD_KERNELS_DEBUG=1``
     also (reading them on the host: a sync, for debugging only): span ranges outside ``[0, N)`` or
-    overlapping, and the spans' ``row_dst`` outside ``tokens`` or repeated, raise. Without it such inputs
-    give undefined (but never out-of-bounds) results.
+    overlapping, the spans' ``row_dst`` outside ``tokens`` or repeated, and ``state.arrivals`` not 0, raise.
+    Without it such inputs give undefined (but never out-of-bounds) results.
     """
     if out is None:
         committed = all_done = None
@@ -458,7 +462,7 @@ def commit_spans(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor,
         committed = torch.empty(S, dtype=_I32, device=dev)
         all_done = torch.empty(1, dtype=_BOOL, device=dev)
     if debug_enabled():
-        _commit_check_device_values(row_dst, span_rows, tokens.numel())
+        _commit_check_device_values(row_dst, span_rows, tokens.numel(), arr)
     b = _backend.resolve(OP_COMMIT, backend, dev)
     args = (token, conf, row_dst, span_rows, tokens, ml, stp, ns, dfr, arr, committed, all_done, policy, float(tau),
             mask_id, b)

@@ -550,14 +550,17 @@ def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, rows_ptr, seq_ptr,
         k = tl.load(step_ptr + j)
         steps = tl.load(ns_ptr + j)
         dfr = tl.load(def_ptr + j)
+        # the counters are int32 but any int32 value must give the reference's (Python int) budget: differences
+        # and sums in int64 (steps - k and deferred + 1 overflow int32 at the extremes)
+        k64, steps64 = k.to(tl.int64), steps.to(tl.int64)
         if POLICY == 1:
             # floor(999 m / (1000 steps - 999 k)) = floor(m (1 - s/t)) for linspace(1, 1e-3, steps + 1)
-            den = tl.maximum(1000 * steps.to(tl.int64) - 999 * k.to(tl.int64), 1)
+            den = tl.maximum(1000 * steps64 - 999 * k64, 1)
             n = tl.minimum(tl.maximum((999 * m.to(tl.int64)) // den, 1), m).to(tl.int32)
-            budget = tl.where(k >= steps - 1, m, n)
+            budget = tl.where(k64 >= steps64 - 1, m, n)
         elif POLICY == 2:
-            per = tl.where(k < steps, m // tl.maximum(steps - k, 1), 0)
-            budget = tl.minimum(m, tl.maximum(per, 1) + dfr)
+            per = tl.where(k64 < steps64, m.to(tl.int64) // tl.maximum(steps64 - k64, 1), 0)
+            budget = tl.minimum(m.to(tl.int64), tl.maximum(per, 1) + dfr.to(tl.int64)).to(tl.int32)
         else:
             budget = m
         # pass A: the pivot = the candidate of rank budget - 1 (when budget >= c, every candidate is in)
