@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import debug_enabled, FLOAT_DTYPES, check, check_tensor
+from .._checks import debug_enabled, FLOAT_DTYPES, check, check_tensor, memory_span, spans_meet
 from ..reference.unmask import (CONFIDENCE_KINDS, POLICIES, SpanState, commit_spans_ref, token_confidence_ref,
                                 filter_threshold)
 from .._cuda_ext import cuda_fake
@@ -124,21 +124,13 @@ def _check_temperature(temperature) -> None:
                          f"greedy decoding)")
 
 
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """``[first byte, last byte + 1)`` of a tensor with non-negative strides (what a kernel may touch)."""
-    p = t.data_ptr()
-    return p, p + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-
-
 def _check_out_memory(logits: torch.Tensor, token: torch.Tensor, conf: torch.Tensor) -> None:
-    """``out`` tensors must not share memory with each other or with ``logits`` (a kernel writes them while
-    other programs still read; the torch path would read half-written values). Data pointers only."""
-    t0, t1 = _span(token)
-    c0, c1 = _span(conf)
-    if t0 < c1 and c0 < t1:
+    """``out`` tensors (non-empty) must not share memory with each other or with ``logits`` (a kernel writes
+    them while other programs still read; the torch path would read half-written values). Data pointers only."""
+    t, c, x = memory_span(token), memory_span(conf), memory_span(logits)
+    if spans_meet(t, c):
         raise ValueError("out[0] (token) and out[1] (conf) share memory")
-    l0, l1 = _span(logits)
-    if (t0 < l1 and l0 < t1) or (c0 < l1 and l0 < c1):
+    if spans_meet(t, x) or spans_meet(c, x):
         raise ValueError("out tensors share memory with logits: the kernels read logits while writing out")
 
 
