@@ -224,6 +224,7 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
             suppress_ids = None
         elif suppress_ids.stride(0) != 1:
             suppress_ids = suppress_ids.contiguous()
+    eager = _backend.eager(logits)
     if out is None:
         token = torch.empty(N, dtype=_I64, device=dev)
         conf = torch.empty(N, dtype=_F32, device=dev)
@@ -237,7 +238,7 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
                 and conf.dtype is _F32 and token.shape == conf.shape == (N,) and token.is_contiguous()
                 and conf.is_contiguous() and token.device == dev and conf.device == dev):
             _check_out(token, conf, N, dev)
-        if N and _backend.eager(logits):
+        if N and eager:
             _check_out_memory(logits, token, conf)
     if N == 0:
         return token, conf
@@ -248,7 +249,7 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
     b = _backend.resolve(OP_TC, backend, dev)
     args = (logits, token, conf, suppress_ids, seed_t, offset_t, threshold, seed, offset, confidence,
             float(temperature), b)
-    if _backend.eager(logits):
+    if eager:
         _token_confidence_impl(*args)
     else:
         torch.ops.pd_kernels.token_confidence(*args)
