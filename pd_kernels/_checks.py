@@ -61,7 +61,7 @@ def memory_span(t: torch.Tensor) -> tuple[int, int]:
     tensors only (the eager path or an op's implementation, never a traced call)."""
     p = t.data_ptr()
     if t.is_contiguous():
-        return p, p + t.numel() * t.element_size()
+        return p, p + t.nbytes
     return p, p + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 

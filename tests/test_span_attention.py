@@ -403,21 +403,24 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_out_sharing_memory_is_refused(backend):
+def test_out_sharing_memory_is_refused(backend, monkeypatch):
     """``out=q`` (an in-place attention) gave a wrong answer on torch, which zeroes ``out`` first; an out inside
-    the cache or an expanded out would be raced by the kernels. All refused, naming the tensor."""
+    the cache (checked in debug mode) or an expanded out would be raced by the kernels. Refused, naming the
+    tensor."""
     rng = np.random.default_rng(1)
     kc, vc, bt = make_cache([12], 2, 16, 4, torch.float32, rng)
     lay = pk.SpanLayout.build([pk.SeqQueries.causal(0, 12)], "cpu")
     q = torch.randn(12, 4, 16)
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "0")
     with pytest.raises(ValueError, match="out shares memory with q"):
         pk.span_attention(q, kc, vc, bt, lay, out=q, backend=backend)
+    with pytest.raises(ValueError, match="out elements overlap"):
+        pk.span_attention(q, kc, vc, bt, lay, out=torch.empty(1, 4, 16).expand(12, 4, 16), backend=backend)
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "1")       # an out inside the cache: checked in debug mode
     with pytest.raises(ValueError, match="out shares memory with k_cache"):
         pk.span_attention(q, kc, vc, bt, lay, out=kc.view(-1)[:q.numel()].view(q.shape), backend=backend)
     with pytest.raises(ValueError, match="out shares memory with v_cache"):
         pk.span_attention(q, kc, vc, bt, lay, out=vc.view(-1)[-q.numel():].view(q.shape), backend=backend)
-    with pytest.raises(ValueError, match="out elements overlap"):
-        pk.span_attention(q, kc, vc, bt, lay, out=torch.empty(1, 4, 16).expand(12, 4, 16), backend=backend)
     # a separate buffer, strided (a slice of a wider one), is fine and exact
     wide = torch.full((12, 4, 40), float("nan"))
     o = pk.span_attention(q, kc, vc, bt, lay, out=wide[:, :, 8:24], backend=backend)
