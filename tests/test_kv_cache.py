@@ -377,3 +377,17 @@ def test_cache_methods_check_their_ints():
     with pytest.raises(KeyError, match="not in the cache"):
         c.seq_len(True)          # True == 1 as a dict key
     assert c.seq_len(s) == 5 and c.slot_mapping(s, 1, 3).tolist() == c.slot_mapping(s, 0, 5)[1:4].tolist()
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU interpreter")
+def test_cast_into_bf16_in_the_interpreter_raises():
+    """The interpreter truncates fp32 -> bf16 (39 of 80 values differed from torch by one bf16 ulp): a clear
+    error instead of a silently different cache; a bf16 -> bf16 copy stays allowed (exact)."""
+    kc, vc = torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16), torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16)
+    k = torch.randn(5, 2, 8) * 100
+    for kk, vv in [(k, k), (k.half(), k.half()), (k.bfloat16(), k)]:
+        with pytest.raises(pk.BackendUnavailable, match="truncates"):
+            pk.paged_kv_write(kk, vv, kc, vc, torch.arange(5), backend="triton")
+    pk.paged_kv_write(k.bfloat16(), k.bfloat16(), kc, vc, torch.arange(5), backend="triton")
+    assert torch.equal(kc.view(-1, 2, 8)[:5], k.bfloat16())
+

@@ -9,6 +9,7 @@ from ..reference.kv_cache import paged_kv_write_ref
 from .._cuda_ext import cuda_fake
 
 OP = "paged_kv_write"
+_BF16 = torch.bfloat16
 _backend.register_op_backends(OP, ("torch", "triton", "cuda"))
 
 
@@ -119,6 +120,8 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         slot_mapping: int64 ``[T]``, ``slot = page * page_size + offset``; ``-1`` writes nothing (padding,
             so a captured CUDA graph can run with a fixed T).
         backend: ``"torch" | "triton" | "cuda" | "auto"``; default from :func:`pd_kernels.use_backend`.
+            Triton on CPU tensors (the interpreter) raises ``BackendUnavailable`` for a cast into a bf16 cache:
+            the interpreter truncates instead of rounding to nearest even.
 
     Slots outside ``[0, P * page_size)`` are never written. Two tokens with the same slot: one of them is
     written, which one is unspecified (it may differ between backends and runs). With ``PD_KERNELS_DEBUG=1``
@@ -129,6 +132,11 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     if debug_enabled() and slot_mapping.numel():
         _check_slot_values(slot_mapping, k_cache.shape[-4] * k_cache.shape[-3])
     b = _backend.resolve(OP, backend, k.device)
+    if b == "triton" and k_cache.dtype is _BF16 and (k.dtype is not _BF16 or v.dtype is not _BF16) \
+            and k.device.type == "cpu":
+        raise _backend.BackendUnavailable(
+            "pd_kernels.paged_kv_write: the Triton interpreter (CPU tensors) rounds casts to bf16 wrongly "
+            "(truncates): write bf16 K/V into a bf16 cache, use the torch backend, or a GPU")
     if _backend.eager(k):
         _paged_kv_write_impl(k, v, k_cache, v_cache, slot_mapping, b)
     else:
