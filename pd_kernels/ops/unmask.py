@@ -201,7 +201,7 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
         raise ValueError(f"logits must have a unit stride over V, got strides {logits.stride()}")
     if not 1 <= V < 2**31 - 1:
         raise ValueError(f"logits must have 1 to 2^31 - 2 columns, got {V}")
-    if type(confidence) is not str or confidence not in _KIND_ID:
+    if not isinstance(confidence, str) or confidence not in _KIND_ID:
         raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
     if not ((type(temperature) is float or type(temperature) is int)
             and (temperature == 0 or _T_MIN <= temperature <= _T_MAX)):
