@@ -316,8 +316,11 @@ def test_cache_memory_is_checked(backend):
     view: Triton wrote it racily, torch failed inside index_put): a clear error, nothing written."""
     k = torch.randn(3, 2, 8)
     kc = torch.zeros(2, 4, 2, 8)
-    with pytest.raises(ValueError, match="same memory"):
+    with pytest.raises(ValueError, match="share memory"):
         pk.paged_kv_write(k, k, kc, kc, torch.arange(3), backend=backend)
+    pool = torch.zeros(3, 4, 2, 8)
+    with pytest.raises(ValueError, match="share memory"):      # shifted by one page: half of each overlaps
+        pk.paged_kv_write(k, k, pool[:2], pool[1:], torch.arange(3), backend=backend)
     exp_k = torch.zeros(2, 4, 1, 8).expand(2, 4, 2, 8)
     exp_v = torch.zeros(2, 4, 1, 8).expand(2, 4, 2, 8)
     with pytest.raises(ValueError, match="overlap in memory"):
