@@ -45,7 +45,7 @@ def _run(q, k_cache, v_cache, block_table, q_pos, q_seq, q_kv, out, scale, backe
 
 
 def _check_fits(num_seqs: int, max_kv: int, kv_lens, block_table: torch.Tensor, page_size: int,
-                num_pages: int) -> None:
+                num_pages: int, debug: bool) -> None:
     """The layout against the cache (host values): one block-table row per sequence, every visible key
     inside the block table; with ``PD_KERNELS_DEBUG=1`` also every page id a query can see (a sync)."""
     if block_table.shape[0] != num_seqs:
@@ -56,7 +56,7 @@ def _check_fits(num_seqs: int, max_kv: int, kv_lens, block_table: torch.Tensor, 
         over = [(b, int(n)) for b, n in enumerate(kv_lens) if n > cap]
         raise ValueError(f"layout needs keys past the cache: (sequence, keys needed) {over[:4]} but the block "
                          f"table holds {block_table.shape[1]} pages x {page_size} = {cap} positions")
-    if debug_enabled():
+    if debug:
         # page ids are device values: read them only when asked (a sync), never in the decode loop
         for b, n in enumerate(kv_lens):
             pages = block_table[b, :-(-int(n) // page_size)]
@@ -69,17 +69,25 @@ def _check_fits(num_seqs: int, max_kv: int, kv_lens, block_table: torch.Tensor, 
 def _check_out_memory(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                       caches: bool) -> None:
     """``out`` is written while q and the cache are read (by other tiles): it must not share memory with ``q``,
-    nor have elements that share memory (an expanded view); with ``caches`` (``PD_KERNELS_DEBUG=1``: two more
-    data-pointer reads per call, about 0.7 us), nor with the caches. Data pointers: real tensors only."""
+    nor have elements that share memory (an expanded view); with ``caches`` (``PD_KERNELS_DEBUG=1``, or the
+    registered op), nor with the caches. Data pointers: real tensors only. ``out`` has q's shape and dtype."""
     if not out.numel():
         return
+    if out.is_contiguous():
+        if q.is_contiguous():
+            # the common case: two blocks of one size overlap iff their starts are closer than that size
+            if abs(out.data_ptr() - q.data_ptr()) < out.nbytes:
+                raise ValueError("out shares memory with q: attention reads q while writing out (the torch path "
+                                 "zeroes out first); pass a separate buffer")
+            if not caches:
+                return
+    elif torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"out elements overlap in memory (an expanded view?), strides {out.stride()}")
     o = memory_span(out)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)) if caches else (("q", q),):
         if t.numel() and spans_meet(o, memory_span(t)):
             raise ValueError(f"out shares memory with {name}: attention reads {name} while writing out (the torch "
                              f"path zeroes out first); pass a separate buffer")
-    if not out.is_contiguous() and torch._debug_has_internal_overlap(out) == 1:
-        raise ValueError(f"out elements overlap in memory (an expanded view?), strides {out.stride()}")
 
 
 def _span_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -89,7 +97,7 @@ def _span_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     # description (CPU tensors): the layout checks and the plan lookup happen here, not in the trace
     _check_out_memory(q, k_cache, v_cache, out, True)
     kv = kv_host.tolist()
-    _check_fits(len(kv), max(kv, default=0), kv, block_table, k_cache.shape[1], k_cache.shape[0])
+    _check_fits(len(kv), max(kv, default=0), kv, block_table, k_cache.shape[1], k_cache.shape[0], debug_enabled())
     plan = None
     if backend == "triton":
         plan = plan_for(segs_host, q.shape[1] // k_cache.shape[2], q.device)
@@ -214,10 +222,11 @@ def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _backend.eager(q):
+        debug = debug_enabled()
         if given_out:
-            _check_out_memory(q, k_cache, v_cache, out, debug_enabled())
+            _check_out_memory(q, k_cache, v_cache, out, debug)
         _check_fits(len(layout.kv_lens), layout.max_kv, layout.kv_lens, block_table, k_cache.shape[1],
-                    k_cache.shape[0])
+                    k_cache.shape[0], debug)
         plan = layout.plan(q.shape[1] // k_cache.shape[2]) if b == "triton" else None
         _run(q, k_cache, v_cache, block_table, layout.q_pos, layout.q_seq, layout.q_kv, out, scale, b, plan)
     else:

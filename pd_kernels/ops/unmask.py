@@ -127,7 +127,8 @@ def _check_temperature(temperature) -> None:
 def _check_out_memory(logits: torch.Tensor, token: torch.Tensor, conf: torch.Tensor) -> None:
     """``out`` tensors (non-empty) must not share memory with each other or with ``logits`` (a kernel writes
     them while other programs still read; the torch path would read half-written values). Data pointers only."""
-    t, c, x = memory_span(token), memory_span(conf), memory_span(logits)
+    tp, cp = token.data_ptr(), conf.data_ptr()
+    t, c, x = (tp, tp + token.nbytes), (cp, cp + conf.nbytes), memory_span(logits)   # out: contiguous (checked)
     if spans_meet(t, c):
         raise ValueError("out[0] (token) and out[1] (conf) share memory")
     if spans_meet(t, x) or spans_meet(c, x):
