@@ -54,3 +54,17 @@ def check_tensor(t, name: str, *, dim: int | None = None, dtypes=None, device=No
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def memory_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[first byte, last byte + 1)`` a tensor (non-negative strides) may touch. Reads the data pointer: real
+    tensors only (the eager path or an op's implementation, never a traced call)."""
+    p = t.data_ptr()
+    if t.is_contiguous():
+        return p, p + t.nbytes
+    return p, p + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def spans_meet(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Two non-empty :func:`memory_span` results intersect."""
+    return a[0] < b[1] and b[0] < a[1]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import FLOAT_DTYPES
 from .reference.kv_cache import gather_pages
 
 
@@ -27,11 +28,25 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int = 16,
                  *, max_seqs: int = 64, max_pages_per_seq: int | None = None,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cuda"):
-        if min(num_layers, num_kv_heads, head_dim, num_pages, page_size, max_seqs) < 1:
-            raise ValueError("PagedKVCache sizes must all be >= 1")
+        sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_pages=num_pages,
+                     page_size=page_size, max_seqs=max_seqs,
+                     max_pages_per_seq=num_pages if max_pages_per_seq is None else max_pages_per_seq)
+        for name, x in sizes.items():
+            if isinstance(x, bool) or not hasattr(x, "__index__"):
+                raise TypeError(f"PagedKVCache: {name} must be an int, got {x!r}")
+            if x.__index__() < 1:
+                raise ValueError(f"PagedKVCache: {name} must be >= 1, got {x!r}")
+        num_layers, num_kv_heads, head_dim, num_pages, page_size, max_seqs, max_pages_per_seq = (
+            x.__index__() for x in sizes.values())
+        if num_pages * page_size >= 2**31:
+            raise ValueError(f"PagedKVCache: num_pages * page_size = {num_pages * page_size} slots; at most 2^31 - 1 "
+                             f"(page ids are int32 in the block table, positions int32 in the layouts)")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"PagedKVCache: dtype must be one of {[str(d) for d in FLOAT_DTYPES]} (what the ops "
+                            f"take), got {dtype}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_pages, self.page_size, self.max_seqs = num_pages, page_size, max_seqs
-        self.max_pages_per_seq = max_pages_per_seq or num_pages
+        self.max_pages_per_seq = max_pages_per_seq
         self.device = torch.device(device)
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -73,7 +88,7 @@ class PagedKVCache:
         return sorted(self._pages)
 
     def _check(self, seq: int) -> int:
-        if seq not in self._pages:
+        if isinstance(seq, bool) or seq not in self._pages:
             raise KeyError(f"sequence {seq} is not in the cache (live: {self.sequences})")
         return seq
 
@@ -84,8 +99,7 @@ class PagedKVCache:
         host-to-device copy, for callers that compute slots themselves, e.g. the decoder). Raises
         :class:`OutOfPages` and changes nothing if the pool or the block-table row is too small."""
         self._check(seq)
-        if n < 0:
-            raise ValueError(f"reserve needs n >= 0, got {n}")
+        n = _count(n, "reserve: n")
         start = self._len[seq]
         need = -(-(start + n) // self.page_size) - len(self._pages[seq])
         if need > len(self._free_pages):
@@ -105,7 +119,8 @@ class PagedKVCache:
     def slot_mapping(self, seq: int, start: int, n: int) -> torch.Tensor:
         """Slots of positions ``[start, start + n)`` of ``seq`` (already reserved): int64 ``[n]``."""
         self._check(seq)
-        if start < 0 or start + n > self._len[seq]:
+        start, n = _count(start, "slot_mapping: start"), _count(n, "slot_mapping: n")
+        if start + n > self._len[seq]:
             raise IndexError(f"positions [{start}, {start + n}) outside sequence {seq} of length {self._len[seq]}")
         pos = torch.arange(start, start + n, dtype=torch.int64)
         pages = torch.tensor(self._pages[seq], dtype=torch.int64)
@@ -115,7 +130,8 @@ class PagedKVCache:
     def truncate(self, seq: int, new_len: int) -> None:
         """Shorten ``seq`` to ``new_len`` tokens (e.g. drop a plan terminator); frees pages no longer used."""
         self._check(seq)
-        if not 0 <= new_len <= self._len[seq]:
+        new_len = _count(new_len, "truncate: new_len")
+        if new_len > self._len[seq]:
             raise ValueError(f"truncate to {new_len}: sequence {seq} has {self._len[seq]} tokens")
         keep = -(-new_len // self.page_size)
         pages = self._pages[seq]
@@ -145,5 +161,15 @@ class PagedKVCache:
     def gather(self, seq: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``(K, V)`` of a sequence at a layer, each ``[seq_len, Hkv, D]`` (tests, torch fallback)."""
         n = self.seq_len(seq)
-        return (gather_pages(self.k_cache[layer], self.block_table[seq], n),
-                gather_pages(self.v_cache[layer], self.block_table[seq], n))
+        k, v = self.layer(layer)
+        return gather_pages(k, self.block_table[seq], n), gather_pages(v, self.block_table[seq], n)
+
+
+def _count(x, name: str) -> int:
+    """``x`` as an int ``>= 0`` (any integer type, not bool), else a clear error naming it."""
+    if isinstance(x, bool) or not hasattr(x, "__index__"):
+        raise TypeError(f"{name} must be an int, got {x!r}")
+    x = x.__index__()
+    if x < 0:
+        raise ValueError(f"{name} must be >= 0, got {x}")
+    return x

@@ -501,6 +501,55 @@ def test_debug_checks(backend, device, monkeypatch):
     call(torch.tensor([[0, 3], [99, 0]], dtype=torch.int32, device=device), ok_dst)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
+@pytest.mark.parametrize("policy", ["schedule", "pd_threshold"])
+@pytest.mark.parametrize("counters", [(2**31 - 1, -2**31, 2**31 - 1), (-2**31, 2**31 - 2, 0), (1, 2**31 - 2, 5),
+                                      (3, 0, 2**31 - 1)], ids=["steps_max", "steps_min", "k_large", "dfr_max"])
+def test_extreme_counters_match_reference(backend, policy, counters):
+    """Any int32 counters give the reference's (Python int) budget: Triton computed ``steps - k`` and
+    ``per + deferred`` in int32, which wrapped (a negative budget, a negative ``deferred``)."""
+    device = _device() if backend != "torch" else "cpu"
+    steps, k, dfr = counters
+    mask = 99
+    N = 7
+    token = torch.arange(N, device=device) + 10
+    conf = torch.tensor([0.3, 0.95, 0.2, 0.99, 0.1, 0.5, 0.92], device=device)
+    row_dst = torch.arange(N, device=device)
+    span_rows = torch.tensor([[0, 4], [4, 3]], dtype=torch.int32, device=device)
+    tokens = torch.full((N,), mask, device=device)
+    state = SpanState.new(2, device)
+    state.masks_left.fill_(3)
+    state.num_steps.fill_(steps)
+    state.step.fill_(k)
+    state.deferred.fill_(dfr)
+    ref_tokens, ref_st = tokens.cpu().clone(), SpanState(*(t.cpu().clone() for t in (
+        state.masks_left, state.step, state.num_steps, state.deferred)))
+    rc, _ = commit_spans_ref(token.cpu(), conf.cpu(), row_dst.cpu(), span_rows.cpu(), ref_tokens, ref_st, policy,
+                             0.9, mask)
+    c, _ = commit_spans(token, conf, row_dst, span_rows, tokens, state, policy=policy, tau=0.9, mask_id=mask,
+                        backend=backend)
+    assert tokens.cpu().tolist() == ref_tokens.tolist() and c.cpu().tolist() == rc.tolist()
+    for f in ("masks_left", "step", "deferred"):
+        assert getattr(state, f).cpu().tolist() == getattr(ref_st, f).tolist(), f
+    assert (state.deferred >= 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
+def test_debug_refuses_a_nonzero_arrival_counter(backend, monkeypatch):
+    """A state whose ``arrivals`` is not 0 (the kernels' counter, 0 between calls) made Triton's ``all_done``
+    True while spans still had masks: PD_KERNELS_DEBUG=1 says so."""
+    device = _device() if backend != "torch" else "cpu"
+    state = SpanState.new(2, device)
+    state.reset([0, 1], [2, 2], [2, 2])
+    state.arrivals.fill_(5)
+    args = (torch.tensor([1, 2], device=device), torch.tensor([0.1, 0.2], device=device),
+            torch.tensor([0, 1], device=device), torch.tensor([[0, 1], [1, 1]], dtype=torch.int32, device=device),
+            torch.full((4,), 99, device=device), state)
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "1")
+    with pytest.raises(ValueError, match="state.arrivals is 5"):
+        commit_spans(*args, mask_id=99, backend=backend)
+
+
 def test_state_arrivals_field():
     st = SpanState.new(4)
     assert st.arrivals.dtype == torch.int64 and st.arrivals.tolist() == [0]

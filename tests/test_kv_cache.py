@@ -274,3 +274,123 @@ def test_empty_head_geometry_is_an_error(shape, backend):
     kc = torch.zeros(2, 4, shape[1], shape[2])
     with pytest.raises(ValueError, match="head dim >= 1"):
         pk.paged_kv_write(k, k.clone(), kc, kc.clone(), torch.arange(4), backend=backend)
+
+
+# ---- adversarial inputs (review of the op boundary) --------------------------------------------------
+
+def test_cuda_path_casts_k_and_v_each(monkeypatch):
+    """The CUDA kernel is a byte copy of one dtype: a v in another dtype than the cache must be cast even when
+    k already matches (it reached the C++ check, which refused what torch / Triton accept)."""
+    from pd_kernels import _backend
+    seen = []
+
+    def fake_cuda(k, v, kc, vc, slots):   # the C++ binding's dtype rule, then a record of what it got
+        if not (k.dtype == v.dtype == kc.dtype == vc.dtype):
+            raise RuntimeError("paged_kv_write_cuda: k, v and caches must share one dtype")
+        seen.append((k.dtype, v.dtype))
+
+    monkeypatch.setattr(torch.ops.pd_kernels, "paged_kv_write_cuda", fake_cuda, raising=False)
+    monkeypatch.setattr(_backend, "_cuda_problem", lambda device: None)
+    kc, vc = torch.zeros(2, 4, 2, 8, dtype=torch.float16), torch.zeros(2, 4, 2, 8, dtype=torch.float16)
+    k = torch.randn(3, 2, 8)
+    for kd, vd in [(torch.float16, torch.float32), (torch.float32, torch.float16), (torch.float32, torch.float32)]:
+        pk.paged_kv_write(k.to(kd), k.to(vd), kc, vc, torch.arange(3), backend="cuda")
+    assert seen == [(torch.float16, torch.float16)] * 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_k_and_v_of_different_dtypes(backend):
+    """k fp32, v fp16 into an fp32 cache: each is cast on its own, the same on every backend."""
+    k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8).half()
+    kc, vc = poison_(torch.empty(2, 4, 2, 8)), poison_(torch.empty(2, 4, 2, 8))
+    slots = torch.tensor([0, 3, -1, 6, 7])
+    ek, ev = _oracle(k, v, kc, vc, slots)
+    pk.paged_kv_write(k, v, kc, vc, slots, backend=backend)
+    _assert_same(kc, ek)
+    _assert_same(vc, ev)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cache_memory_is_checked(backend):
+    """One tensor as both caches (V would overwrite K), or a cache whose elements share memory (an expanded
+    view: Triton wrote it racily, torch failed inside index_put): a clear error, nothing written."""
+    k = torch.randn(3, 2, 8)
+    kc = torch.zeros(2, 4, 2, 8)
+    with pytest.raises(ValueError, match="share memory"):
+        pk.paged_kv_write(k, k, kc, kc, torch.arange(3), backend=backend)
+    pool = torch.zeros(3, 4, 2, 8)
+    with pytest.raises(ValueError, match="share memory"):      # shifted by one page: half of each overlaps
+        pk.paged_kv_write(k, k, pool[:2], pool[1:], torch.arange(3), backend=backend)
+    exp_k = torch.zeros(2, 4, 1, 8).expand(2, 4, 2, 8)
+    exp_v = torch.zeros(2, 4, 1, 8).expand(2, 4, 2, 8)
+    with pytest.raises(ValueError, match="overlap in memory"):
+        pk.paged_kv_write(k, k, exp_k, exp_v, torch.arange(3), backend=backend)
+    assert not exp_k.any() and not exp_v.any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_repeated_slots_raise_in_debug(backend, monkeypatch):
+    k = torch.randn(4, 2, 8)
+    kc, vc = torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8)
+    slots = torch.tensor([1, 5, -1, 5])
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"slots \[5\] appear more than once"):
+        pk.paged_kv_write(k, k, kc, vc, slots, backend=backend)
+    pk.paged_kv_write(k, k, kc, vc, torch.tensor([1, 5, -1, -1]), backend=backend)   # -1 may repeat
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "0")
+    pk.paged_kv_write(k, k, kc, vc, slots, backend=backend)   # unspecified winner, but no error, in bounds
+    assert torch.equal(kc.view(-1, 2, 8)[5], k[1]) or torch.equal(kc.view(-1, 2, 8)[5], k[3])
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(max_pages_per_seq=0), ValueError, "max_pages_per_seq must be >= 1"),
+    (dict(max_pages_per_seq=-2), ValueError, "max_pages_per_seq must be >= 1"),
+    (dict(num_pages=4.0), TypeError, "num_pages must be an int"),
+    (dict(page_size=True), TypeError, "page_size must be an int"),
+    (dict(head_dim=0), ValueError, "head_dim must be >= 1"),
+    (dict(dtype=torch.float64), TypeError, "dtype must be one of"),
+    (dict(dtype=torch.int32), TypeError, "dtype must be one of"),
+    (dict(num_pages=2**27, page_size=16), ValueError, "at most 2\\^31 - 1"),
+], ids=["pages_per_seq0", "pages_per_seq_neg", "float_pages", "bool_page_size", "head_dim0", "float64", "int32",
+        "too_many_slots"])
+def test_cache_constructor_rejects(kw, err, match):
+    """``max_pages_per_seq=0`` used to mean "all pages" silently; float64 caches were built and then refused by
+    every op; a non-int size failed inside torch.zeros."""
+    args = dict(num_layers=1, num_kv_heads=1, head_dim=8, num_pages=4, page_size=4, dtype=torch.float32,
+                device="cpu")
+    args.update(kw)
+    with pytest.raises(err, match=match):
+        pk.PagedKVCache(**args)
+
+
+def test_cache_methods_check_their_ints():
+    c = _cache("cpu")
+    c.add_sequence()
+    s = c.add_sequence()       # sequence 1 exists: True must not be taken for it
+    assert s == 1
+    c.reserve(s, 5)
+    with pytest.raises(TypeError, match="reserve: n must be an int"):
+        c.reserve(s, 2.0)
+    with pytest.raises(ValueError, match="slot_mapping: n must be >= 0"):
+        c.slot_mapping(s, 2, -1)
+    with pytest.raises(ValueError, match="slot_mapping: start must be >= 0"):
+        c.slot_mapping(s, -1, 2)
+    with pytest.raises(IndexError, match="layer must be an int"):
+        c.gather(s, -1)          # was the last layer, silently
+    with pytest.raises(KeyError, match="not in the cache"):
+        c.seq_len(True)          # True == 1 as a dict key
+    assert c.seq_len(s) == 5 and c.slot_mapping(s, 1, 3).tolist() == c.slot_mapping(s, 0, 5)[1:4].tolist()
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU interpreter")
+def test_cast_into_bf16_in_the_interpreter_raises():
+    """The interpreter truncates fp32 -> bf16 (39 of 80 values differed from torch by one bf16 ulp): a clear
+    error instead of a silently different cache; a bf16 -> bf16 copy stays allowed (exact)."""
+    kc, vc = torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16), torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16)
+    k = torch.randn(5, 2, 8) * 100
+    for kk, vv in [(k, k), (k.half(), k.half()), (k.bfloat16(), k)]:
+        with pytest.raises(pk.BackendUnavailable, match="truncates"):
+            pk.paged_kv_write(kk, vv, kc, vc, torch.arange(5), backend="triton")
+    pk.paged_kv_write(k.bfloat16(), k.bfloat16(), kc, vc, torch.arange(5), backend="triton")
+    assert torch.equal(kc.view(-1, 2, 8)[:5], k.bfloat16())
+

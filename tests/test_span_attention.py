@@ -402,6 +402,44 @@ def test_bad_inputs_raise():
         pk.span_attention(q, kc, vc, bt, lay, backend="cuda")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_out_sharing_memory_is_refused(backend, monkeypatch):
+    """``out=q`` (an in-place attention) gave a wrong answer on torch, which zeroes ``out`` first; an out inside
+    the cache (checked in debug mode) or an expanded out would be raced by the kernels. Refused, naming the
+    tensor."""
+    rng = np.random.default_rng(1)
+    kc, vc, bt = make_cache([12], 2, 16, 4, torch.float32, rng)
+    lay = pk.SpanLayout.build([pk.SeqQueries.causal(0, 12)], "cpu")
+    q = torch.randn(12, 4, 16)
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "0")
+    with pytest.raises(ValueError, match="out shares memory with q"):
+        pk.span_attention(q, kc, vc, bt, lay, out=q, backend=backend)
+    with pytest.raises(ValueError, match="out elements overlap"):
+        pk.span_attention(q, kc, vc, bt, lay, out=torch.empty(1, 4, 16).expand(12, 4, 16), backend=backend)
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "1")       # an out inside the cache: checked in debug mode
+    with pytest.raises(ValueError, match="out shares memory with k_cache"):
+        pk.span_attention(q, kc, vc, bt, lay, out=kc.view(-1)[:q.numel()].view(q.shape), backend=backend)
+    with pytest.raises(ValueError, match="out shares memory with v_cache"):
+        pk.span_attention(q, kc, vc, bt, lay, out=vc.view(-1)[-q.numel():].view(q.shape), backend=backend)
+    # a separate buffer, strided (a slice of a wider one), is fine and exact
+    wide = torch.full((12, 4, 40), float("nan"))
+    o = pk.span_attention(q, kc, vc, bt, lay, out=wide[:, :, 8:24], backend=backend)
+    torch.testing.assert_close(o, span_attention_ref(q, kc, vc, bt, lay), atol=1e-5, rtol=1e-5)
+    assert wide[:, :, :8].isnan().all() and wide[:, :, 24:].isnan().all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cache_without_pages_is_refused(backend):
+    """A cache of 0 pages failed deep inside the torch reference (IndexError) and ran on Triton."""
+    lay = pk.SpanLayout.build([pk.SeqQueries.causal(0, 3)], "cpu")
+    q = torch.randn(3, 2, 16)
+    bt = torch.zeros(1, 2, dtype=torch.int32)
+    for shape in [(0, 4, 2, 16), (3, 0, 2, 16)]:
+        kc = torch.zeros(shape)
+        with pytest.raises(ValueError, match="at least one page of at least one slot"):
+            pk.span_attention(q, kc, kc.clone(), bt, lay, backend=backend)
+
+
 # ---- registration --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend):

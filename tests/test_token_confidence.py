@@ -658,6 +658,69 @@ def test_token_confidence_errors():
         token_confidence(torch.randn(3, 0))
 
 
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(temperature=float("inf")), ValueError, "temperature must be >= 0 and at most"),
+    (dict(temperature=1e300), ValueError, "temperature must be >= 0 and at most"),
+    (dict(temperature=1e-40), ValueError, "too small"),
+    (dict(temperature="1"), TypeError, "temperature must be a real number"),
+    (dict(temperature=torch.tensor(1.0)), TypeError, "temperature must be a real number"),
+    (dict(confidence=["prob"]), ValueError, "confidence must be one of"),
+    (dict(out=(torch.empty(3, dtype=torch.int64), torch.empty(3), None)), TypeError, "pair of tensors, got tuple of 3"),
+], ids=["T_inf", "T_huge", "T_tiny", "T_str", "T_tensor", "confidence_list", "out_triple"])
+def test_token_confidence_argument_errors(kw, exc, match):
+    """Temperatures whose fp32 reciprocal is 0 or inf gave different confidences on torch and Triton (inf: 1/N
+    vs NaN); the others failed deep inside Python with a message naming nothing."""
+    with pytest.raises(exc, match=match):
+        token_confidence(torch.randn(3, 10), **kw)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_temperature_range_edges_agree(backend):
+    """Extreme accepted temperatures give the reference's tokens and confidences: the largest, and tiny ones
+    while ``z / T`` stays finite in fp32 (the reference scales first; beyond that, see the docstring)."""
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(3))
+    dev = _device() if backend != "torch" else "cpu"
+    for T in (1e-30, 2.0**126):
+        t, c = token_confidence(x.to(dev), temperature=T, seed=5, backend=backend)
+        rt, rc = token_confidence_ref(x, "prob", T, 5, 0)
+        assert t.cpu().tolist() == rt.tolist(), T
+        torch.testing.assert_close(c.cpu(), rc, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_suppressed_ids_beyond_int32_are_ignored(backend, poison):
+    """An int64 id of 2^32 + v is out of range (ignored, as documented), not column v: Triton cast ids to int32
+    and suppressed v."""
+    dev = _device() if backend != "torch" else "cpu"
+    x = torch.randn(5, 70, generator=torch.Generator().manual_seed(1)).to(dev)
+    top = x.argmax(1)
+    for sup in (top + 2**32, top - 2**32, torch.tensor([-1, 70, 2**31 - 1, 2**31, 2**63 - 1], device=dev)):
+        t, c = token_confidence(x, suppress_ids=sup, out=(poison(torch.empty(5, dtype=torch.int64, device=dev)),
+                                                      poison(torch.empty(5, device=dev))),
+                                backend=backend)
+        rt, rc = token_confidence(x.cpu(), backend="torch")
+        assert t.cpu().tolist() == rt.tolist() == top.cpu().tolist()
+        torch.testing.assert_close(c.cpu(), rc)
+    # in-range ids still apply, next to out-of-range ones
+    t, _ = token_confidence(x, suppress_ids=torch.cat([top + 2**32, top]), backend=backend)
+    assert not (t == top).any()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_out_sharing_memory_is_refused(backend):
+    dev = _device() if backend != "torch" else "cpu"
+    x = torch.randn(4, 10, device=dev)
+    tok = torch.empty(4, dtype=torch.int64, device=dev)
+    with pytest.raises(ValueError, match="share memory"):
+        token_confidence(x, out=(tok, tok.view(torch.float32)[:4]), backend=backend)
+    with pytest.raises(ValueError, match="share memory with logits"):
+        token_confidence(x, out=(tok, x[3, 2:6]), backend=backend)
+    with pytest.raises(ValueError, match="share memory with logits"):
+        token_confidence(x, out=(x.view(torch.int64)[0, :4], torch.empty(4, device=dev)), backend=backend)
+    t, c = token_confidence(x[:2], out=(tok[:2], x[2, :2]), backend=backend)   # beside the rows read: fine
+    assert t.tolist() == x[:2].argmax(1).tolist()
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_opcheck_token_confidence(backend):
     dev = _device()

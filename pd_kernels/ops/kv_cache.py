@@ -4,22 +4,47 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check_tensor, debug_enabled
+from .._checks import FLOAT_DTYPES, check_tensor, debug_enabled, memory_span, spans_meet
 from ..reference.kv_cache import paged_kv_write_ref
 from .._cuda_ext import cuda_fake
 
 OP = "paged_kv_write"
+_BF16 = torch.bfloat16
 _backend.register_op_backends(OP, ("torch", "triton", "cuda"))
+
+
+def _check_cache_memory(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The caches' memory (data pointers: real tensors only, so this runs in the implementation, not on the
+    traced path): K and V caches apart, and no element of a cache sharing memory with another. The caches have
+    one shape, dtype and strides (checked before)."""
+    if k_cache.is_contiguous():
+        # the common case (a layer of PagedKVCache): two blocks of the same size overlap iff their starts are
+        # closer than that size
+        if abs(k_cache.data_ptr() - v_cache.data_ptr()) < k_cache.nbytes:
+            raise ValueError("k_cache and v_cache share memory: the values would overwrite the keys")
+        return
+    if k_cache.numel() and spans_meet(memory_span(k_cache), memory_span(v_cache)):
+        raise ValueError("k_cache and v_cache share memory: the values would overwrite the keys")
+    # a cache whose elements share memory (an expanded view, stride 0) would take several tokens' K/V in one
+    # place (the torch path refuses such a write deep inside index_put, the kernels would race)
+    if torch._debug_has_internal_overlap(k_cache) == 1:
+        raise ValueError(f"k_cache / v_cache elements overlap in memory (an expanded view?), strides "
+                         f"{k_cache.stride()} for shape {tuple(k_cache.shape)}")
 
 
 def _paged_kv_write_impl(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          slot_mapping: torch.Tensor, backend: str) -> None:
+    _check_cache_memory(k_cache, v_cache)
     if backend == "triton":
         _backend.triton_module("kv_cache").paged_kv_write_triton(k, v, k_cache, v_cache, slot_mapping)
     elif backend == "cuda":
-        # the CUDA kernel is a byte copy: cast first when the new K/V come in another dtype
-        if k.dtype != k_cache.dtype:
-            k, v = k.to(k_cache.dtype), v.to(k_cache.dtype)
+        # the CUDA kernel is a byte copy: cast first when the new K or V come in another dtype (each on its
+        # own: k may already match the cache while v does not)
+        cdt = k_cache.dtype
+        if k.dtype != cdt:
+            k = k.to(cdt)
+        if v.dtype != cdt:
+            v = v.to(cdt)
         torch.ops.pd_kernels.paged_kv_write_cuda(k, v, k_cache, v_cache, slot_mapping)
     elif backend == "torch":
         paged_kv_write_ref(k, v, k_cache, v_cache, slot_mapping)
@@ -76,6 +101,20 @@ def _validate(k, v, k_cache, v_cache, slot_mapping) -> None:
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {ks[-3]} tokens")
 
 
+def _check_slot_values(slot_mapping: torch.Tensor, num_slots: int) -> None:
+    """``PD_KERNELS_DEBUG=1``: slots inside ``[-1, num_slots)`` and no slot written twice (a sync)."""
+    s = slot_mapping.cpu()
+    bad = (s < -1) | (s >= num_slots)
+    if bool(bad.any()):
+        raise IndexError(f"paged_kv_write: slots {s[bad][:8].tolist()} outside [-1, {num_slots}) "
+                         f"(num_pages * page_size)")
+    used = s[s >= 0]
+    if used.unique().numel() != used.numel():
+        vals, counts = used.unique(return_counts=True)
+        raise ValueError(f"paged_kv_write: slots {vals[counts > 1][:8].tolist()} appear more than once in "
+                         f"slot_mapping (which token would be written is unspecified)")
+
+
 def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor, *, backend: str | None = None) -> None:
     """Write keys and values of new tokens into their cache slots, in place.
@@ -88,18 +127,23 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         slot_mapping: int64 ``[T]``, ``slot = page * page_size + offset``; ``-1`` writes nothing (padding,
             so a captured CUDA graph can run with a fixed T).
         backend: ``"torch" | "triton" | "cuda" | "auto"``; default from :func:`pd_kernels.use_backend`.
+            Triton on CPU tensors (the interpreter) raises ``BackendUnavailable`` for a cast into a bf16 cache:
+            the interpreter truncates instead of rounding to nearest even.
 
-    Slots outside ``[0, P * page_size)`` are never written. With ``PD_KERNELS_DEBUG=1`` they raise
-    ``IndexError`` instead (this reads ``slot_mapping`` on the host: a sync, for debugging only).
+    Slots outside ``[0, P * page_size)`` are never written. Two tokens with the same slot: one of them is
+    written, which one is unspecified (it may differ between backends and runs). With ``PD_KERNELS_DEBUG=1``
+    both raise instead (``IndexError`` for a slot outside ``[-1, P * page_size)``, ``ValueError`` for a
+    repeated slot; this reads ``slot_mapping`` on the host: a sync, for debugging only).
     """
     _validate(k, v, k_cache, v_cache, slot_mapping)
     if debug_enabled() and slot_mapping.numel():
-        num_slots = k_cache.shape[-4] * k_cache.shape[-3]
-        bad = (slot_mapping < -1) | (slot_mapping >= num_slots)
-        if bool(bad.any()):
-            raise IndexError(f"paged_kv_write: slots {slot_mapping[bad][:8].tolist()} outside "
-                             f"[-1, {num_slots}) (num_pages * page_size)")
+        _check_slot_values(slot_mapping, k_cache.shape[-4] * k_cache.shape[-3])
     b = _backend.resolve(OP, backend, k.device)
+    if b == "triton" and k_cache.dtype is _BF16 and (k.dtype is not _BF16 or v.dtype is not _BF16) \
+            and k.device.type == "cpu":
+        raise _backend.BackendUnavailable(
+            "pd_kernels.paged_kv_write: the Triton interpreter (CPU tensors) rounds casts to bf16 wrongly "
+            "(truncates): write bf16 K/V into a bf16 cache, use the torch backend, or a GPU")
     if _backend.eager(k):
         _paged_kv_write_impl(k, v, k_cache, v_cache, slot_mapping, b)
     else:

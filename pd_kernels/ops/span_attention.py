@@ -25,7 +25,7 @@ import math
 import torch
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check, check_tensor, debug_enabled
+from .._checks import FLOAT_DTYPES, check, check_tensor, debug_enabled, memory_span, spans_meet
 from ..layout import SpanLayout, StaticSpanLayout, plan_for
 from ..reference.span_attention import span_attention_ref_tensors
 
@@ -45,7 +45,7 @@ def _run(q, k_cache, v_cache, block_table, q_pos, q_seq, q_kv, out, scale, backe
 
 
 def _check_fits(num_seqs: int, max_kv: int, kv_lens, block_table: torch.Tensor, page_size: int,
-                num_pages: int) -> None:
+                num_pages: int, debug: bool) -> None:
     """The layout against the cache (host values): one block-table row per sequence, every visible key
     inside the block table; with ``PD_KERNELS_DEBUG=1`` also every page id a query can see (a sync)."""
     if block_table.shape[0] != num_seqs:
@@ -56,7 +56,7 @@ def _check_fits(num_seqs: int, max_kv: int, kv_lens, block_table: torch.Tensor, 
         over = [(b, int(n)) for b, n in enumerate(kv_lens) if n > cap]
         raise ValueError(f"layout needs keys past the cache: (sequence, keys needed) {over[:4]} but the block "
                          f"table holds {block_table.shape[1]} pages x {page_size} = {cap} positions")
-    if debug_enabled():
+    if debug:
         # page ids are device values: read them only when asked (a sync), never in the decode loop
         for b, n in enumerate(kv_lens):
             pages = block_table[b, :-(-int(n) // page_size)]
@@ -66,13 +66,38 @@ def _check_fits(num_seqs: int, max_kv: int, kv_lens, block_table: torch.Tensor, 
                                  f"outside [0, {num_pages}) for its {int(n)} visible keys")
 
 
+def _check_out_memory(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                      caches: bool) -> None:
+    """``out`` is written while q and the cache are read (by other tiles): it must not share memory with ``q``,
+    nor have elements that share memory (an expanded view); with ``caches`` (``PD_KERNELS_DEBUG=1``, or the
+    registered op), nor with the caches. Data pointers: real tensors only. ``out`` has q's shape and dtype."""
+    if not out.numel():
+        return
+    if out.is_contiguous():
+        if q.is_contiguous():
+            # the common case: two blocks of one size overlap iff their starts are closer than that size
+            if abs(out.data_ptr() - q.data_ptr()) < out.nbytes:
+                raise ValueError("out shares memory with q: attention reads q while writing out (the torch path "
+                                 "zeroes out first); pass a separate buffer")
+            if not caches:
+                return
+    elif torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"out elements overlap in memory (an expanded view?), strides {out.stride()}")
+    o = memory_span(out)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)) if caches else (("q", q),):
+        if t.numel() and spans_meet(o, memory_span(t)):
+            raise ValueError(f"out shares memory with {name}: attention reads {name} while writing out (the torch "
+                             f"path zeroes out first); pass a separate buffer")
+
+
 def _span_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                          q_pos: torch.Tensor, q_seq: torch.Tensor, q_kv: torch.Tensor, segs_host: torch.Tensor,
                          kv_host: torch.Tensor, out: torch.Tensor, scale: float, backend: str) -> None:
     # the registered op's body: runs at execution time (also under torch.compile), with the layout's host
     # description (CPU tensors): the layout checks and the plan lookup happen here, not in the trace
+    _check_out_memory(q, k_cache, v_cache, out, True)
     kv = kv_host.tolist()
-    _check_fits(len(kv), max(kv, default=0), kv, block_table, k_cache.shape[1], k_cache.shape[0])
+    _check_fits(len(kv), max(kv, default=0), kv, block_table, k_cache.shape[1], k_cache.shape[0], debug_enabled())
     plan = None
     if backend == "triton":
         plan = plan_for(segs_host, q.shape[1] // k_cache.shape[2], q.device)
@@ -101,7 +126,7 @@ def _validate(q, k_cache, v_cache, block_table, layout, out) -> None:
                 and kshape == v_cache.shape and k_cache.dtype == dt and v_cache.dtype == dt
                 and k_cache.stride()[-1] == 1 and v_cache.stride()[-1] == 1 and k_cache.device == dev
                 and v_cache.device == dev and kshape[3] == shape[2] and 1 <= shape[2] <= 256
-                and kshape[2] >= 1 and shape[1] % kshape[2] == 0
+                and kshape[2] >= 1 and shape[1] % kshape[2] == 0 and kshape[0] >= 1 and kshape[1] >= 1
                 and block_table.dim() == 2 and block_table.dtype == torch.int32 and block_table.stride()[-1] == 1
                 and block_table.device == dev and layout.q_pos.device == dev and layout.q_pos.shape[0] == shape[0]
                 and (out is None or (out.shape == shape and out.dtype == dt and out.stride()[-1] == 1
@@ -124,6 +149,9 @@ def _validate_detailed(q, k_cache, v_cache, block_table, layout, out) -> None:
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     P, page_size, Hkv, Dk = k_cache.shape
+    if P < 1 or page_size < 1:
+        raise ValueError(f"k_cache must have at least one page of at least one slot, got shape {tuple(k_cache.shape)} "
+                         f"([P, page_size, Hkv, D])")
     if Dk != D:
         raise ValueError(f"head dim of q ({D}) != head dim of the cache ({Dk}); cache is [P, page_size, Hkv, D]")
     if not 1 <= D <= 256:
@@ -160,13 +188,18 @@ def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             allocates (Triton backend, after the first call per ``(Hkv, D)``; the torch reference reads the
             layout on the host).
         scale: softmax scale, default ``1 / sqrt(D)``.
-        out: optional ``[Tq, Hq, D]`` output buffer (dtype of q), written in place.
+        out: optional ``[Tq, Hq, D]`` output buffer (dtype of q), written in place; it must not share memory
+            with ``q`` or the caches, nor have overlapping elements (checked: ``q`` and overlap on every eager
+            call, the caches too with ``PD_KERNELS_DEBUG=1`` or through the registered op).
         backend: ``"torch" | "triton" | "auto"`` (no CUDA kernel for this op).
 
     Returns ``out``: ``[Tq, Hq, D]``; query ``t`` attends (softmax in fp32) to the keys ``[0, a) U [b, c)``
     of sequence ``layout.q_seq[t]`` (``layout.q_kv[t] = (a, b, c)``). A row that sees no key (padding) is 0.
     NaN in, NaN out: a non-finite query, visible key or value, or scale gives a non-finite row (Triton: a
-    non-finite value of a causal chunk's own token can also reach the earlier rows of its kernel tile).
+    non-finite value of a causal chunk's own token can also reach the earlier rows of its kernel tile). One
+    exception, where the backends differ: a row whose every visible score is ``-inf`` (an infinite key against
+    a query of the opposite sign) is NaN on torch (softmax of -inf only) and 0 on Triton (taken as a row that
+    sees no key); a ``-inf`` score next to finite ones just gets weight 0 on both.
 
     The tiling (:mod:`pd_kernels.layout`) is chosen per segment from the segment alone, so a request's output
     does not depend on the rest of its batch (bitwise, on one backend and device).
@@ -184,12 +217,16 @@ def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         raise _backend.BackendUnavailable(
             "pd_kernels.span_attention: the Triton interpreter (CPU tensors) computes bf16 wrongly (bf16 is held "
             "as raw 16-bit integers there): use float16 / float32 on CPU, the torch backend, or a GPU")
+    given_out = out is not None
     if out is None:
         out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _backend.eager(q):
+        debug = debug_enabled()
+        if given_out:
+            _check_out_memory(q, k_cache, v_cache, out, debug)
         _check_fits(len(layout.kv_lens), layout.max_kv, layout.kv_lens, block_table, k_cache.shape[1],
-                    k_cache.shape[0])
+                    k_cache.shape[0], debug)
         plan = layout.plan(q.shape[1] // k_cache.shape[2]) if b == "triton" else None
         _run(q, k_cache, v_cache, block_table, layout.q_pos, layout.q_seq, layout.q_kv, out, scale, b, plan)
     else:

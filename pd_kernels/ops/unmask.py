@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import debug_enabled, FLOAT_DTYPES, check, check_tensor
+from .._checks import debug_enabled, FLOAT_DTYPES, check, check_tensor, memory_span, spans_meet
 from ..reference.unmask import (CONFIDENCE_KINDS, POLICIES, SpanState, commit_spans_ref, token_confidence_ref,
                                 filter_threshold)
 from .._cuda_ext import cuda_fake
@@ -106,6 +106,35 @@ def _check_out(token, conf, N: int, dev: torch.device) -> None:
     check(token.is_contiguous() and conf.is_contiguous(), "out tensors must be contiguous")
 
 
+# the kernels multiply by 1 / T in fp32: it must be a finite, normal fp32 (T = inf gave 1 / T = 0, on which the
+# backends disagreed; T below about 3e-39 gave 1 / T = inf)
+_T_MAX = 2.0**126                    # 1 / T >= 2^-126, the smallest normal fp32
+_INV_T_MAX = 3.4028234663852886e38   # fp32 max
+_T_MIN = 2.0**-127                   # a quick lower bound (1 / T = 2^127 < fp32 max); _check_temperature is exact
+
+
+def _check_temperature(temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__} {temperature!r}")
+    t = float(temperature)
+    if not 0 <= t <= _T_MAX:  # NaN fails too
+        raise ValueError(f"temperature must be >= 0 and at most 2^126 (finite), got {temperature!r}")
+    if 0 < t and 1.0 / t > _INV_T_MAX:
+        raise ValueError(f"temperature {temperature!r} is too small: 1 / temperature overflows fp32 (use 0 for "
+                         f"greedy decoding)")
+
+
+def _check_out_memory(logits: torch.Tensor, token: torch.Tensor, conf: torch.Tensor) -> None:
+    """``out`` tensors (non-empty) must not share memory with each other or with ``logits`` (a kernel writes
+    them while other programs still read; the torch path would read half-written values). Data pointers only."""
+    tp, cp = token.data_ptr(), conf.data_ptr()
+    t, c, x = (tp, tp + token.nbytes), (cp, cp + conf.nbytes), memory_span(logits)   # out: contiguous (checked)
+    if spans_meet(t, c):
+        raise ValueError("out[0] (token) and out[1] (conf) share memory")
+    if spans_meet(t, x) or spans_meet(c, x):
+        raise ValueError("out tensors share memory with logits: the kernels read logits while writing out")
+
+
 def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperature: float = 0.0,
                      seed: int | torch.Tensor = 0, offset: int | torch.Tensor = 0,
                      suppress_ids: torch.Tensor | None = None, top_k: int = 0, top_p: float = 1.0,
@@ -119,7 +148,11 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
         confidence: ``"prob"`` = p(token); ``"margin"`` = p(top1) - p(top2); ``"neg_entropy"`` =
             sum p log p (higher = more confident, as for the other two).
         temperature: 0 = argmax, ties to the lowest index (as ``torch.argmax``); > 0 = Gumbel-max sample
-            from ``softmax(z / T)`` and every confidence kind is taken under ``softmax(z / T)``.
+            from ``softmax(z / T)`` and every confidence kind is taken under ``softmax(z / T)``. A real number
+            in ``{0} U [1 / FLT_MAX, 2^126]`` (``1 / T`` must be a normal fp32: the kernels multiply by it).
+            At temperatures so small that ``z / T`` overflows fp32, the confidence is backend-dependent (the
+            reference rounds ``z / T`` to inf: NaN; the kernels subtract the row max first: finite); the
+            token is the same.
         seed, offset: keys of the counter-based random numbers. The noise of (row r, column v) is a hash of
             (seed[r], counter[r], v) and never depends on r itself (nor on the batch, the split or the
             backend), where:
@@ -147,7 +180,8 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
             per element, no filtered copy of the logits).
         filter_greedy: at temperature 0, apply ``top_k`` / ``top_p`` too (default, as the PD reference does);
             False: greedy rows ignore them (the Hugging Face convention). The token is the argmax either way.
-        out: optional ``(token int64 [N], conf float32 [N])`` written in place (CUDA graphs).
+        out: optional ``(token int64 [N], conf float32 [N])`` written in place (CUDA graphs); contiguous,
+            sharing no memory with each other or with ``logits``.
         backend: ``"torch" | "triton" | "cuda" | "auto"``.
 
     Returns:
@@ -168,10 +202,11 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
         raise ValueError(f"logits must have a unit stride over V, got strides {logits.stride()}")
     if not 1 <= V < 2**31 - 1:
         raise ValueError(f"logits must have 1 to 2^31 - 2 columns, got {V}")
-    if confidence not in _KIND_ID:
+    if not isinstance(confidence, str) or confidence not in _KIND_ID:
         raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
-    if not temperature >= 0:  # NaN fails too
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not ((type(temperature) is float or type(temperature) is int)
+            and (temperature == 0 or _T_MIN <= temperature <= _T_MAX)):
+        _check_temperature(temperature)   # the exact bounds and the messages
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if type(top_k) is not int or top_k < 0:
@@ -190,16 +225,22 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
             suppress_ids = None
         elif suppress_ids.stride(0) != 1:
             suppress_ids = suppress_ids.contiguous()
+    eager = _backend.eager(logits)
     if out is None:
         token = torch.empty(N, dtype=_I64, device=dev)
         conf = torch.empty(N, dtype=_F32, device=dev)
     else:
+        if not (type(out) is tuple and len(out) == 2) and not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(f"out must be a (token, conf) pair of tensors, got {type(out).__name__}"
+                            + (f" of {len(out)}" if isinstance(out, (tuple, list)) else ""))
         token, conf = out
         # one cheap test for the common case; the detailed checks (and messages) only when it fails
         if not (type(token) is torch.Tensor and type(conf) is torch.Tensor and token.dtype is _I64
                 and conf.dtype is _F32 and token.shape == conf.shape == (N,) and token.is_contiguous()
                 and conf.is_contiguous() and token.device == dev and conf.device == dev):
             _check_out(token, conf, N, dev)
+        if N and eager:
+            _check_out_memory(logits, token, conf)
     if N == 0:
         return token, conf
     threshold = None
@@ -209,7 +250,7 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
     b = _backend.resolve(OP_TC, backend, dev)
     args = (logits, token, conf, suppress_ids, seed_t, offset_t, threshold, seed, offset, confidence,
             float(temperature), b)
-    if _backend.eager(logits):
+    if eager:
         _token_confidence_impl(*args)
     else:
         torch.ops.pd_kernels.token_confidence(*args)
@@ -300,9 +341,13 @@ def _commit_check_all(token, conf, row_dst, span_rows, tokens, state, committed,
     check(isinstance(tau, Real) and tau == tau, f"tau must be a real number, not NaN, got {tau!r}")
 
 
-def _commit_check_device_values(row_dst: torch.Tensor, span_rows: torch.Tensor, n_tokens: int) -> None:
+def _commit_check_device_values(row_dst: torch.Tensor, span_rows: torch.Tensor, n_tokens: int,
+                                arrivals: torch.Tensor) -> None:
     """``PD_KERNELS_DEBUG=1``: the checks that read device values (a sync): span ranges inside the rows and
-    disjoint, destinations of the spans' rows inside ``tokens`` and distinct."""
+    disjoint, destinations of the spans' rows inside ``tokens`` and distinct, the arrival counter at 0."""
+    if int(arrivals[0]) != 0:
+        raise ValueError(f"commit_spans: state.arrivals is {int(arrivals[0])}, must be 0 between calls (the "
+                         f"kernels' counter; a nonzero value makes all_done wrong)")
     N = row_dst.shape[0]
     sr = span_rows.cpu().long()
     first, count = sr[:, 0], sr[:, 1]
@@ -366,8 +411,8 @@ def commit_spans(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor,
 
     Checked on the host (metadata only): dtypes, shapes, devices, contiguity. With ``PD_KERNELS_DEBUG=1``
     also (reading them on the host: a sync, for debugging only): span ranges outside ``[0, N)`` or
-    overlapping, and the spans' ``row_dst`` outside ``tokens`` or repeated, raise. Without it such inputs
-    give undefined (but never out-of-bounds) results.
+    overlapping, the spans' ``row_dst`` outside ``tokens`` or repeated, and ``state.arrivals`` not 0, raise.
+    Without it such inputs give undefined (but never out-of-bounds) results.
     """
     if out is None:
         committed = all_done = None
@@ -411,7 +456,7 @@ def commit_spans(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor,
         committed = torch.empty(S, dtype=_I32, device=dev)
         all_done = torch.empty(1, dtype=_BOOL, device=dev)
     if debug_enabled():
-        _commit_check_device_values(row_dst, span_rows, tokens.numel())
+        _commit_check_device_values(row_dst, span_rows, tokens.numel(), arr)
     b = _backend.resolve(OP_COMMIT, backend, dev)
     args = (token, conf, row_dst, span_rows, tokens, ml, stp, ns, dfr, arr, committed, all_done, policy, float(tau),
             mask_id, b)

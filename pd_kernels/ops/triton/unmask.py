@@ -212,11 +212,19 @@ def _consume(x, cols, c, m, ms, s, w, t2, ci, bk, bi, bx, h_row, inv_t, scale,
 
 
 @triton.jit
+def _sup_id(sup_ptr, q):
+    """Suppressed id ``q`` as an int32 that matches a column iff the id does: an id outside ``[0, 2^31 - 1)``
+    (int64 ids can be, e.g. ``2^32 + v``, which a plain int32 cast would wrap onto column v) becomes -1."""
+    sid = tl.load(sup_ptr + q)
+    return tl.where((sid >= 0) & (sid < 2147483647), sid, -1).to(tl.int32)
+
+
+@triton.jit
 def _mask(x, cols, sup_ptr, n_sup, thr, HAS_SUP: tl.constexpr, HAS_THR: tl.constexpr):
     """Suppressed ids and entries below the row's floor become -inf (a NaN below nothing stays NaN)."""
     if HAS_SUP:
         for q in range(n_sup):
-            x = tl.where(cols == tl.load(sup_ptr + q).to(tl.int32), float("-inf"), x)
+            x = tl.where(cols == _sup_id(sup_ptr, q), float("-inf"), x)
     if HAS_THR:
         x = tl.where(x < thr, float("-inf"), x)
     return x
@@ -260,8 +268,8 @@ def _row_kernel(
     sup_hi = tl.full([], -1, tl.int32)
     if HAS_SUP:
         for q in range(n_sup):
-            sid = tl.load(sup_ptr + q).to(tl.int32)
-            sup_lo = tl.minimum(sup_lo, sid)
+            sid = _sup_id(sup_ptr, q)
+            sup_lo = tl.minimum(sup_lo, tl.where(sid >= 0, sid, 2147483647))
             sup_hi = tl.maximum(sup_hi, sid)
 
     R: tl.constexpr = BLOCK_V // VEC
@@ -542,14 +550,17 @@ def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, rows_ptr, seq_ptr,
         k = tl.load(step_ptr + j)
         steps = tl.load(ns_ptr + j)
         dfr = tl.load(def_ptr + j)
+        # the counters are int32 but any int32 value must give the reference's (Python int) budget: differences
+        # and sums in int64 (steps - k and deferred + 1 overflow int32 at the extremes)
+        k64, steps64 = k.to(tl.int64), steps.to(tl.int64)
         if POLICY == 1:
             # floor(999 m / (1000 steps - 999 k)) = floor(m (1 - s/t)) for linspace(1, 1e-3, steps + 1)
-            den = tl.maximum(1000 * steps.to(tl.int64) - 999 * k.to(tl.int64), 1)
+            den = tl.maximum(1000 * steps64 - 999 * k64, 1)
             n = tl.minimum(tl.maximum((999 * m.to(tl.int64)) // den, 1), m).to(tl.int32)
-            budget = tl.where(k >= steps - 1, m, n)
+            budget = tl.where(k64 >= steps64 - 1, m, n)
         elif POLICY == 2:
-            per = tl.where(k < steps, m // tl.maximum(steps - k, 1), 0)
-            budget = tl.minimum(m, tl.maximum(per, 1) + dfr)
+            per = tl.where(k64 < steps64, m.to(tl.int64) // tl.maximum(steps64 - k64, 1), 0)
+            budget = tl.minimum(m.to(tl.int64), tl.maximum(per, 1) + dfr.to(tl.int64)).to(tl.int32)
         else:
             budget = m
         # pass A: the pivot = the candidate of rank budget - 1 (when budget >= c, every candidate is in)
