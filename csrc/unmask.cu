@@ -559,17 +559,19 @@ __global__ void __launch_bounds__(kCommitThreads) commit_kernel(CommitSpansParam
   }
   block_best(t_key, t_dst, s_key, s_dst);
 
-  const int k = p.step[j], steps = p.num_steps[j], dfr = p.deferred[j];
+  // the counters are int32, but any int32 value must give the reference's (Python int) budget: differences and
+  // sums in int64 (steps - 1, steps - k and per + deferred overflow int32 at the extremes)
+  const int64_t k = p.step[j], steps = p.num_steps[j], dfr = p.deferred[j];
   int budget = m;
   if (p.policy == 1) {
     // floor(999 m / (1000 steps - 999 k)) = floor(m (1 - s/t)) for linspace(1, 1e-3, steps + 1)
-    const int64_t den = max(static_cast<int64_t>(1000) * steps - static_cast<int64_t>(999) * k, static_cast<int64_t>(1));
+    const int64_t den = max(1000 * steps - 999 * k, static_cast<int64_t>(1));
     int64_t n = static_cast<int64_t>(999) * m / den;
     n = n < 1 ? 1 : (n > m ? m : n);
     budget = k >= steps - 1 ? m : static_cast<int>(n);
   } else if (p.policy == 2) {
-    const int per = k < steps ? m / max(steps - k, 1) : 0;
-    budget = min(m, max(per, 1) + dfr);
+    const int64_t per = k < steps ? m / max(steps - k, static_cast<int64_t>(1)) : 0;
+    budget = static_cast<int>(min(static_cast<int64_t>(m), max(per, static_cast<int64_t>(1)) + dfr));
   }
 
   // pass A: the pivot, the candidate of rank budget - 1 (default: below every candidate = all are in)
@@ -634,7 +636,7 @@ __global__ void __launch_bounds__(kCommitThreads) commit_kernel(CommitSpansParam
     const int left = m - cnt;
     p.committed[j] = cnt;
     p.masks_left[j] = left;
-    p.step[j] = k + 1;
+    p.step[j] = static_cast<int>(k + 1);
     p.deferred[j] = p.policy == 2 ? budget - cnt : 0;
     arrive(p, left);
   }

@@ -159,7 +159,16 @@ class SeqQueries:
         if active is None:
             act = (True,) * len(lens)
         else:
-            act = tuple(bool(x) for x in active)
+            try:
+                act = tuple(active)
+            except TypeError:
+                raise TypeError(f"SeqQueries.spans: active must be a sequence of bools, one per span, got "
+                                f"{type(active).__name__}") from None
+            bad = [x for x in act if not isinstance(x, (bool, np.bool_)) and not (isinstance(x, (int, np.integer))
+                                                                                  and x in (0, 1))]
+            if bad:
+                raise TypeError(f"SeqQueries.spans: active flags must be bools (or 0 / 1), got {bad[:4]}")
+            act = tuple(bool(x) for x in act)
             if len(act) != len(lens):
                 raise ValueError(f"SeqQueries.spans: {len(act)} active flags for {len(lens)} spans")
         if mode not in ("pd", "pd-da"):

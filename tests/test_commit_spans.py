@@ -504,7 +504,8 @@ def test_debug_checks(backend, device, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
 @pytest.mark.parametrize("policy", ["schedule", "pd_threshold"])
 @pytest.mark.parametrize("counters", [(2**31 - 1, -2**31, 2**31 - 1), (-2**31, 2**31 - 2, 0), (1, 2**31 - 2, 5),
-                                      (3, 0, 2**31 - 1)], ids=["steps_max", "steps_min", "k_large", "dfr_max"])
+                                      (3, 0, 2**31 - 1), (5, 2**31 - 1, 1)],
+                         ids=["steps_max", "steps_min", "k_large", "dfr_max", "k_wraps"])
 def test_extreme_counters_match_reference(backend, policy, counters):
     """Any int32 counters give the reference's (Python int) budget: Triton computed ``steps - k`` and
     ``per + deferred`` in int32, which wrapped (a negative budget, a negative ``deferred``)."""
@@ -532,6 +533,15 @@ def test_extreme_counters_match_reference(backend, policy, counters):
     for f in ("masks_left", "step", "deferred"):
         assert getattr(state, f).cpu().tolist() == getattr(ref_st, f).tolist(), f
     assert (state.deferred >= 0).all()
+
+
+@pytest.mark.parametrize("steps", [[0], [2, -1], [1.5], 0])
+def test_reset_refuses_steps_below_one(steps):
+    state = SpanState.new(2, "cpu")
+    with pytest.raises(ValueError, match="num_steps"):
+        state.reset([0], [3], steps)
+    state.reset([0, 1], [3, 4], [1, 2])
+    assert state.num_steps.tolist() == [1, 2] and state.masks_left.tolist() == [3, 4]
 
 
 @pytest.mark.parametrize("backend", ["torch"] + BACKENDS)

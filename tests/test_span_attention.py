@@ -366,6 +366,11 @@ def test_bad_layouts_raise():
         pk.SeqQueries.spans(10, [4, -3])
     with pytest.raises(ValueError, match="active flags"):
         pk.SeqQueries.spans(10, [4, 5], [True])
+    with pytest.raises(TypeError, match="active must be a sequence"):
+        pk.SeqQueries.spans(10, [4], 5)
+    with pytest.raises(TypeError, match="active flags must be bools"):
+        pk.SeqQueries.spans(10, [4, 5], ["no", ""])      # not taken by truthiness
+    assert pk.SeqQueries.spans(10, [4, 5], np.array([1, 0])).active == (True, False)
     with pytest.raises(ValueError, match="mode"):
         pk.SeqQueries.spans(10, [4], mode="dense")
     with pytest.raises(ValueError, match="prefix >= 0"):

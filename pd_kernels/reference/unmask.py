@@ -334,9 +334,13 @@ class SpanState:
         """Start a round for ``span_ids``: masks_left = masks, step = 0, num_steps = num_steps, deferred = 0.
 
         Each argument is a list or a tensor (lists are copied to the device: one host->device copy each).
-        ``num_steps`` must be >= 1.
+        ``num_steps`` must be >= 1 (checked for host values; a device tensor is taken as is, no sync).
         """
         dev = self.device
+        if not isinstance(num_steps, torch.Tensor):
+            host = torch.as_tensor(num_steps)
+            if host.numel() and (host.dtype.is_floating_point or host.dtype == torch.bool or int(host.min()) < 1):
+                raise ValueError(f"SpanState.reset: num_steps must be integers >= 1, got {num_steps!r}")
         ids = torch.as_tensor(span_ids, dtype=torch.int64, device=dev).reshape(-1)
         masks = torch.as_tensor(masks, dtype=torch.int32, device=dev).reshape(-1).expand(ids.shape[0])
         steps = torch.as_tensor(num_steps, dtype=torch.int32, device=dev).reshape(-1).expand(ids.shape[0])
@@ -450,7 +454,7 @@ def commit_spans_ref(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Ten
             flat[dst_l[r]] = tok_l[r]
         committed[j] = len(take)
         state.masks_left[j] = m - len(take)
-        state.step[j] = k + 1
+        state.step[j] = (k + 1 + 2**31) % 2**32 - 2**31   # the kernels' int32 counter (wraps at 2^31 - 1)
         state.deferred[j] = deferred
     all_done = (state.masks_left == 0).all().reshape(1)
     return committed, all_done
