@@ -294,7 +294,7 @@ class Decoder:
         if self._stepping or self._generating:
             raise RuntimeError("Decoder.generate / stream was called while this Decoder is decoding (from on_step or "
                                "on_event?): a Decoder decodes one call at a time; use a second Decoder")
-        cfg, V = self.cfg, self.geo["vocab_size"]
+        cfg, V = self.cfg, self.geo["input_vocab_size"]   # prompts and forced plans are read by the embeddings
         check_model_state(self.model, self.device, self.dtype)
         self._check_tags()
         prompts = check_prompts(prompts, V)

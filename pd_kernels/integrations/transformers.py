@@ -380,8 +380,9 @@ def enabled(model, *, allow_unverified: bool = False):
 # Running an enabled model
 # ---------------------------------------------------------------------------------------------------
 def model_geometry(model) -> dict:
-    """Layers, KV heads and head dim of a transformers decoder (for sizing the cache), and its vocabulary: the
-    rows of the LM head (the ids it can choose; ``config.vocab_size`` when the head has no weight). Raises
+    """Layers, KV heads and head dim of a transformers decoder (for sizing the cache), and its vocabularies:
+    ``vocab_size`` the rows of the LM head (the ids it can choose; ``config.vocab_size`` when the head has no
+    weight), ``input_vocab_size`` the rows of the input embeddings (the ids it can read). Raises
     :class:`UnsupportedModelError` when the LM head has more rows than the input embeddings (a chosen id could
     not be fed back)."""
     cfg = model.config
@@ -400,7 +401,7 @@ def model_geometry(model) -> dict:
         raise UnsupportedModelError(f"{type(model).__name__}: the LM head has {n_out} rows but the input embeddings "
                                     f"only {n_in}: a chosen id >= {n_in} could not be fed back")
     return {"num_layers": cfg.num_hidden_layers, "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-            "head_dim": int(head_dim), "num_heads": heads, "vocab_size": n_out}
+            "head_dim": int(head_dim), "num_heads": heads, "vocab_size": n_out, "input_vocab_size": n_in or n_out}
 
 
 def graph_capture_issues(model) -> list[str]:
