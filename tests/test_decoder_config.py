@@ -84,6 +84,10 @@ def test_bad_decoder_arguments(model):
     trained = copy.deepcopy(model).train()
     with pytest.raises(ValueError, match="training mode"):
         Decoder(trained, cfg)
+    dec = Decoder(model, cfg)
+    dec.max_batch = 0   # re-checked at each call (was a PagedKVCache / num_pages error)
+    with pytest.raises(ValueError, match="max_batch must be an int >= 1, got 0"):
+        dec.generate([[40]], [PLAN])
 
 
 BAD_PROMPTS = [

@@ -136,6 +136,11 @@ def test_errors(model):
         Decoder(model, cfg, cuda_graphs=True)
     with pytest.raises(ValueError, match="static_step=False"):
         Decoder(model, cfg, cuda_graphs=True, static_step=False)
+    dec = Decoder(model, cfg, backend="torch")
+    dec.generate(PROMPTS[:1], PLANS[:1])
+    dec.static_step = True   # would reuse the dynamic step's buffers, which lack the static scratch (IndexError)
+    with pytest.raises(ValueError, match="fixed when the Decoder is made"):
+        dec.generate(PROMPTS[:1], PLANS[:1])
 
 
 # ---- capturability on the CPU: trace the static step body -----------------------------------------------

@@ -225,6 +225,7 @@ class Decoder:
         if not b or b[0] < 1 or list(b) != sorted(set(b)):
             raise ValueError(f"buckets must be distinct positive sizes in ascending order, got {buckets!r}")
         self.buckets = b
+        self._fixed = (self.cuda_graphs, self.static_step, self.buckets)   # checked above: fixed for the Decoder
         self.graph_counts = {"captured": 0, "replayed": 0, "static_eager": 0, "dynamic": 0}
         self._arena_key = None
         self._buckets: dict = {}      # (Q, R) -> Bucket
@@ -295,6 +296,10 @@ class Decoder:
             raise RuntimeError("Decoder.generate / stream was called while this Decoder is decoding (from on_step or "
                                "on_event?): a Decoder decodes one call at a time; use a second Decoder")
         cfg, V = self.cfg, self.geo["input_vocab_size"]   # prompts and forced plans are read by the embeddings
+        if (self.cuda_graphs, self.static_step, self.buckets) != self._fixed:
+            raise ValueError("Decoder.cuda_graphs / static_step / buckets are fixed when the Decoder is made (its "
+                             "checks and buffers depend on them): make a new Decoder")
+        check_decoder_args(self.model, cfg, self.max_batch, self.backend, self.on_step, self.buckets)
         check_model_state(self.model, self.device, self.dtype)
         self._check_tags()
         prompts = check_prompts(prompts, V)
@@ -322,8 +327,8 @@ class Decoder:
         mask_free = cfg.mode == "ar" or not cfg.suppress_mask
         # what the captured step bakes in besides the geometry (a new value needs new buffers and graphs)
         baked = (cfg.policy, cfg.tau, cfg.confidence, cfg.temperature, cfg.top_k, cfg.top_p, mask_free)
-        key = (nb, self.cap, num_pages, ps, pages_per_seq, cfg.max_spans, cfg.tags.mask, cfg.tags.pad, self.buckets,
-               baked)
+        key = (nb, self.cap, num_pages, ps, pages_per_seq, n_scratch, cfg.max_spans, cfg.tags.mask, cfg.tags.pad,
+               self.buckets, baked)
         if (self.static_step and key == self._arena_key and not self.cache.sequences
                 and self.cache.num_free_pages == self.cache.num_pages):
             # same geometry: keep the buffers the captured graphs point at, reset their contents
@@ -384,6 +389,8 @@ class Decoder:
                     while self.queue and self.free_slots and \
                             self._pages_held + self.queue[0].max_pages <= self.cache.num_pages:
                         self._admit(self.queue.pop(0))
+                    if not self.running:   # cannot happen (_start checked that each request fits alone): no hang
+                        raise RuntimeError(f"no request could be admitted ({len(self.queue)} waiting)")
                     with torch.no_grad():
                         self._step()
                     if self.on_step is not None:
