@@ -108,7 +108,7 @@ class ReferenceDecoder:
         self.model, self.tags, self.mode = model, tags, mode
         self.policy, self.conf_kind, self.tau, self.r = policy, confidence, tau, steps_ratio
         self.length_scale, self.max_new, self.max_rounds = length_scale, max_new_tokens, max_rounds
-        self.diffusion_len = diffusion_len or max_new_tokens
+        self.diffusion_len = min(diffusion_len or max_new_tokens, max_new_tokens)   # the budget caps the canvas
         self.full, self.refresh = diffusion_attention == "full", refresh_spans
         self.forwards = 0
 

@@ -252,3 +252,19 @@ def test_closed_pipe_prints_no_traceback(read_lines):
         p.kill()
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert p.returncode == 141, err
+
+
+def test_edge_values_that_used_to_fail_or_overrun(capsys):
+    """A steps ratio whose step count passes int32 decodes like ratio 1 (it ended in an overflow error from the
+    device counters); --max-new-tokens caps a diffusion canvas too (the trained model's canvas of 26 ignored it)."""
+    answers = []
+    for ratio in ("1", "1e30"):
+        rc, out, err = _main(capsys, "demo", "--steps-ratio", ratio, "--plain", "--no-baseline")
+        assert rc == 0, err
+        answers.append(next(ln for ln in out.splitlines() if ln.startswith("answer")))
+    assert answers[0] == answers[1]
+    rc, out, err = _main(capsys, "demo", "--mode", "diffusion", "--max-new-tokens", "6", "--plain", "--no-baseline")
+    assert rc == 0, err
+    assert "answer (length):" in out and "\ndiffusion" in out
+    row = next(ln for ln in out.splitlines() if ln.startswith("diffusion"))
+    assert row.split()[1] == "7"   # critical path: the prefill and 6 diffusion steps (one token a step)

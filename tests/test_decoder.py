@@ -128,6 +128,10 @@ def test_parse_plan_errors():
     assert "clamped" in errors[2] and "no </topic>" in errors[3]
     entries, errors = parse_plan(make_plan(T, [1, 2, 3], terminator=None), T, max_spans=2)
     assert [e.number for e in entries] == [1, 2] and "max_spans" in errors[0]
+    # a float scale whose product overflows to inf is clamped like any long span (int(inf) used to raise)
+    entries, errors = parse_plan(make_plan(T, [99, 2], terminator=None), T, length_scale=1e307, max_span_len=40)
+    assert [e.length for e in entries] == [40, 40] and len(errors) == 2
+    assert "99 x length_scale 1e+307 tokens: clamped to max_span_len=40" in errors[0]
 
 
 def test_plan_without_promise_is_the_answer(models):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pd_kernels.decoder import DecodeConfig, Decoder, generate, make_plan, parse_plan
+from pd_kernels.decoder import ControlTags, DecodeConfig, Decoder, generate, make_plan, parse_plan
 from pd_kernels.models import TINY_TAGS, ToyTokenizer, tiny_model
 
 T = TINY_TAGS
@@ -84,6 +84,10 @@ def test_bad_decoder_arguments(model):
     trained = copy.deepcopy(model).train()
     with pytest.raises(ValueError, match="training mode"):
         Decoder(trained, cfg)
+    dec = Decoder(model, cfg)
+    dec.max_batch = 0   # re-checked at each call (was a PagedKVCache / num_pages error)
+    with pytest.raises(ValueError, match="max_batch must be an int >= 1, got 0"):
+        dec.generate([[40]], [PLAN])
 
 
 BAD_PROMPTS = [
@@ -99,6 +103,8 @@ BAD_PROMPTS = [
     ([torch.tensor([0.5, 1.5])], TypeError, "integer token ids"),
     ([[True, 41]], TypeError, "must be ints, got bool"),
     ("x", TypeError, "a str"),
+    ([[40, 2**70]], ValueError, f"token id {2**70} at position 1 is outside"),   # beyond int64: no OverflowError
+    ([torch.tensor([40, 41], device="meta")], ValueError, "prompt 0 is a tensor on the meta device"),
 ]
 
 
@@ -128,6 +134,110 @@ def test_bad_forced_plans_and_seeds(model):
         generate(model, [[40]], cfg, seeds=[-3])
     with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
         generate(model, [[40]], cfg, seeds=[1, 2])
+
+
+def test_seeds_as_arrays(model):
+    """1-D integer arrays / tensors are seed lists like any other; other shapes and dtypes are refused."""
+    cfg = DecodeConfig(temperature=1.0, **KW)
+    want = [r.sequence for r in generate(model, [[40], [41]], cfg, forced_plans=[PLAN] * 2, seeds=[5, 9])]
+    for seeds in (np.array([5, 9]), torch.tensor([5, 9])):
+        assert [r.sequence for r in generate(model, [[40], [41]], cfg, forced_plans=[PLAN] * 2, seeds=seeds)] == want
+    for seeds in (np.array([[5, 9]]), torch.tensor([5.0, 9.0])):
+        with pytest.raises(TypeError, match="seeds as a"):
+            generate(model, [[40], [41]], cfg, seeds=seeds)
+
+
+def test_numpy_scalars_in_config_and_tags():
+    """numpy numbers (from a sweep) are accepted and stored as Python numbers; a digits list becomes a tuple
+    (the tags stay hashable); numpy bools are still not numbers."""
+    cfg = DecodeConfig(tau=np.float32(0.5), max_new_tokens=np.int64(7), length_scale=np.int32(4), seed=np.uint8(3))
+    assert (cfg.tau, cfg.max_new_tokens, cfg.length_scale, cfg.seed) == (0.5, 7, 4, 3)
+    assert type(cfg.tau) is float and type(cfg.max_new_tokens) is int and type(cfg.length_scale) is int
+    tags = ControlTags(eos=np.int64(5), digits=list(range(15, 25)))
+    assert type(tags.eos) is int and tags.digits == tuple(range(15, 25)) and hash(tags) == hash(ControlTags(eos=5))
+    with pytest.raises(TypeError, match="top_k"):
+        DecodeConfig(top_k=np.True_)
+    with pytest.raises(ValueError, match="digits"):
+        ControlTags(digits="0123456789")
+
+
+def test_huge_steps_ratio_runs(model):
+    """A step count beyond int32 (the device counters) is clamped; any count >= the longest span commits one
+    token per span per step under ``schedule``, so the tokens equal those of steps_ratio 1."""
+    one = generate(model, [[40, 41]], DecodeConfig(**KW), forced_plans=[PLAN])[0]
+    for ratio in (1e12, 1e300):
+        r = generate(model, [[40, 41]], DecodeConfig(**dict(KW, steps_ratio=ratio)), forced_plans=[PLAN])[0]
+        assert r.sequence == one.sequence and r.stats.steps == one.stats.steps
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_num_pages_below_the_batch_waits(model, static):
+    """``num_pages`` holding one request at a time: requests wait for pages instead of failing mid-run with
+    OutOfPages, and each gets the tokens it gets alone."""
+    cfg = DecodeConfig(**KW)
+    prompts = [[40], [41, 42], [43, 44, 45]]
+    alone = [generate(model, [p], cfg, forced_plans=[PLAN], static_step=static)[0].sequence for p in prompts]
+    tight = cfg.replace(num_pages=-(-(3 + KW["max_new_tokens"]) // cfg.page_size))   # one request's worth
+    seen = []
+    out = generate(model, prompts, tight, forced_plans=[PLAN] * 3, max_batch=3, static_step=static,
+                   on_step=lambda d: seen.append(len(d.running)))
+    assert [r.sequence for r in out] == alone and max(seen) == 1
+
+
+def test_diffusion_len_is_capped_by_the_budget(model):
+    """max_new_tokens / max_length cap a diffusion canvas too: a longer diffusion_len is cut to the budget
+    (finish reason "length"); one within it is used as given."""
+    cfg = DecodeConfig(mode="diffusion", **dict(KW, max_new_tokens=6, diffusion_len=50))
+    r = generate(model, [[40, 41, 42]], cfg)[0]
+    assert len(r.sequence) == 3 + 6 and r.finish_reason == "length" and [len(s) for s in r.spans[0]] == [6]
+    r = generate(model, [[40, 41, 42]], cfg.replace(max_length=7))[0]
+    assert len(r.sequence) == 7 and r.finish_reason == "length"
+    r = generate(model, [[40, 41, 42]], cfg.replace(diffusion_len=5))[0]
+    assert len(r.sequence) == 3 + 5 and r.finish_reason == "eos"
+
+
+def test_model_changed_after_the_decoder_was_made(model):
+    """The model is checked again at every call: training mode, a new dtype or device, tags that no longer fit."""
+    m = copy.deepcopy(model)
+    dec = Decoder(m, DecodeConfig(**KW), backend="torch")
+    m.train()
+    with pytest.raises(ValueError, match="training mode"):
+        dec.generate([[40]], [PLAN])
+    m.eval().double()
+    with pytest.raises(ValueError, match="now torch.float64 on cpu, but this Decoder was made for torch.float32"):
+        dec.generate([[40]], [PLAN])
+    m.float()
+    dec.cfg = DecodeConfig(mode="ar")   # Dream tag ids: beyond the tiny vocabulary
+    with pytest.raises(ValueError, match="control-tag ids"):
+        dec.generate([[40]])
+    with pytest.raises(TypeError, match="Decoder.cfg must be a DecodeConfig"):
+        dec.cfg = {"mode": "ar"}
+
+
+def test_models_that_cannot_run(model):
+    """Refused by name: a module that is not a causal LM (even in training mode), weights on the meta device,
+    a config whose vocabulary the LM head does not have (ids are checked against the head's rows)."""
+    with pytest.raises(ValueError, match="Linear is not a transformers causal LM"):
+        Decoder(torch.nn.Linear(2, 2), DecodeConfig(**KW))
+    from transformers import Qwen2ForCausalLM
+
+    with torch.device("meta"):
+        meta = Qwen2ForCausalLM(model.config).eval()
+    with pytest.raises(ValueError, match="meta device"):
+        Decoder(meta, DecodeConfig(**KW))
+    wide = copy.deepcopy(model)
+    wide.config.vocab_size = 300   # the head and embeddings still have 256 rows
+    with pytest.raises(ValueError, match=r"token id 299 at position 1 is outside the model's vocabulary \[0, 256\)"):
+        generate(wide, [[40, 299]], DecodeConfig(**KW))
+    narrow = copy.deepcopy(model)
+    narrow.model.embed_tokens = torch.nn.Embedding(200, model.config.hidden_size)
+    with pytest.raises(ValueError, match="LM head has 256 rows but the input embeddings only 200"):
+        Decoder(narrow, DecodeConfig(**KW))
+
+
+def test_on_event_must_be_callable(model):
+    with pytest.raises(TypeError, match="on_event must be callable"):
+        generate(model, [[40]], DecodeConfig(**KW), on_event="print")
 
 
 def test_budget_too_large_for_memory(model):

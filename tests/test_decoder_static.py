@@ -106,12 +106,41 @@ def test_buffers_kept_across_generate_calls(model):
     assert dec.tokens.shape[0] == 1 and not any(buckets.get(k) is v for k, v in dec._buckets.items())
 
 
+def test_new_config_between_calls_is_not_stale(model):
+    """A config replaced between calls (``dec.cfg = ...``, as the benchmark suite does) takes full effect on the
+    static step: its buffers and graphs bake in MASK suppression, the policy and the sampling knobs, so a change
+    there gets new ones (the suppression used to stay the old one); a change of the budget alone keeps them."""
+    from test_decoder_config import _mask_loving
+
+    m = _mask_loving(model)   # a head that prefers MASK: suppression decides every span token
+    on = DecodeConfig(mode="pd", tags=T, **KW)
+    for new in (on.replace(suppress_mask=False), on.replace(policy="threshold", tau=0.0)):
+        want = Decoder(m, new, static_step=True, backend="torch").generate(PROMPTS, PLANS)
+        dec = Decoder(m, on, static_step=True, backend="torch")
+        old = dec.generate(PROMPTS, PLANS)
+        dec.cfg = new
+        got = dec.generate(PROMPTS, PLANS)
+        assert [_result(x) for x in got] == [_result(x) for x in want]
+        assert [_result(x) for x in got] != [_result(x) for x in old]   # the change matters on this model
+    dec = Decoder(m, on, static_step=True, backend="torch")
+    dec.generate(PROMPTS, PLANS)
+    buckets = dict(dec._buckets)
+    dec.cfg = on.replace(max_rounds=5)   # nothing the step bakes in: the same buffers
+    dec.generate(PROMPTS, PLANS)
+    assert all(dec._buckets[k] is v for k, v in buckets.items())
+
+
 def test_errors(model):
     cfg = DecodeConfig(mode="pd", tags=T, **KW)
     with pytest.raises(ValueError, match="cuda_graphs=True needs a model on a CUDA device"):
         Decoder(model, cfg, cuda_graphs=True)
     with pytest.raises(ValueError, match="static_step=False"):
         Decoder(model, cfg, cuda_graphs=True, static_step=False)
+    dec = Decoder(model, cfg, backend="torch")
+    dec.generate(PROMPTS[:1], PLANS[:1])
+    dec.static_step = True   # would reuse the dynamic step's buffers, which lack the static scratch (IndexError)
+    with pytest.raises(ValueError, match="fixed when the Decoder is made"):
+        dec.generate(PROMPTS[:1], PLANS[:1])
 
 
 # ---- capturability on the CPU: trace the static step body -----------------------------------------------

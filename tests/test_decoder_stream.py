@@ -91,3 +91,69 @@ def test_stream_checks_arguments_at_once(model):
     dec = Decoder(model, DecodeConfig(mode="pd", tags=T, **KW), backend="torch")
     with pytest.raises(TypeError, match="flat list"):
         dec.stream([1, 2, 3])   # raised by the call, not on the first next()
+
+
+# ---- one call at a time: nested calls, superseded and abandoned streams, one model under two decoders ----------
+def _sequences(results):
+    return [r.sequence for r in results]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_nested_calls_are_refused(model, static):
+    """generate / stream from inside on_event or on_step would reset the running call's state (it used to
+    return wrong tokens): refused, and the decoder works normally afterwards."""
+    cfg = DecodeConfig(mode="pd", tags=T, **KW)
+    want = _sequences(generate(model, PROMPTS, cfg, forced_plans=PLANS, backend="torch"))
+    dec = Decoder(model, cfg, backend="torch", static_step=static)
+
+    def nested(_):
+        dec.generate(PROMPTS[:1], PLANS[:1])
+
+    with pytest.raises(RuntimeError, match="one call at a time"):
+        dec.generate(PROMPTS, PLANS, on_event=nested)
+    with pytest.raises(RuntimeError, match="one call at a time"):
+        for _ in dec.stream(PROMPTS, PLANS):
+            dec.on_step = lambda d: d.stream(PROMPTS[:1], PLANS[:1])
+    dec.on_step = None
+    assert _sequences(dec.generate(PROMPTS, PLANS)) == want
+    with pytest.raises(RuntimeError, match="cfg cannot change during"):
+        dec.generate(PROMPTS[:1], PLANS[:1], on_event=lambda e: setattr(dec, "cfg", cfg))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_superseded_stream_raises_and_abandoned_stream_leaves_no_state(model):
+    """A stream left open is ended by the next call on its decoder: resuming it raises instead of yielding another
+    call's events (or stopping early without its RequestFinished); an abandoned stream changes nothing."""
+    cfg = DecodeConfig(mode="pd", tags=T, **KW)
+    dec = Decoder(model, cfg, backend="torch")
+    want = _sequences(dec.generate(PROMPTS, PLANS))
+    old = dec.stream(PROMPTS, PLANS)
+    for _, _ in zip(range(5), old):
+        pass
+    assert _sequences(dec.generate(PROMPTS, PLANS)) == want   # the new call is unaffected
+    with pytest.raises(RuntimeError, match="stream iterator has ended"):
+        list(old)
+    for _ in dec.stream(PROMPTS, PLANS):
+        break   # abandoned after one event
+    assert _sequences(dec.generate(PROMPTS, PLANS)) == want
+    old = dec.stream(PROMPTS, PLANS)
+    next(old)
+    dec.cfg = cfg.replace(policy="threshold")   # a new config ends it too
+    with pytest.raises(RuntimeError, match="stream iterator has ended"):
+        next(old)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_two_streams_on_one_model_close_in_any_order(model):
+    """Two decoders streaming on one model: closing the first must not switch the model back to its own
+    attention under the second (it used to, and the second failed); the last one closed restores it."""
+    cfg = DecodeConfig(mode="pd", tags=T, **KW)
+    want = _sequences(generate(model, PROMPTS[:2], cfg, forced_plans=PLANS[:2], backend="torch"))
+    a = Decoder(model, cfg, backend="torch").stream(PROMPTS[:2], PLANS[:2])
+    b = Decoder(model, cfg, backend="torch").stream(PROMPTS[:2], PLANS[:2])
+    next(a), next(b)
+    a.close()
+    assert model.config._attn_implementation == "pd_kernels"
+    done = {e.request: e.result.sequence for e in b if isinstance(e, RequestFinished)}
+    assert [done[i] for i in range(2)] == want
+    assert model.config._attn_implementation == "sdpa"

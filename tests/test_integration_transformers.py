@@ -153,6 +153,12 @@ def test_dream_loader_missing_weight(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="Dream"):
         load_dream(str(tmp_path))
+    _write_dream(tmp_path, tiny_model(seed=4))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for bad in ("auto", "int8"):   # not a floating-point torch dtype: named, not an AttributeError / int weights
+        (tmp_path / "config.json").write_text(json.dumps(dict(raw, torch_dtype=bad)))
+        with pytest.raises(ValueError, match=f"torch_dtype '{bad}' is not a floating-point torch dtype"):
+            load_dream(str(tmp_path))
 
 
 def test_decoder_on_llama():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 MODES = ("ar", "pd", "pd-da", "diffusion")
@@ -35,12 +36,15 @@ class ControlTags:
     digits: tuple[int, ...] = tuple(range(15, 25))
 
     def __post_init__(self):
-        if len(self.digits) != 10:
-            raise ValueError(f"ControlTags.digits must list the ids of '0'..'9', got {len(self.digits)} ids")
+        if isinstance(self.digits, (str, bytes)) or not hasattr(self.digits, "__len__") or len(self.digits) != 10:
+            raise ValueError(f"ControlTags.digits must list the ids of '0'..'9', got {self.digits!r}")
         for name, v in [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "digits"] + \
                 [(f"digits[{i}]", d) for i, d in enumerate(self.digits)]:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if not _is_int(v) or v < 0:
                 raise ValueError(f"ControlTags.{name} must be a token id (an int >= 0), got {v!r}")
+        for f in dataclasses.fields(self):   # plain ints (numpy ints are accepted), digits a tuple: hashable
+            v = getattr(self, f.name)
+            object.__setattr__(self, f.name, tuple(int(d) for d in v) if f.name == "digits" else int(v))
         ids = self.specials
         if len(set(ids)) != len(ids) or set(ids) & set(self.digits):
             raise ValueError(f"control-tag ids must be distinct and differ from the digit ids: {self}")
@@ -56,11 +60,13 @@ class ControlTags:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """A Python or numpy integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v).__name__ != "bool_"
 
 
 def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A Python or numpy real number, not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v).__name__ != "bool_"
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,8 @@ class DecodeConfig:
     Attributes:
         mode: ``"ar"`` (plain autoregressive, the baseline), ``"pd"``, ``"pd-da"`` (dense attention between
             the spans of a round) or ``"diffusion"`` (no plan: ``diffusion_len`` masks after the prompt).
-        steps_ratio: r in ``steps = max(1, int(r * max_k L_k))`` per round (SPEC section 3); finite, > 0.
+        steps_ratio: r in ``steps = max(1, int(r * max_k L_k))`` per round (SPEC section 3); finite, > 0 (a count
+            past 2^31 - 1 is clamped: every count >= the longest span commits the same way).
         policy: commit policy, ``"schedule" | "pd_threshold" | "threshold"`` (SPEC section 5).
         confidence: ``"prob" | "margin" | "neg_entropy"``.
         tau: threshold of ``pd_threshold`` / ``threshold``, in [0, 1].
@@ -94,7 +101,8 @@ class DecodeConfig:
             a float, finite and > 0.
         max_span_len: a span longer than this is clamped to it (recorded in ``plan_errors``).
         max_spans: most spans one round may open; further entries are dropped (recorded).
-        diffusion_len: answer length of ``mode="diffusion"`` (default: the request's budget).
+        diffusion_len: answer length of ``mode="diffusion"`` (default: the request's budget); never more than the
+            budget: a longer one is cut to it (finish reason ``"length"``). Other modes ignore it.
         diffusion_attention: ``mode="diffusion"`` only. ``"causal"`` (ours, the default): the prompt is
             prefilled causally once and cached, the answer block sees the prompt and itself. ``"full"``: the
             paper's diffusion baseline (Dream's ``diffusion_generate``): every step forwards prompt and
@@ -106,7 +114,8 @@ class DecodeConfig:
         answer_text: ``"spans"`` (ours: the spans' tokens in order; a plan with no usable entry gives its own
             text) or ``"reference"`` (the reference's cleaned output: plan text outside ``<promise> ...
             </topic>`` entries kept, and in :meth:`GenerationResult.text` every piece joined with a space).
-        page_size, num_pages: paged KV cache geometry (``num_pages=None``: sized from the batch).
+        page_size, num_pages: paged KV cache geometry (``num_pages=None``: sized from the batch; a smaller pool
+            admits a request only when the pages it may come to hold are free, so requests wait, never run out).
         tags: control-tag ids.
 
     ``DecodeConfig.preset("reference")`` / ``preset("fast")``: see :meth:`preset`.
@@ -149,6 +158,7 @@ class DecodeConfig:
             if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
                 rng = f"{'(' if lo_open else '['}{lo}, {hi}]" if math.isfinite(hi) else f"{'>' if lo_open else '>='} {lo}"
                 raise ValueError(f"DecodeConfig.{name} must be a finite number {rng}, got {v!r}")
+            object.__setattr__(self, name, int(v) if isinstance(v, numbers.Integral) else float(v))  # numpy -> Python
         for name, lo, optional in (("seed", 0, False), ("top_k", 0, False), ("max_new_tokens", 1, False),
                                    ("max_length", 2, True), ("max_rounds", 1, False), ("max_span_len", 1, False),
                                    ("max_spans", 1, False), ("diffusion_len", 1, True), ("page_size", 1, False),
@@ -161,6 +171,7 @@ class DecodeConfig:
                                 f"got {type(v).__name__} {v!r}")
             if v < lo:
                 raise ValueError(f"DecodeConfig.{name} must be >= {lo}, got {v}")
+            object.__setattr__(self, name, int(v))
         if self.seed >= 2**63:
             raise ValueError(f"DecodeConfig.seed must be < 2^63, got {self.seed}")
         for name in ("suppress_mask", "refresh_spans"):

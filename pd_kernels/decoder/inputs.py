@@ -25,6 +25,8 @@ def _as_ids(x, what: str, vocab: int, *, allow_empty: bool = False) -> list[int]
             integral = np.issubdtype(x.dtype, np.integer)
         if not integral:
             raise TypeError(f"{what} must hold integer token ids, got dtype {x.dtype}")
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            raise ValueError(f"{what} is a tensor on the meta device: it holds no token ids")
         ids = [int(t) for t in x.tolist()]
     elif isinstance(x, (list, tuple)):
         for j, t in enumerate(x):
@@ -36,9 +38,12 @@ def _as_ids(x, what: str, vocab: int, *, allow_empty: bool = False) -> list[int]
     if not ids and not allow_empty:
         raise ValueError(f"{what} is empty: a prompt needs at least one token")
     if ids:
-        a = np.asarray(ids, dtype=np.int64)
-        bad = np.nonzero((a < 0) | (a >= vocab))[0]
-        if len(bad):
+        try:
+            a = np.asarray(ids, dtype=np.int64)
+            bad = np.nonzero((a < 0) | (a >= vocab))[0].tolist()
+        except OverflowError:   # an id beyond int64: find it in Python
+            bad = [j for j, t in enumerate(ids) if not 0 <= t < vocab]
+        if bad:
             j = int(bad[0])
             raise ValueError(f"{what}: token id {ids[j]} at position {j} is outside the model's vocabulary "
                              f"[0, {vocab})")
@@ -91,6 +96,13 @@ def check_seeds(seeds, n: int, default: int) -> list[int]:
     """One RNG seed per prompt (ints in ``[0, 2^63)``); ``None``: every request gets ``default``."""
     if seeds is None:
         return [default] * n
+    if isinstance(seeds, (torch.Tensor, np.ndarray)):
+        integral = (not (seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool)
+                    if isinstance(seeds, torch.Tensor) else np.issubdtype(seeds.dtype, np.integer))
+        if seeds.ndim != 1 or not integral:
+            raise TypeError(f"seeds as a {type(seeds).__name__} must be 1-D integers (one per prompt), got shape "
+                            f"{tuple(seeds.shape)} and dtype {seeds.dtype}")
+        seeds = seeds.tolist()
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple)):
         raise TypeError(f"seeds must be a list of ints (one per prompt), got {type(seeds).__name__}")
     if len(seeds) != n:
@@ -114,13 +126,30 @@ def check_decoder_args(model, config, max_batch, backend, on_step, buckets) -> t
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if on_step is not None and not callable(on_step):
         raise TypeError(f"on_step must be callable or None, got {type(on_step).__name__}")
-    if getattr(model, "training", False):
-        raise ValueError(f"{type(model).__name__} is in training mode: call model.eval() before decoding")
     if buckets is not None:
         if isinstance(buckets, (str, bytes)) or not isinstance(buckets, (list, tuple)) or \
                 not all(_is_int(b) for b in buckets):
             raise ValueError(f"buckets must be distinct positive sizes in ascending order, got {buckets!r}")
     return config, int(max_batch)
+
+
+def check_model_state(model, device: torch.device | None = None, dtype: torch.dtype | None = None) -> tuple:
+    """The model's parameter device and dtype, checked: eval mode, real weights (not the meta device), and, when
+    ``device`` / ``dtype`` are given (what a :class:`~pd_kernels.decoder.Decoder` sized its buffers for), the
+    same as then. Returns ``(device, dtype)``."""
+    if getattr(model, "training", False):
+        raise ValueError(f"{type(model).__name__} is in training mode: call model.eval() before decoding")
+    p = next(model.parameters(), None)
+    if p is None:
+        raise ValueError(f"{type(model).__name__} has no parameters")
+    if p.device.type == "meta":
+        raise ValueError(f"{type(model).__name__} is on the meta device (its weights are not loaded): load or "
+                         f"materialize it before decoding")
+    if device is not None and (p.device, p.dtype) != (device, dtype):
+        raise ValueError(f"{type(model).__name__} is now {p.dtype} on {p.device}, but this Decoder was made for "
+                         f"{dtype} on {device} (its cache and buffers are): make a new Decoder after moving or "
+                         f"casting the model")
+    return p.device, p.dtype
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -40,7 +40,9 @@ from ..paged_cache import PagedKVCache
 from ..integrations.transformers import (StepContext, check_model, enabled, forward_hidden, graph_capture_issues,
                                           is_enabled, logits_for_rows, model_geometry)
 from . import events as ev
-from .inputs import check_cache_fits, check_decoder_args, check_forced_plans, check_prompts, check_seeds
+from .config import DecodeConfig
+from .inputs import (check_cache_fits, check_decoder_args, check_forced_plans, check_model_state, check_prompts,
+                     check_seeds)
 from .plan import parse_plan, text_outside_entries
 from .stats import RequestStats
 from .step import Bucket, Piece, StepDesc, choose_tokens, describe, write_ar
@@ -104,6 +106,7 @@ class _Request:
     forced: list | None
     seed: int
     budget: int                         # new tokens it may add
+    max_pages: int                      # cache pages it may come to hold (prompt + budget positions)
     slot: int = -1                      # token-buffer row
     seq: int = -1                       # cache row
     phase: str = "prefill"
@@ -134,6 +137,8 @@ class _Request:
 
 
 _NONE = np.zeros(0, dtype=np.int64)
+_ENDED = ("this Decoder.stream iterator has ended: a later generate / stream call on its Decoder (or a new "
+          "Decoder.cfg) replaced its state; a Decoder decodes one call at a time (use a second Decoder to interleave)")
 DEFAULT_BUCKETS = tuple(16 << i for i in range(8))  # 16 .. 2048 packed queries (and LM-head rows)
 
 
@@ -192,17 +197,15 @@ class Decoder:
         config, max_batch = check_decoder_args(model, config, max_batch, backend, on_step, buckets)
         if not is_enabled(model):  # refuse what pd_kernels cannot run; generate() enables it and restores it
             check_model(model)
+        self._run, self._stepping, self._generating = 0, False, False   # see _start / _loop
         self.model = model
         self.cfg = config
         self.max_batch = max_batch
         self.backend = backend
         self.on_step = on_step
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = check_model_state(model)
         self.geo = model_geometry(model)
-        if self.cfg.tags.max_id() >= self.geo["vocab_size"]:
-            raise ValueError(f"control-tag ids {self.cfg.tags} do not fit the model's vocabulary "
-                             f"({self.geo['vocab_size']}): pass DecodeConfig(tags=ControlTags(...))")
+        self._check_tags()
         self.cuda_graphs = bool(cuda_graphs)
         self.static_step = self.cuda_graphs if static_step is None else bool(static_step)
         if self.cuda_graphs and not self.static_step:
@@ -222,6 +225,7 @@ class Decoder:
         if not b or b[0] < 1 or list(b) != sorted(set(b)):
             raise ValueError(f"buckets must be distinct positive sizes in ascending order, got {buckets!r}")
         self.buckets = b
+        self._fixed = (self.cuda_graphs, self.static_step, self.buckets)   # checked above: fixed for the Decoder
         self.graph_counts = {"captured": 0, "replayed": 0, "static_eager": 0, "dynamic": 0}
         self._arena_key = None
         self._buckets: dict = {}      # (Q, R) -> Bucket
@@ -239,23 +243,65 @@ class Decoder:
         past a round's list, are sampled. ``seeds[i]``: the RNG seed of request ``i`` (default: the config's
         ``seed``). ``on_event``: ``callable(event)`` for each :mod:`~pd_kernels.decoder.events` event. The model
         runs on pd_kernels attention only during the call: its own attention is restored when it returns or
-        raises."""
+        raises.
+
+        A Decoder decodes one call at a time: calling :meth:`generate` or :meth:`stream` on it from ``on_event`` or
+        ``on_step`` raises ``RuntimeError`` (use a second Decoder); a call made while a :meth:`stream` iterator of
+        it is still open ends that stream (resuming it raises ``RuntimeError``)."""
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be callable or None, got {type(on_event).__name__}")
         self._start(prompts, forced_plans, seeds)
-        for e in self._loop(events=on_event is not None):
-            on_event(e)
+        self._generating = True
+        try:
+            for e in self._loop(on_event is not None, self._run):
+                on_event(e)
+        finally:
+            self._generating = False
         return [r.result for r in self.reqs]
 
     def stream(self, prompts, forced_plans=None, *, seeds=None):
         """Like :meth:`generate`, but returns an iterator over the events (:mod:`pd_kernels.decoder.events`) as
         they happen: plan tokens, span commits, finished spans and rounds, finished requests (each with its
         :class:`GenerationResult`). Arguments are checked now; decoding runs as the iterator is consumed, with the
-        model on pd_kernels attention until the iterator is exhausted or closed."""
+        model on pd_kernels attention until the iterator is exhausted or closed. A later :meth:`generate` /
+        :meth:`stream` call on this Decoder, or a new :attr:`cfg`, ends an open stream: resuming it then raises
+        ``RuntimeError`` (its requests' state is gone); breaking out of the loop needs nothing else."""
         self._start(prompts, forced_plans, seeds)
-        return self._loop(events=True)
+        return self._loop(True, self._run)   # the call's run id, taken now (the body starts at the first next())
+
+    @property
+    def cfg(self) -> DecodeConfig:
+        """The :class:`DecodeConfig` of the next :meth:`generate` / :meth:`stream` call (may be replaced between
+        calls; replacing it ends an open stream, and is refused during a call)."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, config: DecodeConfig) -> None:
+        if not isinstance(config, DecodeConfig):
+            raise TypeError(f"Decoder.cfg must be a DecodeConfig, got {type(config).__name__}")
+        if self._stepping or self._generating:
+            raise RuntimeError("Decoder.cfg cannot change during a generate / stream call of this Decoder")
+        self._cfg = config
+        self._run += 1   # an open stream decoded with the old config: it ends
 
     # ---- setup -------------------------------------------------------------------------------------------
+    def _check_tags(self) -> None:
+        if self.cfg.tags.max_id() >= self.geo["vocab_size"]:
+            raise ValueError(f"control-tag ids {self.cfg.tags} do not fit the model's vocabulary "
+                             f"({self.geo['vocab_size']}): pass DecodeConfig(tags=ControlTags(...))")
+
     def _start(self, prompts, forced_plans, seeds) -> None:
-        cfg, V = self.cfg, self.geo["vocab_size"]
+        """Check a call's arguments, then (only then) reset the decoder's state for it."""
+        if self._stepping or self._generating:
+            raise RuntimeError("Decoder.generate / stream was called while this Decoder is decoding (from on_step or "
+                               "on_event?): a Decoder decodes one call at a time; use a second Decoder")
+        cfg, V = self.cfg, self.geo["input_vocab_size"]   # prompts and forced plans are read by the embeddings
+        if (self.cuda_graphs, self.static_step, self.buckets) != self._fixed:
+            raise ValueError("Decoder.cuda_graphs / static_step / buckets are fixed when the Decoder is made (its "
+                             "checks and buffers depend on them): make a new Decoder")
+        check_decoder_args(self.model, cfg, self.max_batch, self.backend, self.on_step, self.buckets)
+        check_model_state(self.model, self.device, self.dtype)
+        self._check_tags()
         prompts = check_prompts(prompts, V)
         forced_plans = check_forced_plans(forced_plans, len(prompts), V)
         seeds = check_seeds(seeds, len(prompts), cfg.seed)
@@ -263,9 +309,8 @@ class Decoder:
         for i, (p, bud) in enumerate(zip(prompts, budgets)):
             if bud < 1:
                 raise ValueError(f"prompt {i} has {len(p)} tokens: no room left under max_length={cfg.max_length}")
-        self.reqs = [_Request(i, p, f, s, b) for i, (p, f, s, b) in enumerate(zip(prompts, forced_plans, seeds,
-                                                                                  budgets))]
-        ans = [cfg.diffusion_len or b for b in budgets] if cfg.mode == "diffusion" else budgets
+        # positions a request may hold: prompt + new tokens (a diffusion canvas never exceeds the budget)
+        ans = [min(cfg.diffusion_len or b, b) for b in budgets] if cfg.mode == "diffusion" else budgets
         self.cap = max(len(p) + a for p, a in zip(prompts, ans)) + 4
         nb = min(self.max_batch, len(prompts))
         ps = cfg.page_size
@@ -274,9 +319,16 @@ class Decoder:
         if num_pages < -(-(self.cap - 4) // ps):
             raise ValueError(f"DecodeConfig.num_pages={num_pages} cannot hold one request of {self.cap - 4} "
                              f"positions (pages of {ps} tokens)")
+        self._run += 1   # from here on the state is this call's: an open stream of an earlier call ends
+        self.reqs = [_Request(i, p, f, s, b, -(-(len(p) + a) // ps))
+                     for i, (p, f, s, b, a) in enumerate(zip(prompts, forced_plans, seeds, budgets, ans))]
         maxpos = getattr(self.model.config, "max_position_embeddings", None)
         n_scratch = self.buckets[-1] if self.static_step else 1
-        key = (nb, self.cap, num_pages, ps, pages_per_seq, cfg.max_spans, cfg.tags.mask, cfg.tags.pad, self.buckets)
+        mask_free = cfg.mode == "ar" or not cfg.suppress_mask
+        # what the captured step bakes in besides the geometry (a new value needs new buffers and graphs)
+        baked = (cfg.policy, cfg.tau, cfg.confidence, cfg.temperature, cfg.top_k, cfg.top_p, mask_free)
+        key = (nb, self.cap, num_pages, ps, pages_per_seq, n_scratch, cfg.max_spans, cfg.tags.mask, cfg.tags.pad,
+               self.buckets, baked)
         if (self.static_step and key == self._arena_key and not self.cache.sequences
                 and self.cache.num_free_pages == self.cache.num_pages):
             # same geometry: keep the buffers the captured graphs point at, reset their contents
@@ -307,12 +359,12 @@ class Decoder:
             self.tokens_flat = self._tok_store
             self.scratch = nb * self.cap
             self.state = SpanState.new(nb * cfg.max_spans, self.device)
-            mask_free = cfg.mode == "ar" or not cfg.suppress_mask
             self.suppress = None if mask_free else torch.tensor([cfg.tags.mask], dtype=torch.int64, device=self.device)
         self._no_queries = SeqQueries.causal(0, 0)
         self._left = np.zeros(self.state.num_spans, dtype=np.int64)   # masks_left of each span at its last step
         self._specials = frozenset(cfg.tags.specials)
         self.free_slots = list(range(nb - 1, -1, -1))
+        self._pages_held = 0   # pages the running requests may come to hold (admission keeps it <= num_pages)
         self.queue = list(self.reqs)
         self.running: list[_Request] = []
         self._by_slot: dict = {}
@@ -320,20 +372,37 @@ class Decoder:
         self._desc, self._dirty, self._gen, self._dyn_key = None, True, 0, None
         self._events = None
 
-    def _loop(self, events: bool):
-        """Admit and step until every request is done; yields the events of each step when ``events``."""
+    def _loop(self, events: bool, run: int):
+        """Admit and step until every request is done; yields the events of each step when ``events``. ``run``: the
+        id of the call (:meth:`_start`); a later call ends this one (it raises when resumed)."""
+        if self._run != run:
+            raise RuntimeError(_ENDED)
         self._events = [] if events else None
         with enabled(self.model):
-            while self.queue or self.running:
-                while self.queue and self.free_slots:
-                    self._admit(self.queue.pop(0))
-                with torch.no_grad():
-                    self._step()
-                if self.on_step is not None:
-                    self.on_step(self)
+            while True:
+                if self._run != run:
+                    raise RuntimeError(_ENDED)
+                if not (self.queue or self.running):
+                    break
+                self._stepping = True
+                try:
+                    while self.queue and self.free_slots and \
+                            self._pages_held + self.queue[0].max_pages <= self.cache.num_pages:
+                        self._admit(self.queue.pop(0))
+                    if not self.running:   # cannot happen (_start checked that each request fits alone): no hang
+                        raise RuntimeError(f"no request could be admitted ({len(self.queue)} waiting)")
+                    with torch.no_grad():
+                        self._step()
+                    if self.on_step is not None:
+                        self.on_step(self)
+                finally:
+                    self._stepping = False
                 if self._events:
                     out, self._events = self._events, []
-                    yield from out
+                    for e in out:
+                        if self._run != run:
+                            raise RuntimeError(_ENDED)
+                        yield e
 
     def _emit(self, event) -> None:
         if self._events is not None:
@@ -572,6 +641,7 @@ class Decoder:
         cfg = self.cfg
         r.slot = self.free_slots.pop()
         r.seq = self.cache.add_sequence()
+        self._pages_held += r.max_pages
         self._by_slot[r.slot] = r
         self.running.append(r)
         self._touch(r)
@@ -599,6 +669,7 @@ class Decoder:
         r.result = GenerationResult(list(r.answer), list(r.toks), r.plans, r.spans_out, r.stats, r.pieces,
                                     self.cfg.answer_text)
         self.cache.free(r.seq)
+        self._pages_held -= r.max_pages
         self.free_slots.append(r.slot)
         del self._by_slot[r.slot]
         self.running.remove(r)
@@ -611,7 +682,7 @@ class Decoder:
         the whole sequence, so every query sees prompt and answer)."""
         cfg = self.cfg
         n = len(r.prompt)
-        L = cfg.diffusion_len or r.budget
+        L = min(cfg.diffusion_len or r.budget, r.budget)   # the budget caps the canvas too
         start = 0 if cfg.diffusion_attention == "full" else n - 1
         self.cache.reserve(r.seq, n + L - r.length, slots=False)
         r.length = n + L
@@ -620,7 +691,7 @@ class Decoder:
         r.prefix = start
         r.round_spans = [_Span(start, n + L - start, n - start, L, r.slot * cfg.max_spans, 0,
                                np.full(L, cfg.tags.mask, dtype=np.int64))]
-        r.terminator = "eos"
+        r.terminator = "length" if L < (cfg.diffusion_len or 0) else "eos"
         r.stats.rounds = r.stats.spans = 1
         self._reset_spans(r)
         r.phase = "diffusion"
@@ -630,7 +701,8 @@ class Decoder:
     def _reset_spans(self, r: _Request) -> None:
         for s in r.round_spans:
             self._left[s.sid] = s.masks
-        steps = max(1, int(self.cfg.steps_ratio * max(s.masks for s in r.round_spans)))
+        # int32 on the device; every count >= the longest span commits the same way (one token per step at least)
+        steps = min(max(1, int(self.cfg.steps_ratio * max(s.masks for s in r.round_spans))), 2**31 - 1)
         self.state.reset([s.sid for s in r.round_spans], [s.masks for s in r.round_spans],
                          [steps] * len(r.round_spans))
 

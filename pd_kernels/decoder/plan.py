@@ -66,13 +66,16 @@ def parse_plan(tokens: list[int], tags: ControlTags, *, length_scale: float = 10
         if number == 0:
             errors.append(f"plan entry at {start} announces 0 tokens: dropped")
             continue
-        length = int(number * length_scale)
-        if length < 1:
+        scaled = number * length_scale   # a float scale can overflow to inf: compare before int()
+        if scaled < 1:
             errors.append(f"plan entry at {start} announces {number} x length_scale {length_scale} = 0 tokens: dropped")
             continue
-        if length > max_span_len:
-            errors.append(f"plan entry at {start} asks for {length} tokens: clamped to max_span_len={max_span_len}")
+        if scaled >= max_span_len + 1:
+            shown = int(scaled) if scaled < 1e15 else f"{number} x length_scale {length_scale}"
+            errors.append(f"plan entry at {start} asks for {shown} tokens: clamped to max_span_len={max_span_len}")
             length = max_span_len
+        else:
+            length = int(scaled)
         if len(entries) == max_spans:
             errors.append(f"plan entry at {start} exceeds max_spans={max_spans}: dropped")
             continue

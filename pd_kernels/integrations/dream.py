@@ -75,7 +75,10 @@ def load_dream(path: str, *, dtype: torch.dtype | None = None, device: str | tor
     config = dream_to_qwen2_config(raw)
     if dtype is None:
         name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
-        dtype = getattr(torch, str(name).replace("torch.", ""))
+        dtype = getattr(torch, str(name).replace("torch.", ""), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"{path}/config.json: torch_dtype {name!r} is not a floating-point torch dtype: pass "
+                             f"load_dream(..., dtype=torch.bfloat16) (or another)")
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     sd = {k: v for k, v in _state_dict(path).items() if "rotary_emb" not in k}

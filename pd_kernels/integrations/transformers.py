@@ -39,6 +39,8 @@ ATTN_NAME = "pd_kernels"
 _local = threading.local()
 _PREVIOUS = "_pd_kernels_previous_attn"      # attribute on an enabled model: the implementation to restore
 _HEAD_CHECKED = "_pd_kernels_head_checked"   # attribute: the LM-head self-check of an unverified model passed
+_USERS = "_pd_kernels_users"                 # attribute: open ``enabled()`` blocks on the model
+_AUTO = "_pd_kernels_auto"                   # attribute: enabled by an ``enabled()`` block, not by hand
 
 #: ``config.model_type`` of the families whose pd_kernels path is tested against transformers' own forward
 #: and greedy ``generate`` (tests/test_integration_transformers.py). Features of these families that the
@@ -330,6 +332,7 @@ def enable(model, *, allow_unverified: bool = False):
     restores the attention implementation it had (``"sdpa"``, ``"eager"``, ...). Enabling an enabled model
     changes nothing. :func:`pd_kernels.generate` enables and restores by itself (:func:`enabled`)."""
     if is_enabled(model):
+        model.__dict__.pop(_AUTO, None)   # enabled by hand now: open enabled() blocks leave it enabled
         return model
     check_model(model, allow_unverified=allow_unverified)
     register()
@@ -351,20 +354,25 @@ def disable(model, attn_implementation: str | None = None):
         _set_attn(model, target)
     if hasattr(model, _PREVIOUS):
         delattr(model, _PREVIOUS)
+    model.__dict__.pop(_AUTO, None)
     return model
 
 
 @contextlib.contextmanager
 def enabled(model, *, allow_unverified: bool = False):
     """``with enabled(model): ...`` runs the block with pd_kernels attention and restores the model's own
-    attention afterwards (also on an exception). A model that was already enabled stays enabled."""
-    was = is_enabled(model)
-    if not was:
+    attention afterwards (also on an exception). A model that was already enabled by hand (:func:`enable`) stays
+    enabled. Blocks may overlap without nesting (two :meth:`~pd_kernels.Decoder.stream` iterators on one model,
+    closed in either order): the model's own attention comes back when the last open block ends."""
+    if not is_enabled(model):
         enable(model, allow_unverified=allow_unverified)
+        model.__dict__[_AUTO] = True
+    model.__dict__[_USERS] = model.__dict__.get(_USERS, 0) + 1
     try:
         yield model
     finally:
-        if not was:
+        users = model.__dict__[_USERS] = max(model.__dict__.get(_USERS, 1) - 1, 0)
+        if users == 0 and model.__dict__.get(_AUTO, False):
             disable(model)
 
 
@@ -372,14 +380,28 @@ def enabled(model, *, allow_unverified: bool = False):
 # Running an enabled model
 # ---------------------------------------------------------------------------------------------------
 def model_geometry(model) -> dict:
-    """Layers, KV heads and head dim of a transformers decoder (for sizing the cache)."""
+    """Layers, KV heads and head dim of a transformers decoder (for sizing the cache), and its vocabularies:
+    ``vocab_size`` the rows of the LM head (the ids it can choose; ``config.vocab_size`` when the head has no
+    weight), ``input_vocab_size`` the rows of the input embeddings (the ids it can read). Raises
+    :class:`UnsupportedModelError` when the LM head has more rows than the input embeddings (a chosen id could
+    not be fed back)."""
     cfg = model.config
     heads = cfg.num_attention_heads
     mods = [m for m in attention_modules(model) if m is not None]
     head_dim = (getattr(mods[0], "head_dim", None) if mods else None) or getattr(cfg, "head_dim", None) \
         or cfg.hidden_size // heads
+
+    def rows(module):
+        w = getattr(module, "weight", None)
+        return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim == 2 else None
+
+    n_out = rows(model.get_output_embeddings()) or cfg.vocab_size
+    n_in = rows(model.get_input_embeddings()) if callable(getattr(model, "get_input_embeddings", None)) else None
+    if n_in is not None and n_out > n_in:
+        raise UnsupportedModelError(f"{type(model).__name__}: the LM head has {n_out} rows but the input embeddings "
+                                    f"only {n_in}: a chosen id >= {n_in} could not be fed back")
     return {"num_layers": cfg.num_hidden_layers, "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-            "head_dim": int(head_dim), "num_heads": heads, "vocab_size": cfg.vocab_size}
+            "head_dim": int(head_dim), "num_heads": heads, "vocab_size": n_out, "input_vocab_size": n_in or n_out}
 
 
 def graph_capture_issues(model) -> list[str]:
