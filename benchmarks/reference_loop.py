@@ -346,7 +346,7 @@ class ReferenceLoop:
     def _diffusion_answer(self) -> None:
         cfg, tags, res = self.cfg, self.cfg.tags, self.res
         n = self.n_prompt
-        D = cfg.diffusion_len or cfg.budget(n)   # as the decoder: default, the request's budget
+        D = min(cfg.diffusion_len or cfg.budget(n), cfg.budget(n))   # as the decoder: the budget, which also caps it
         self.cache = [(torch.zeros(1, 0, self.Hkv * self.D, device=self.device, dtype=self.dtype),) * 2
                       for _ in self.base.layers]
         if n > 1:   # the prompt but its last token, causal (no token is sampled)

@@ -23,7 +23,8 @@ def model():
 # ---- DecodeConfig -------------------------------------------------------------------------------------------
 BAD_CONFIG = [
     ("steps_ratio", math.nan), ("steps_ratio", math.inf), ("steps_ratio", 0), ("steps_ratio", -1.0),
-    ("temperature", math.nan), ("temperature", math.inf), ("temperature", -0.5),
+    ("temperature", math.nan), ("temperature", math.inf), ("temperature", -0.5), ("temperature", 1e-40),
+    ("temperature", 2.0**127),
     ("tau", -0.1), ("tau", 1.5), ("tau", math.nan),
     ("top_p", 0.0), ("top_p", 1.2), ("top_p", math.nan), ("top_k", -1),
     ("length_scale", 0), ("length_scale", -2.5), ("length_scale", math.inf),

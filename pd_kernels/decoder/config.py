@@ -10,6 +10,8 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+from ..ops.unmask import check_temperature
+
 MODES = ("ar", "pd", "pd-da", "diffusion")
 POLICIES = ("schedule", "pd_threshold", "threshold")
 CONFIDENCES = ("prob", "margin", "neg_entropy")
@@ -159,6 +161,10 @@ class DecodeConfig:
                 rng = f"{'(' if lo_open else '['}{lo}, {hi}]" if math.isfinite(hi) else f"{'>' if lo_open else '>='} {lo}"
                 raise ValueError(f"DecodeConfig.{name} must be a finite number {rng}, got {v!r}")
             object.__setattr__(self, name, int(v) if isinstance(v, numbers.Integral) else float(v))  # numpy -> Python
+        try:   # the op's own bounds (1 / T must be a normal fp32), so a config never fails at its first step
+            check_temperature(self.temperature)
+        except ValueError as e:
+            raise ValueError(f"DecodeConfig.temperature: {e}") from None
         for name, lo, optional in (("seed", 0, False), ("top_k", 0, False), ("max_new_tokens", 1, False),
                                    ("max_length", 2, True), ("max_rounds", 1, False), ("max_span_len", 1, False),
                                    ("max_spans", 1, False), ("diffusion_len", 1, True), ("page_size", 1, False),

@@ -110,10 +110,10 @@ def _check_out(token, conf, N: int, dev: torch.device) -> None:
 # backends disagreed; T below about 3e-39 gave 1 / T = inf)
 _T_MAX = 2.0**126                    # 1 / T >= 2^-126, the smallest normal fp32
 _INV_T_MAX = 3.4028234663852886e38   # fp32 max
-_T_MIN = 2.0**-127                   # a quick lower bound (1 / T = 2^127 < fp32 max); _check_temperature is exact
+_T_MIN = 2.0**-127                   # a quick lower bound (1 / T = 2^127 < fp32 max); check_temperature is exact
 
 
-def _check_temperature(temperature) -> None:
+def check_temperature(temperature) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__} {temperature!r}")
     t = float(temperature)
@@ -206,7 +206,7 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
         raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
     if not ((type(temperature) is float or type(temperature) is int)
             and (temperature == 0 or _T_MIN <= temperature <= _T_MAX)):
-        _check_temperature(temperature)   # the exact bounds and the messages
+        check_temperature(temperature)   # the exact bounds and the messages
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if type(top_k) is not int or top_k < 0:
