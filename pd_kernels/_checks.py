@@ -57,14 +57,26 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def memory_span(t: torch.Tensor) -> tuple[int, int]:
-    """``[first byte, last byte + 1)`` a tensor (non-negative strides) may touch. Reads the data pointer: real
-    tensors only (the eager path or an op's implementation, never a traced call)."""
+    """``[first byte, last byte + 1)`` a non-empty tensor (non-negative strides) may touch. Reads the data
+    pointer: real tensors only (the eager path or an op's implementation, never a traced call)."""
     p = t.data_ptr()
     if t.is_contiguous():
         return p, p + t.nbytes
     return p, p + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
-def spans_meet(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    """Two non-empty :func:`memory_span` results intersect."""
-    return a[0] < b[1] and b[0] < a[1]
+def share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges of two tensors (:func:`memory_span`) intersect; False when either is empty.
+    Exact for contiguous tensors, conservative otherwise (interleaved views count as sharing)."""
+    if a.is_contiguous() and b.is_contiguous():   # the common case, kept cheap (an empty one has 0 bytes)
+        pa, pb = a.data_ptr(), b.data_ptr()
+        return pa < pb + b.nbytes and pb < pa + a.nbytes
+    if not (a.numel() and b.numel()):
+        return False
+    (a0, a1), (b0, b1) = memory_span(a), memory_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def internal_overlap(t: torch.Tensor) -> bool:
+    """Whether some elements of ``t`` share memory (an expanded view, stride 0)."""
+    return not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1

@@ -31,13 +31,8 @@ class PagedKVCache:
         sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_pages=num_pages,
                      page_size=page_size, max_seqs=max_seqs,
                      max_pages_per_seq=num_pages if max_pages_per_seq is None else max_pages_per_seq)
-        for name, x in sizes.items():
-            if isinstance(x, bool) or not hasattr(x, "__index__"):
-                raise TypeError(f"PagedKVCache: {name} must be an int, got {x!r}")
-            if x.__index__() < 1:
-                raise ValueError(f"PagedKVCache: {name} must be >= 1, got {x!r}")
         num_layers, num_kv_heads, head_dim, num_pages, page_size, max_seqs, max_pages_per_seq = (
-            x.__index__() for x in sizes.values())
+            _count(x, f"PagedKVCache: {name}", 1) for name, x in sizes.items())
         if num_pages * page_size >= 2**31:
             raise ValueError(f"PagedKVCache: num_pages * page_size = {num_pages * page_size} slots; at most 2^31 - 1 "
                              f"(page ids are int32 in the block table, positions int32 in the layouts)")
@@ -165,11 +160,11 @@ class PagedKVCache:
         return gather_pages(k, self.block_table[seq], n), gather_pages(v, self.block_table[seq], n)
 
 
-def _count(x, name: str) -> int:
-    """``x`` as an int ``>= 0`` (any integer type, not bool), else a clear error naming it."""
+def _count(x, name: str, minimum: int = 0) -> int:
+    """``x`` as an int ``>= minimum`` (any integer type, not bool), else a clear error naming it."""
     if isinstance(x, bool) or not hasattr(x, "__index__"):
         raise TypeError(f"{name} must be an int, got {x!r}")
     x = x.__index__()
-    if x < 0:
-        raise ValueError(f"{name} must be >= 0, got {x}")
+    if x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {x}")
     return x

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check_tensor, debug_enabled, memory_span, spans_meet
+from .._checks import FLOAT_DTYPES, check_tensor, debug_enabled, internal_overlap, share_memory
 from ..reference.kv_cache import paged_kv_write_ref
 from .._cuda_ext import cuda_fake
 
@@ -17,17 +17,11 @@ def _check_cache_memory(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """The caches' memory (data pointers: real tensors only, so this runs in the implementation, not on the
     traced path): K and V caches apart, and no element of a cache sharing memory with another. The caches have
     one shape, dtype and strides (checked before)."""
-    if k_cache.is_contiguous():
-        # the common case (a layer of PagedKVCache): two blocks of the same size overlap iff their starts are
-        # closer than that size
-        if abs(k_cache.data_ptr() - v_cache.data_ptr()) < k_cache.nbytes:
-            raise ValueError("k_cache and v_cache share memory: the values would overwrite the keys")
-        return
-    if k_cache.numel() and spans_meet(memory_span(k_cache), memory_span(v_cache)):
+    if share_memory(k_cache, v_cache):
         raise ValueError("k_cache and v_cache share memory: the values would overwrite the keys")
     # a cache whose elements share memory (an expanded view, stride 0) would take several tokens' K/V in one
     # place (the torch path refuses such a write deep inside index_put, the kernels would race)
-    if torch._debug_has_internal_overlap(k_cache) == 1:
+    if internal_overlap(k_cache):
         raise ValueError(f"k_cache / v_cache elements overlap in memory (an expanded view?), strides "
                          f"{k_cache.stride()} for shape {tuple(k_cache.shape)}")
 

@@ -25,7 +25,7 @@ import math
 import torch
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check, check_tensor, debug_enabled, memory_span, spans_meet
+from .._checks import FLOAT_DTYPES, check, check_tensor, debug_enabled, internal_overlap, share_memory
 from ..layout import SpanLayout, StaticSpanLayout, plan_for
 from ..reference.span_attention import span_attention_ref_tensors
 
@@ -71,21 +71,10 @@ def _check_out_memory(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """``out`` is written while q and the cache are read (by other tiles): it must not share memory with ``q``,
     nor have elements that share memory (an expanded view); with ``caches`` (``PD_KERNELS_DEBUG=1``, or the
     registered op), nor with the caches. Data pointers: real tensors only. ``out`` has q's shape and dtype."""
-    if not out.numel():
-        return
-    if out.is_contiguous():
-        if q.is_contiguous():
-            # the common case: two blocks of one size overlap iff their starts are closer than that size
-            if abs(out.data_ptr() - q.data_ptr()) < out.nbytes:
-                raise ValueError("out shares memory with q: attention reads q while writing out (the torch path "
-                                 "zeroes out first); pass a separate buffer")
-            if not caches:
-                return
-    elif torch._debug_has_internal_overlap(out) == 1:
+    if internal_overlap(out):
         raise ValueError(f"out elements overlap in memory (an expanded view?), strides {out.stride()}")
-    o = memory_span(out)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)) if caches else (("q", q),):
-        if t.numel() and spans_meet(o, memory_span(t)):
+        if share_memory(out, t):
             raise ValueError(f"out shares memory with {name}: attention reads {name} while writing out (the torch "
                              f"path zeroes out first); pass a separate buffer")
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._checks import debug_enabled, FLOAT_DTYPES, check, check_tensor, memory_span, spans_meet
+from .._checks import debug_enabled, FLOAT_DTYPES, check, check_tensor, share_memory
 from ..reference.unmask import (CONFIDENCE_KINDS, POLICIES, SpanState, commit_spans_ref, token_confidence_ref,
                                 filter_threshold)
 from .._cuda_ext import cuda_fake
@@ -127,11 +127,9 @@ def check_temperature(temperature) -> None:
 def _check_out_memory(logits: torch.Tensor, token: torch.Tensor, conf: torch.Tensor) -> None:
     """``out`` tensors (non-empty) must not share memory with each other or with ``logits`` (a kernel writes
     them while other programs still read; the torch path would read half-written values). Data pointers only."""
-    tp, cp = token.data_ptr(), conf.data_ptr()
-    t, c, x = (tp, tp + token.nbytes), (cp, cp + conf.nbytes), memory_span(logits)   # out: contiguous (checked)
-    if spans_meet(t, c):
+    if share_memory(token, conf):
         raise ValueError("out[0] (token) and out[1] (conf) share memory")
-    if spans_meet(t, x) or spans_meet(c, x):
+    if share_memory(token, logits) or share_memory(conf, logits):
         raise ValueError("out tensors share memory with logits: the kernels read logits while writing out")
 
 
