@@ -53,7 +53,7 @@ import pd_kernels as pk  # noqa: E402
 from benchmarks._harness import Bench, Timing, parser  # noqa: E402
 from pd_kernels import _backend  # noqa: E402
 
-TRITON_MODULES = ("kv_cache", "span_attention", "unmask")
+TRITON_MODULES = ("paged_kv_write", "span_attention", "token_confidence")
 
 
 class _StubKernel:
@@ -149,8 +149,8 @@ def make_cases(device):
     committed = torch.empty(2, dtype=torch.int32, device=device)
     done = torch.empty(1, dtype=torch.bool, device=device)
 
-    from pd_kernels.reference.kv_cache import paged_kv_write_ref
-    from pd_kernels.reference.unmask import token_confidence_ref
+    from pd_kernels.reference.paged_kv_write import paged_kv_write_ref
+    from pd_kernels.reference.token_confidence import token_confidence_ref
 
     ops = torch.ops.pd_kernels
     cases = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import FLOAT_DTYPES
-from .reference.kv_cache import gather_pages
+from .reference.paged_kv_write import gather_pages
 
 
 class OutOfPages(RuntimeError):

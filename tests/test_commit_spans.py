@@ -12,7 +12,7 @@ import torch
 
 import pd_kernels
 from pd_kernels import SpanState, commit_spans
-from pd_kernels.reference.unmask import commit_spans_ref, span_row_range
+from pd_kernels.reference.token_confidence import commit_spans_ref, span_row_range
 
 from conftest import HAS_GPU, INT_POISON
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pd_kernels import token_confidence
-from pd_kernels.reference.unmask import (GUMBEL_MAX, GUMBEL_REACH, _M32, _mul32, filter_threshold,
-                                         gumbel_from_bits, gumbel_noise, random_bits, row_state,
-                                         token_confidence_ref)
+from pd_kernels.reference.token_confidence import (GUMBEL_MAX, GUMBEL_REACH, _M32, _mul32, filter_threshold,
+                                                   gumbel_from_bits, gumbel_noise, random_bits, row_state,
+                                                   token_confidence_ref)
 
 from conftest import HAS_GPU, triton_dtypes
 
@@ -109,7 +109,7 @@ def test_bf16_rows(T, poison):
     """bf16 logits through the Triton row pass: full chunks read as int32 pairs (upcast by shift and mask, exact
     in the interpreter too), the partial chunk and the re-read of the winning vector upcast after the load;
     an odd row stride (no pairs) and a column offset of one element (rows not 4-byte aligned) as well."""
-    from pd_kernels.ops.triton.unmask import token_confidence_triton
+    from pd_kernels.ops.triton.token_confidence import token_confidence_triton
 
     dev = _device()
     big = make_logits(7, 1202, torch.bfloat16, seed=21).to(dev)
@@ -152,7 +152,7 @@ def test_row_pass_shapes(backend, N, V, poison):
 @pytest.mark.parametrize("T", [0.0, 0.9], ids=["greedy", "T0.9"])
 def test_split_merge_is_exact(num_splits, T):
     """Splitting V across programs and merging gives the same tokens, and the same conf up to rounding."""
-    from pd_kernels.ops.triton.unmask import token_confidence_triton
+    from pd_kernels.ops.triton.token_confidence import token_confidence_triton
 
     dev = _device()
     N, V = 6, 3000
@@ -231,7 +231,7 @@ def _lane_rows(V: int, B: int, seed: int) -> torch.Tensor:
 def test_row_pass_lane_merge(V, num_splits, poison):
     """Lane states merged once after the loop (BLOCK_V = 32: V = BLOCK_V - 1, BLOCK_V, BLOCK_V + 1 and a
     partial fourth chunk), with and without split-V, every kind, greedy and sampled, against the reference."""
-    from pd_kernels.ops.triton.unmask import token_confidence_triton
+    from pd_kernels.ops.triton.token_confidence import token_confidence_triton
 
     dev = _device()
     B = 32
@@ -527,7 +527,7 @@ def test_row_state_words():
 def test_cuda_source_uses_the_reference_constants():
     """csrc/unmask.cu carries GUMBEL_REACH and the hash constants (a GPU run compares tokens; this keeps the
     CPU-checked constants in step)."""
-    src = open(os.path.join(ROOT, "csrc", "unmask.cu")).read()
+    src = open(os.path.join(ROOT, "csrc", "token_confidence.cu")).read()
     m = re.search(r"kGumbelReach\s*=\s*([0-9.]+)f", src)
     assert m and float(m.group(1)) == GUMBEL_REACH
     for c in ("0xCC9E2D51", "0x1B873593", "0xE6546B64", "0x85EBCA6B", "0xC2B2AE35"):

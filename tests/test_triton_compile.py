@@ -216,9 +216,9 @@ if __name__ == "__main__" and "--probe" in sys.argv:
 triton = pytest.importorskip("triton")
 import torch  # noqa: E402
 
-import pd_kernels.ops.triton.kv_cache as kvk  # noqa: E402
+import pd_kernels.ops.triton.paged_kv_write as kvk  # noqa: E402
 import pd_kernels.ops.triton.span_attention as sak  # noqa: E402
-import pd_kernels.ops.triton.unmask as umk  # noqa: E402
+import pd_kernels.ops.triton.token_confidence as umk  # noqa: E402
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _KERNELS = {

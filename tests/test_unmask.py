@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import pd_kernels
-from pd_kernels.reference.unmask import pd_threshold_budget, schedule_count
+from pd_kernels.reference.token_confidence import pd_threshold_budget, schedule_count
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-from ..ops.unmask import check_temperature
+from ..ops.token_confidence import check_temperature
 
 MODES = ("ar", "pd", "pd-da", "diffusion")
 POLICIES = ("schedule", "pd_threshold", "threshold")

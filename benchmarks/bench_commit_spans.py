@@ -287,7 +287,7 @@ def sm90_cuda(rev: str | None) -> dict:
         raise RuntimeError("nvcc not found")
     with tempfile.TemporaryDirectory() as d:
         if rev is None:
-            inc, src = os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "unmask.cu")
+            inc, src = os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "token_confidence.cu")
         else:
             for name in ("unmask.cu", "unmask.h"):
                 with open(os.path.join(d, name), "w") as f:
@@ -382,7 +382,7 @@ def main(argv=None) -> None:
             bench.rows[-1].pop("error", None)
 
     if args.sm90:
-        from pd_kernels.ops.triton import unmask as umk
+        from pd_kernels.ops.triton import token_confidence as umk
 
         n0 = len(bench.rows)
         for site in [None] + args.sm90_triton_site:

@@ -74,7 +74,7 @@ from triton.language.extra import libdevice
 
 from . import sm_count
 from ..._backend import triton_interpreter
-from ...reference.unmask import GUMBEL_REACH
+from ...reference.token_confidence import GUMBEL_REACH
 
 _KINDS = {"prob": 0, "margin": 1, "neg_entropy": 2}
 _POLICIES = {"threshold": 0, "schedule": 1, "pd_threshold": 2}

@@ -22,7 +22,7 @@
 // staged in shared memory and keeps the candidate of rank budget - 1 (the pivot); pass B decides each row by
 // comparing it with the top-1 and the pivot, and writes. No decision is stored between passes, so spans of
 // any length loop over tiles; the all-done flag comes from the last block through an arrival counter.
-#include "unmask.h"
+#include "token_confidence.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -10,7 +10,7 @@
 #include <atomic>
 #include <optional>
 
-#include "unmask.h"
+#include "token_confidence.h"
 
 namespace {
 

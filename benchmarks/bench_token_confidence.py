@@ -136,7 +136,7 @@ def main(argv=None):
                     rows_fn = lambda: fn_rows(logits)  # noqa: E731
                     step_fn = lambda: reference_step(fn_rows, logits, seq, row_dst, rows_by_span, steps, 0)  # noqa: E731
                 elif impl.startswith("triton["):  # row pass only, with a forced BLOCK_V x num_warps
-                    from pd_kernels.ops.triton.unmask import token_confidence_triton
+                    from pd_kernels.ops.triton.token_confidence import token_confidence_triton
 
                     bv, nw = (int(v) for v in impl[7:-1].split("x"))
                     tok = torch.empty(N, dtype=torch.int64, device=device)

@@ -18,7 +18,7 @@ import torch
 
 from .. import _backend
 from .._checks import debug_enabled, FLOAT_DTYPES, check, check_tensor, share_memory
-from ..reference.unmask import (CONFIDENCE_KINDS, POLICIES, SpanState, commit_spans_ref, token_confidence_ref,
+from ..reference.token_confidence import (CONFIDENCE_KINDS, POLICIES, SpanState, commit_spans_ref, token_confidence_ref,
                                 filter_threshold)
 from .._cuda_ext import cuda_fake
 
@@ -39,7 +39,7 @@ def _token_confidence_impl(logits: torch.Tensor, token: torch.Tensor, conf: torc
                            offset_t: Optional[torch.Tensor], threshold: Optional[torch.Tensor], seed: int,
                            offset: int, kind: str, temperature: float, backend: str) -> None:
     if backend == "triton":
-        _backend.triton_module("unmask").token_confidence_triton(logits, token, conf, suppress_ids, seed_t, offset_t,
+        _backend.triton_module("token_confidence").token_confidence_triton(logits, token, conf, suppress_ids, seed_t, offset_t,
                                                                  threshold, seed, offset, kind, temperature)
     elif backend == "cuda":
         torch.ops.pd_kernels.token_confidence_cuda(logits, token, conf, suppress_ids, seed_t, offset_t, threshold,
@@ -263,7 +263,7 @@ def _commit_spans_impl(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.T
                        deferred: torch.Tensor, arrivals: torch.Tensor, committed: torch.Tensor,
                        all_done: torch.Tensor, policy: str, tau: float, mask_id: int, backend: str) -> None:
     if backend == "triton":
-        _backend.triton_module("unmask").commit_spans_triton(token, conf, row_dst, span_rows, tokens, masks_left, step,
+        _backend.triton_module("token_confidence").commit_spans_triton(token, conf, row_dst, span_rows, tokens, masks_left, step,
                                                              num_steps, deferred, arrivals, committed, all_done,
                                                              policy, tau, mask_id)
     elif backend == "cuda":

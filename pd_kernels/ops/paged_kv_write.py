@@ -5,7 +5,7 @@ import torch
 
 from .. import _backend
 from .._checks import FLOAT_DTYPES, check_tensor, debug_enabled, internal_overlap, share_memory
-from ..reference.kv_cache import paged_kv_write_ref
+from ..reference.paged_kv_write import paged_kv_write_ref
 from .._cuda_ext import cuda_fake
 
 OP = "paged_kv_write"
@@ -30,7 +30,7 @@ def _paged_kv_write_impl(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor
                          slot_mapping: torch.Tensor, backend: str) -> None:
     _check_cache_memory(k_cache, v_cache)
     if backend == "triton":
-        _backend.triton_module("kv_cache").paged_kv_write_triton(k, v, k_cache, v_cache, slot_mapping)
+        _backend.triton_module("paged_kv_write").paged_kv_write_triton(k, v, k_cache, v_cache, slot_mapping)
     elif backend == "cuda":
         # the CUDA kernel is a byte copy: cast first when the new K or V come in another dtype (each on its
         # own: k may already match the cache while v does not)

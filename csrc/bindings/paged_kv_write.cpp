@@ -4,7 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "kv_cache.h"
+#include "paged_kv_write.h"
 
 namespace {
 

@@ -3,7 +3,7 @@
 // A thread block holds TOK_PER_BLOCK tokens of one layer; blockDim.x threads cover a token's H heads x
 // D elements as VecT words (16 bytes when every pointer and stride allows it). The copy is a pure
 // byte move, so one kernel serves fp16, bf16 and fp32. Bad slots are skipped, never written.
-#include "kv_cache.h"
+#include "paged_kv_write.h"
 
 #include <cuda_runtime.h>
 
