@@ -1,4 +1,4 @@
-"""Benchmark: the cost of ``commit_spans`` as the step grows: the per-row-span kernel (before ``span_rows``)
+"""commit_spans: its cost as the step grows: the per-row-span kernel (before ``span_rows``)
 against the per-span-range kernel, on the span mixes of SPEC section 8.
 
 Without a GPU every figure here is a **CPU figure**: no timing, only work that does not depend on the machine:
@@ -18,8 +18,8 @@ Without a GPU every figure here is a **CPU figure**: no timing, only work that d
 On a GPU the new Triton and CUDA kernels, and the old Triton kernel when git history is there, are also timed
 (CUDA events, median of ``--reps``; ``--no-gpu`` skips it).
 
-    python benchmarks/bench_commit.py --interp --sm90 --out benchmarks/results/commit_cpu_costmodel.json
-    python benchmarks/bench_commit.py --smoke
+    python benchmarks/bench_commit_spans.py --interp --sm90 --out benchmarks/results/commit_cpu_costmodel.json
+    python benchmarks/bench_commit_spans.py --smoke
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def cost_old_triton(N: int, S: int, lens: list[int], ranking: bool) -> dict:
 
 
 def cost_new_triton(lens: list[int], S: int, ranking: bool, block: int = 128, block_j: int = 32) -> dict:
-    """ops/triton/unmask.py: grid (S,); program j: pass 0 and pass B over its own rows in blocks of BLOCK,
+    """ops/triton/commit_spans.py: grid (S,); program j: pass 0 and pass B over its own rows in blocks of BLOCK,
     pass A (ranking policies, budget < candidates) BLOCK x BLOCK_J tiles over its rows; one launch."""
     pairs = sum(_up(L, block) * _up(L, block_j) for L in lens) if ranking else 0
     visits = sum(2 * _up(L, block) + ((-(-L // block)) * _up(L, block_j) + _up(L, block) if ranking else 0)
@@ -149,7 +149,7 @@ def cost_old_cuda(N: int, S: int, lens: list[int], ranking: bool, threads: int =
 
 
 def cost_new_cuda(lens: list[int], S: int, ranking: bool) -> dict:
-    """csrc/unmask.cu: a block per span id over its own rows. Pass 0 and pass B read the span's m rows; pass A
+    """csrc/commit_spans.cu: a block per span id over its own rows. Pass 0 and pass B read the span's m rows; pass A
     (ranking policies) stages them (one 512-row tile when m <= 512) and each warp holding candidates compares
     them against the staged rows (at most m each; the early exit at rank >= budget only lowers it)."""
     pairs = sum(_up(L, 32) * L for L in lens) if ranking else 0
@@ -281,13 +281,14 @@ json.dump(dict(ptx=c.asm["ptx"], version=triton.__version__,
 
 
 def sm90_cuda(rev: str | None) -> dict:
-    """``nvcc -Xptxas -v`` of csrc/unmask.cu (working tree, or ``rev`` from git) for sm_90a: the commit kernel."""
+    """``nvcc -Xptxas -v`` of the commit kernel for sm_90a: csrc/commit_spans.cu of the working tree, or
+    csrc/unmask.cu (its file before the split) of ``rev`` from git."""
     nvcc = os.environ.get("NVCC", "/usr/local/cuda/bin/nvcc")
     if not os.path.exists(nvcc):
         raise RuntimeError("nvcc not found")
     with tempfile.TemporaryDirectory() as d:
         if rev is None:
-            inc, src = os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "token_confidence.cu")
+            inc, src = os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "commit_spans.cu")
         else:
             for name in ("unmask.cu", "unmask.h"):
                 with open(os.path.join(d, name), "w") as f:
@@ -315,7 +316,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()
     timed = gpu and not args.no_gpu
-    bench = Bench("commit", args)
+    bench = Bench("commit_spans", args)
     if not gpu:
         bench.env["device"] = "cpu: cost model + Triton interpreter work counts + sm_90 ptxas (no GPU run, no timing)"
     old = None
@@ -382,7 +383,7 @@ def main(argv=None) -> None:
             bench.rows[-1].pop("error", None)
 
     if args.sm90:
-        from pd_kernels.ops.triton import token_confidence as umk
+        from pd_kernels.ops.triton import commit_spans as csk
 
         n0 = len(bench.rows)
         for site in [None] + args.sm90_triton_site:
@@ -390,9 +391,9 @@ def main(argv=None) -> None:
                 for impl in ("new", "old"):
                     try:
                         if impl == "new":
-                            res = sm90_triton(umk._commit_kernel, _COMMIT_SIG_NEW,
-                                              dict(POLICY=pid, BLOCK=umk.COMMIT_BLOCK, BLOCK_J=umk.COMMIT_BLOCK_J),
-                                              umk.COMMIT_WARPS, site)
+                            res = sm90_triton(csk._commit_kernel, _COMMIT_SIG_NEW,
+                                              dict(POLICY=pid, BLOCK=csk.COMMIT_BLOCK, BLOCK_J=csk.COMMIT_BLOCK_J),
+                                              csk.COMMIT_WARPS, site)
                         else:
                             if old is None:
                                 raise RuntimeError("old kernel unavailable")

@@ -53,7 +53,7 @@ import pd_kernels as pk  # noqa: E402
 from benchmarks._harness import Bench, Timing, parser  # noqa: E402
 from pd_kernels import _backend  # noqa: E402
 
-TRITON_MODULES = ("paged_kv_write", "span_attention", "token_confidence")
+TRITON_MODULES = ("paged_kv_write", "span_attention", "token_confidence", "commit_spans")
 
 
 class _StubKernel:

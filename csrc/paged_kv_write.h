@@ -1,4 +1,4 @@
-// Paged KV-cache writes: plain-C++ launcher interface (no torch headers; see csrc/bindings/kv_cache.cpp).
+// Paged KV-cache writes: plain-C++ launcher interface (no torch headers; see csrc/bindings/paged_kv_write.cpp).
 #pragma once
 #include <cstdint>
 #include <cuda_runtime_api.h>

@@ -1,4 +1,4 @@
-"""commit_spans against the plain-torch reference (SPEC section 5).
+"""commit_spans against the plain-torch reference (SPEC section 5), and the schedule arithmetic of its policies.
 
 Span mixes with awkward lengths (1, 7, 63, 97, 130, 433 rows) in random order of span ids, spans without rows,
 rows already committed, tag rows, rows of no span, out-of-range destinations, NaN / -inf / tied confidences and
@@ -12,7 +12,7 @@ import torch
 
 import pd_kernels
 from pd_kernels import SpanState, commit_spans
-from pd_kernels.reference.token_confidence import commit_spans_ref, span_row_range
+from pd_kernels.reference.commit_spans import commit_spans_ref, pd_threshold_budget, schedule_count, span_row_range
 
 from conftest import HAS_GPU, INT_POISON
 
@@ -239,6 +239,44 @@ def test_span_row_range_clips():
     assert span_row_range(8, 100, 10) == range(8, 10)
     assert span_row_range(3, -2, 10) == range(3, 3)
     assert span_row_range(12, 1, 10) == range(10, 10)
+
+
+def test_schedule_count_matches_linspace_rule():
+    """The integer form equals the PD reference's fp32 linspace rule except where m (1 - s/t) is within
+    float rounding of an integer; includes counts that round down."""
+    rounded_down = 0
+    for steps in range(1, 70):
+        ts = torch.linspace(1, 1e-3, steps + 1)
+        for k in range(steps):
+            ratio = (1 - ts[k + 1] / ts[k]) if k < steps - 1 else torch.tensor(1.0)
+            for m in range(0, 130, 3):
+                if m == 0:
+                    assert schedule_count(m, k, steps) == 0
+                    continue
+                prod = m * ratio
+                ref = min(m, max(1, int(prod)))
+                exact = m * 999 / (1000 * steps - 999 * k) if k < steps - 1 else m
+                if abs(exact - round(exact)) < 1e-4:
+                    continue
+                assert schedule_count(m, k, steps) == ref, (m, k, steps)
+                rounded_down += int(prod) != prod
+    assert rounded_down > 100
+    # r = 1 (m == steps): exactly one token per step, everything at the end
+    for L in (1, 2, 10, 37):
+        m = L
+        for k in range(L):
+            n = schedule_count(m, k, L)
+            assert n == 1, (L, k, n)
+            m -= n
+        assert m == 0
+
+
+def test_pd_threshold_budget():
+    assert pd_threshold_budget(10, 0, 5, 0) == 2
+    assert pd_threshold_budget(10, 4, 5, 0) == 10        # last original step: everything
+    assert pd_threshold_budget(3, 7, 5, 2) == 3          # extra steps: 1 + deferred, capped at m
+    assert pd_threshold_budget(9, 0, 10, 0) == 1         # never below 1
+    assert pd_threshold_budget(9, 0, 10, 50) == 9        # never above m
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -569,6 +607,9 @@ def test_state_arrivals_field():
 
 def test_public_exports():
     assert pd_kernels.commit_spans is commit_spans and pd_kernels.SpanState is SpanState
+    from pd_kernels.ops import SpanState as a, commit_spans as b
+    from pd_kernels.reference import SpanState as c, commit_spans_ref as d
+    assert (a, b, c, d) == (SpanState, commit_spans, SpanState, commit_spans_ref)
 
 
 @pytest.mark.parametrize("static_step", [False, True], ids=["dynamic", "static"])

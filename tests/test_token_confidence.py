@@ -737,6 +737,14 @@ def test_opcheck_token_confidence(backend):
     torch.library.opcheck(op, (x, tok, conf, sup, rows, rows, thr, 0, 0, "neg_entropy", 1.0, backend))
 
 
+def test_public_exports():
+    import pd_kernels
+    from pd_kernels.ops import token_confidence as op
+    from pd_kernels.reference import token_confidence_ref as ref
+
+    assert pd_kernels.token_confidence is op is token_confidence and ref is token_confidence_ref
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_gpu(backend):

@@ -216,15 +216,17 @@ if __name__ == "__main__" and "--probe" in sys.argv:
 triton = pytest.importorskip("triton")
 import torch  # noqa: E402
 
+import pd_kernels.ops.triton.commit_spans as csk  # noqa: E402
 import pd_kernels.ops.triton.paged_kv_write as kvk  # noqa: E402
 import pd_kernels.ops.triton.span_attention as sak  # noqa: E402
-import pd_kernels.ops.triton.token_confidence as umk  # noqa: E402
+import pd_kernels.ops.triton.token_confidence as tck  # noqa: E402
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _KERNELS = {
     kvk: ("_paged_kv_write_kernel",),
     sak: ("_span_attn_fwd_kernel", "_span_attn_merge_kernel"),
-    umk: ("_row_kernel", "_merge_kernel", "_commit_kernel"),
+    tck: ("_row_kernel", "_merge_kernel"),
+    csk: ("_commit_kernel",),
 }
 
 
@@ -311,7 +313,7 @@ def _row_pass(dt, kind, sample, splits, V=152064, sup=True, thr=False, keys="int
     logits = _meta((N, V), _DT[dt])
     seed_t = _meta((N,), i64) if keys == "rows" else None
     off_t = {"int": None, "offset1": _meta((1,), i64), "rows": _meta((N,), i64)}[keys]
-    return lambda: umk.token_confidence_triton(
+    return lambda: tck.token_confidence_triton(
         logits, _meta((N,), i64), _meta((N,), torch.float32), _meta((1,), i64) if sup else None, seed_t, off_t,
         _meta((N,), torch.float32) if thr else None, 1234, 5 << 20, kind, 0.7 if sample else 0.0,
         num_splits=splits)
@@ -320,7 +322,7 @@ def _row_pass(dt, kind, sample, splits, V=152064, sup=True, thr=False, keys="int
 def _commit(policy, N):
     i32, i64 = torch.int32, torch.int64
     S = 3
-    return lambda: umk.commit_spans_triton(
+    return lambda: csk.commit_spans_triton(
         _meta((N,), i64), _meta((N,), torch.float32), _meta((N,), i64), _meta((S, 2), i32), _meta((4, 64), i64),
         _meta((S,), i32), _meta((S,), i32), _meta((S,), i32), _meta((S,), i32), _meta((1,), i64), _meta((S,), i32),
         _meta((1,), torch.bool), policy, 0.9, 151665)

@@ -1,4 +1,4 @@
-// torch glue for csrc/kv_cache.cu: checks, then the plain-C launcher on the current stream.
+// torch glue for csrc/paged_kv_write.cu: checks, then the plain-C launcher on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
