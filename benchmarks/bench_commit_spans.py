@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pd_kernels  # noqa: E402
 from benchmarks._harness import ROOT, Bench, parser, time_fn  # noqa: E402
 from pd_kernels import SpanState  # noqa: E402
+from pd_kernels.reference import POLICIES, POLICY_ID  # noqa: E402
 
 MASK = 151666
 MAX_SPANS = 16  # DecodeConfig.max_spans: span ids per request in the decoder's SpanState
@@ -332,7 +333,7 @@ def main(argv=None) -> None:
         N, S = sum(lens), batch * MAX_SPANS
         shape = dict(mix=name, batch=batch, spans=len(lens), N=N, S=S, mean_len=round(N / len(lens), 1),
                      max_len=max(lens))
-        for policy in ("threshold", "schedule", "pd_threshold"):
+        for policy in POLICIES:
             ranking = policy != "threshold"
             ot, nt = cost_old_triton(N, S, lens, ranking), cost_new_triton(lens, S, ranking)
             oc, nc = cost_old_cuda(N, S, lens, ranking), cost_new_cuda(lens, S, ranking)
@@ -387,7 +388,7 @@ def main(argv=None) -> None:
 
         n0 = len(bench.rows)
         for site in [None] + args.sm90_triton_site:
-            for policy, pid in (("threshold", 0), ("schedule", 1), ("pd_threshold", 2)):
+            for policy, pid in POLICY_ID.items():   # the old kernel numbered them the same way
                 for impl in ("new", "old"):
                     try:
                         if impl == "new":

@@ -115,13 +115,13 @@ __global__ void __launch_bounds__(kCommitThreads) commit_kernel(CommitSpansParam
   // sums in int64 (steps - 1, steps - k and per + deferred overflow int32 at the extremes)
   const int64_t k = p.step[j], steps = p.num_steps[j], dfr = p.deferred[j];
   int budget = m;
-  if (p.policy == 1) {
+  if (p.policy == kSchedule) {
     // floor(999 m / (1000 steps - 999 k)) = floor(m (1 - s/t)) for linspace(1, 1e-3, steps + 1)
     const int64_t den = max(1000 * steps - 999 * k, static_cast<int64_t>(1));
     int64_t n = static_cast<int64_t>(999) * m / den;
     n = n < 1 ? 1 : (n > m ? m : n);
     budget = k >= steps - 1 ? m : static_cast<int>(n);
-  } else if (p.policy == 2) {
+  } else if (p.policy == kPdThreshold) {
     const int64_t per = k < steps ? m / max(steps - k, static_cast<int64_t>(1)) : 0;
     budget = static_cast<int>(min(static_cast<int64_t>(m), max(per, static_cast<int64_t>(1)) + dfr));
   }
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kCommitThreads) commit_kernel(CommitSpansParam
   // pass A: the pivot, the candidate of rank budget - 1 (default: below every candidate = all are in)
   if (tid == 0) { s_piv_key = -INFINITY; s_piv_dst = kNoDst; }
   __syncthreads();
-  if (p.policy != 0 && budget < c) {
+  if (p.policy != kThreshold && budget < c) {
     const bool one_tile = hi - lo <= kCommitTile;
     auto stage = [&](int64_t j0) {
       for (int q = tid; q < kCommitTile && j0 + q < hi; q += kCommitThreads) {
@@ -176,8 +176,8 @@ __global__ void __launch_bounds__(kCommitThreads) commit_kernel(CommitSpansParam
         const bool top1 = v.key == t_key && v.dst == t_dst;
         const bool in_b = !beats(piv_key, piv_dst, v.key, v.dst);  // at or above the pivot
         const bool passes = v.conf >= p.tau;  // NaN never passes
-        if (p.policy == 0) take = top1 || passes;
-        else if (p.policy == 1) take = in_b;
+        if (p.policy == kThreshold) take = top1 || passes;
+        else if (p.policy == kSchedule) take = in_b;
         else take = top1 || (in_b && passes);
         if (take) p.tokens[v.dst] = v.tok;
       }
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kCommitThreads) commit_kernel(CommitSpansParam
     p.committed[j] = cnt;
     p.masks_left[j] = left;
     p.step[j] = static_cast<int>(k + 1);
-    p.deferred[j] = p.policy == 2 ? budget - cnt : 0;
+    p.deferred[j] = p.policy == kPdThreshold ? budget - cnt : 0;
     arrive(p, left);
   }
 }
@@ -200,7 +200,7 @@ cudaError_t commit_spans(const CommitSpansParams& p, cudaStream_t stream) {
   if (p.num_spans == 0) {
     return cudaMemsetAsync(p.all_done, 1, 1, stream);
   }
-  if (p.num_spans > 0x7fffffff || p.num_rows > 0x7fffffff || p.policy < 0 || p.policy > 2 ||
+  if (p.num_spans > 0x7fffffff || p.num_rows > 0x7fffffff || p.policy < 0 || p.policy >= kNumCommitPolicies ||
       p.arrivals == nullptr) {
     return cudaErrorInvalidValue;
   }

@@ -6,6 +6,10 @@
 
 namespace pdk {
 
+// Commit policies: the ids of POLICIES in pd_kernels/reference/commit_spans.py (a policy's index there, their one
+// home; tests/test_commit_spans.py checks this enum against it).
+enum CommitPolicy : int { kThreshold = 0, kSchedule = 1, kPdThreshold = 2, kNumCommitPolicies = 3 };
+
 // Commit: one block per span, over that span's rows only; updates tokens and the span state in place, writes
 // committed[S], and the last block to finish writes all_done[1] (bool stored as one byte). One launch, no
 // workspace: `arrivals` is a counter owned by the span state, 0 between calls (the last block resets it).
@@ -25,7 +29,7 @@ struct CommitSpansParams {
   int64_t num_spans;
   int32_t* committed;
   bool* all_done;
-  int policy;     // 0 threshold, 1 schedule, 2 pd_threshold
+  int policy;     // a CommitPolicy
   float tau;
   int64_t mask_id;
 };

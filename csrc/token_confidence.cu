@@ -142,7 +142,7 @@ __device__ __forceinline__ RowState merge(const RowState& a, const RowState& b, 
   const float ala = a.m > -INFINITY ? ex2(dla) : 0.f;  // 0 * NaN stays NaN: a NaN seen anywhere survives
   const float alb = b.m > -INFINITY ? ex2(dlb) : 0.f;
   r.s = ala * a.s + alb * b.s;
-  r.w = KIND == 2 ? ala * (a.w + dla * a.s) + alb * (b.w + dlb * b.s) : 0.f;
+  r.w = KIND == kNegEntropy ? ala * (a.w + dla * a.s) + alb * (b.w + dlb * b.s) : 0.f;
   if (SAMPLE) {
     const bool ka = (a.bk > b.bk) || (a.bk == b.bk && static_cast<uint32_t>(a.bi) <= static_cast<uint32_t>(b.bi));
     r.bk = ka ? a.bk : b.bk;
@@ -217,7 +217,7 @@ __device__ __forceinline__ void slow_vector(RowState& st, float* y, float& vm, i
 #pragma unroll
     for (int j = VEC - 1; j >= 0; --j)
       if (y[j] == vm) jj = j;  // the first column at the max
-    if (KIND == 1) {  // second largest of the vector (a duplicate of the max counts)
+    if (KIND == kMargin) {  // second largest of the vector (a duplicate of the max counts)
       float sec = -INFINITY;
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
@@ -227,12 +227,12 @@ __device__ __forceinline__ void slow_vector(RowState& st, float* y, float& vm, i
     const float msn = fmaxf(vm, kShiftFloor);
     const float dl = fmaxf((st.ms - msn) * c.scale, -256.f);  // nothing seen yet (ms = floor): 2^-256 = 0
     const float a = ex2(dl);
-    if (KIND == 2) st.w = a * (st.w + dl * st.s);
+    if (KIND == kNegEntropy) st.w = a * (st.w + dl * st.s);
     st.s *= a;
     st.m = vm;
     st.ms = msn;
     st.i1 = static_cast<int32_t>(col0 + jj);
-  } else if (KIND == 1) {
+  } else if (KIND == kMargin) {
     st.t2 = fmaxf(st.t2, vm);
   }
 }
@@ -263,10 +263,10 @@ __device__ __forceinline__ void add_terms(RowState& st, const float* y, const Ro
     const float t = (y[j] - st.ms) * c.scale;
     const float p = ex2(t);
     acc += p;
-    if (KIND == 2) accw = fmaf(p, fmaxf(t, -256.f), accw);  // t >= -256 keeps 0 * -inf out; NaN stays in p
+    if (KIND == kNegEntropy) accw = fmaf(p, fmaxf(t, -256.f), accw);  // t >= -256 keeps 0 * -inf out; NaN stays in p
   }
   st.s += acc;
-  if (KIND == 2) st.w += accw;
+  if (KIND == kNegEntropy) st.w += accw;
 }
 
 // One vector of VEC logits y at columns [col0, col0 + VEC), vector index k (-1 for a partial vector, whose
@@ -286,7 +286,7 @@ __device__ __forceinline__ void push_vector(RowState& st, float* y, int64_t col0
     add_terms<VEC, KIND>(st, y, c);
     if (SAMPLE && __fmul_rn(vm, c.inv_t) + kGumbelReach > st.bk) sample_vector<VEC>(st, y, col0, c);
   } else {
-    if (KIND == 1) st.t2 = fmaxf(st.t2, vm);
+    if (KIND == kMargin) st.t2 = fmaxf(st.t2, vm);
     add_terms<VEC, KIND>(st, y, c);
     if (SAMPLE && __builtin_expect(__fmul_rn(vm, c.inv_t) + kGumbelReach > st.bk, 0)) sample_vector<VEC>(st, y, col0, c);
   }
@@ -297,9 +297,9 @@ __device__ __forceinline__ void finish(const RowState& st, int64_t row, float sc
   const int32_t tok = SAMPLE ? st.bi : st.i1;
   const float xt = SAMPLE ? st.bx : st.m;
   float c;
-  if (KIND == 0) {
+  if (KIND == kProb) {
     c = ex2((xt - st.m) * scale) / st.s;
-  } else if (KIND == 1) {
+  } else if (KIND == kMargin) {
     c = (1.f - ex2((st.t2 - st.m) * scale)) / st.s;
   } else {
     c = st.w / st.s * 0.6931471805599453f - logf(st.s);
@@ -448,9 +448,9 @@ cudaError_t dispatch_sample(const TokenConfidenceParams& p, cudaStream_t stream)
 template <typename T>
 cudaError_t dispatch_kind(const TokenConfidenceParams& p, cudaStream_t stream) {
   switch (p.kind) {
-    case 0: return dispatch_sample<T, 0>(p, stream);
-    case 1: return dispatch_sample<T, 1>(p, stream);
-    case 2: return dispatch_sample<T, 2>(p, stream);
+    case kProb: return dispatch_sample<T, kProb>(p, stream);
+    case kMargin: return dispatch_sample<T, kMargin>(p, stream);
+    case kNegEntropy: return dispatch_sample<T, kNegEntropy>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -6,6 +6,10 @@
 
 namespace pdk {
 
+// Confidence kinds: the ids of CONFIDENCE_KINDS in pd_kernels/reference/token_confidence.py (a kind's index there,
+// their one home; tests/test_token_confidence.py checks this enum against it).
+enum ConfidenceKind : int { kProb = 0, kMargin = 1, kNegEntropy = 2, kNumConfidenceKinds = 3 };
+
 // Row pass: token and confidence per row of logits, one read of the row.
 //   logits:    [N, V] elements of dtype `dtype` (0 fp32, 1 fp16, 2 bf16); row stride `stride` (elements),
 //              unit stride over V; any alignment of the rows (16-byte loads after a partial head vector)
@@ -15,7 +19,7 @@ namespace pdk {
 //   keys of the random numbers (reference.token_confidence.row_state): seed = seed_t[row] (int64 [N]) or `seed`;
 //              counter = offset_t[row] (offset_mode 2, int64 [N]), *offset_t + row (1, int64 [1]) or
 //              offset + row (0), all mod 2^64
-//   kind:      0 prob, 1 margin, 2 neg_entropy
+//   kind:      a ConfidenceKind
 //   token:     int64 [N] out (-1 for a row with no usable entry);  conf: float32 [N] out
 //   fpart/ipart: workspace of float32 [N, num_splits, 6] and int32 [N, num_splits, 2] when num_splits > 1
 struct TokenConfidenceParams {

@@ -12,12 +12,13 @@ import torch
 
 import pd_kernels
 from pd_kernels import SpanState, commit_spans
-from pd_kernels.reference.commit_spans import commit_spans_ref, pd_threshold_budget, schedule_count, span_row_range
+from pd_kernels.reference.commit_spans import (POLICIES, commit_spans_ref, pd_threshold_budget, schedule_count,
+                                               span_row_range)
 
+from _csrc import cuda_enum, enum_of
 from conftest import HAS_GPU, INT_POISON
 
 BACKENDS = ["triton"] + (["cuda"] if HAS_GPU else [])
-POLICIES = ["threshold", "schedule", "pd_threshold"]
 TAUS = [0.0, 0.5, 0.9, 1.0]
 MASK = 151666
 AWKWARD = [1, 7, 63, 97, 130, 433]
@@ -603,6 +604,13 @@ def test_state_arrivals_field():
     assert st.arrivals.dtype == torch.int64 and st.arrivals.tolist() == [0]
     st2 = SpanState(st.masks_left, st.step, st.num_steps, st.deferred)  # created when not given
     assert st2.arrivals.tolist() == [0] and st.clone().arrivals.data_ptr() != st.arrivals.data_ptr()
+
+
+def test_cuda_policy_ids_are_the_reference_ids():
+    """csrc/commit_spans.h's CommitPolicy enumerates POLICIES in their order (the ids' one home)."""
+    ids = cuda_enum("commit_spans.h", "CommitPolicy")
+    assert ids.pop("kNumCommitPolicies") == len(POLICIES)
+    assert ids == enum_of(POLICIES)
 
 
 def test_public_exports():

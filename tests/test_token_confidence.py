@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from pd_kernels import token_confidence
-from pd_kernels.reference.token_confidence import (GUMBEL_MAX, GUMBEL_REACH, _M32, _mul32, filter_threshold,
-                                                   gumbel_from_bits, gumbel_noise, random_bits, row_state,
-                                                   token_confidence_ref)
+from pd_kernels.reference.token_confidence import (CONFIDENCE_KINDS, GUMBEL_MAX, GUMBEL_REACH, _M32, _mul32,
+                                                   filter_threshold, gumbel_from_bits, gumbel_noise, random_bits,
+                                                   row_state, token_confidence_ref)
 
+from _csrc import cuda_enum, enum_of
 from conftest import HAS_GPU, triton_dtypes
 
-KINDS = ["prob", "margin", "neg_entropy"]
+KINDS = CONFIDENCE_KINDS
 BACKENDS = ["triton"] + (["cuda"] if HAS_GPU else [])
 ALL_BACKENDS = ["torch"] + BACKENDS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -532,6 +533,13 @@ def test_cuda_source_uses_the_reference_constants():
     assert m and float(m.group(1)) == GUMBEL_REACH
     for c in ("0xCC9E2D51", "0x1B873593", "0xE6546B64", "0x85EBCA6B", "0xC2B2AE35"):
         assert c.lower() in src.lower()
+
+
+def test_cuda_kind_ids_are_the_reference_ids():
+    """csrc/token_confidence.h's ConfidenceKind enumerates CONFIDENCE_KINDS in their order (the ids' one home)."""
+    ids = cuda_enum("token_confidence.h", "ConfidenceKind")
+    assert ids.pop("kNumConfidenceKinds") == len(CONFIDENCE_KINDS)
+    assert ids == enum_of(CONFIDENCE_KINDS)
 
 
 # ---------------------------------------------------------------------------------------------------

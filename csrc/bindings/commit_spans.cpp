@@ -41,7 +41,8 @@ void commit_spans_cuda(const at::Tensor& token, const at::Tensor& conf, const at
   TORCH_CHECK(arrivals.scalar_type() == at::kLong && arrivals.numel() == 1,
               "commit_spans_cuda: arrivals must be int64 [1]");
   TORCH_CHECK(all_done.scalar_type() == at::kBool && all_done.numel() == 1, "commit_spans_cuda: all_done must be bool [1]");
-  TORCH_CHECK(policy >= 0 && policy <= 2, "commit_spans_cuda: policy must be 0, 1 or 2");
+  TORCH_CHECK(policy >= 0 && policy < pdk::kNumCommitPolicies,
+              "commit_spans_cuda: policy must be a CommitPolicy (0 to ", pdk::kNumCommitPolicies - 1, ")");
 
   const c10::cuda::CUDAGuard guard(tokens.device());
   pdk::CommitSpansParams p{};

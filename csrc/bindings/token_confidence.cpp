@@ -44,7 +44,8 @@ void token_confidence_cuda(const at::Tensor& logits, const at::Tensor& token, co
               "token_confidence_cuda: token must be contiguous int64 [N]");
   TORCH_CHECK(conf.scalar_type() == at::kFloat && conf.dim() == 1 && conf.size(0) == N && conf.is_contiguous(),
               "token_confidence_cuda: conf must be contiguous float32 [N]");
-  TORCH_CHECK(kind >= 0 && kind <= 2, "token_confidence_cuda: kind must be 0 (prob), 1 (margin) or 2 (neg_entropy)");
+  TORCH_CHECK(kind >= 0 && kind < pdk::kNumConfidenceKinds,
+              "token_confidence_cuda: kind must be a ConfidenceKind (0 to ", pdk::kNumConfidenceKinds - 1, ")");
   TORCH_CHECK(temperature >= 0, "token_confidence_cuda: temperature must be >= 0");
   TORCH_CHECK(seed >= 0 && offset >= 0, "token_confidence_cuda: seed and offset must be >= 0");
   const auto dev = logits.device();

@@ -10,11 +10,9 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-from ..ops.token_confidence import check_temperature
+from ..ops import CONFIDENCE_KINDS as CONFIDENCES, POLICIES, check_temperature
 
 MODES = ("ar", "pd", "pd-da", "diffusion")
-POLICIES = ("schedule", "pd_threshold", "threshold")
-CONFIDENCES = ("prob", "margin", "neg_entropy")
 DIFFUSION_ATTENTION = ("causal", "full")
 ANSWER_TEXT = ("spans", "reference")
 PRESETS = ("reference", "fast")

@@ -13,13 +13,11 @@ import torch
 
 from .. import _backend
 from .._checks import check, check_tensor, debug_enabled
-from ..reference.commit_spans import POLICIES, SpanState, commit_spans_ref
+from ..reference.commit_spans import POLICIES, POLICY_ID, SpanState, commit_spans_ref
 from .._cuda_ext import cuda_fake
 
 OP_COMMIT = "commit_spans"
 _backend.register_op_backends(OP_COMMIT, ("torch", "triton", "cuda"))
-
-_POLICY_ID = {p: i for i, p in enumerate(POLICIES)}
 
 
 def _commit_spans_impl(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor, span_rows: torch.Tensor,
@@ -32,7 +30,7 @@ def _commit_spans_impl(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.T
                                                                    all_done, policy, tau, mask_id)
     elif backend == "cuda":
         torch.ops.pd_kernels.commit_spans_cuda(token, conf, row_dst, span_rows, tokens, masks_left, step, num_steps,
-                                               deferred, arrivals, committed, all_done, _POLICY_ID[policy], tau,
+                                               deferred, arrivals, committed, all_done, POLICY_ID[policy], tau,
                                                mask_id)
     elif backend == "torch":
         st = SpanState(masks_left, step, num_steps, deferred, arrivals)
@@ -189,7 +187,7 @@ def commit_spans(token: torch.Tensor, conf: torch.Tensor, row_dst: torch.Tensor,
         dev = tokens.device
         ts, ss = token.shape, ml.shape
         S = ss[0]
-        ok = (policy in _POLICY_ID and isinstance(state, SpanState) and tokens.dtype is _I64 and tokens.is_contiguous()
+        ok = (policy in POLICY_ID and isinstance(state, SpanState) and tokens.dtype is _I64 and tokens.is_contiguous()
               and token.dtype is _I64 and len(ts) == 1 and ts[0] <= 2147483647 and token.device == dev
               and conf.dtype is _F32 and conf.shape == ts and conf.device == dev
               and row_dst.dtype is _I64 and row_dst.shape == ts and row_dst.device == dev

@@ -17,13 +17,12 @@ import torch
 
 from .. import _backend
 from .._checks import FLOAT_DTYPES, check, check_tensor, share_memory
-from ..reference.token_confidence import CONFIDENCE_KINDS, filter_threshold, token_confidence_ref
+from ..reference.token_confidence import (CONFIDENCE_KIND_ID, CONFIDENCE_KINDS, filter_threshold,
+                                          token_confidence_ref)
 from .._cuda_ext import cuda_fake
 
 OP_TC = "token_confidence"
 _backend.register_op_backends(OP_TC, ("torch", "triton", "cuda"))
-
-_KIND_ID = {k: i for i, k in enumerate(CONFIDENCE_KINDS)}
 
 
 def _token_confidence_impl(logits: torch.Tensor, token: torch.Tensor, conf: torch.Tensor,
@@ -35,7 +34,7 @@ def _token_confidence_impl(logits: torch.Tensor, token: torch.Tensor, conf: torc
             logits, token, conf, suppress_ids, seed_t, offset_t, threshold, seed, offset, kind, temperature)
     elif backend == "cuda":
         torch.ops.pd_kernels.token_confidence_cuda(logits, token, conf, suppress_ids, seed_t, offset_t, threshold,
-                                                   seed, offset, _KIND_ID[kind], temperature)
+                                                   seed, offset, CONFIDENCE_KIND_ID[kind], temperature)
     elif backend == "torch":
         t, c = token_confidence_ref(logits, kind, temperature, seed if seed_t is None else seed_t,
                                     offset if offset_t is None else offset_t, suppress_ids, threshold=threshold)
@@ -192,7 +191,7 @@ def token_confidence(logits: torch.Tensor, *, confidence: str = "prob", temperat
         raise ValueError(f"logits must have a unit stride over V, got strides {logits.stride()}")
     if not 1 <= V < 2**31 - 1:
         raise ValueError(f"logits must have 1 to 2^31 - 2 columns, got {V}")
-    if not isinstance(confidence, str) or confidence not in _KIND_ID:
+    if not isinstance(confidence, str) or confidence not in CONFIDENCE_KIND_ID:
         raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
     if not ((type(temperature) is float or type(temperature) is int)
             and (temperature == 0 or _T_MIN <= temperature <= _T_MAX)):

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 import torch
 
 POLICIES = ("threshold", "schedule", "pd_threshold")
+"""The commit policies, in id order. A policy's id is its index here (:data:`POLICY_ID`): the one home of the ids,
+which the Triton kernel reads (``POLICY``) and ``pdk::CommitPolicy`` in ``csrc/commit_spans.h`` is checked against
+(``tests/test_commit_spans.py``)."""
+POLICY_ID = {p: i for i, p in enumerate(POLICIES)}
 
 
 @dataclass

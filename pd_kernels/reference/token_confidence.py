@@ -21,6 +21,10 @@ from __future__ import annotations
 import torch
 
 CONFIDENCE_KINDS = ("prob", "margin", "neg_entropy")
+"""The confidence kinds, in id order. A kind's id is its index here (:data:`CONFIDENCE_KIND_ID`): the one home of
+the ids, which the Triton kernels read (``KIND``) and ``pdk::ConfidenceKind`` in ``csrc/token_confidence.h`` is
+checked against (``tests/test_token_confidence.py``)."""
+CONFIDENCE_KIND_ID = {k: i for i, k in enumerate(CONFIDENCE_KINDS)}
 
 # ---------------------------------------------------------------------------------------------------
 # Counter-based random numbers (Gumbel noise for temperature > 0)

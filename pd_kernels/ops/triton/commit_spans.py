@@ -23,7 +23,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_POLICIES = {"threshold": 0, "schedule": 1, "pd_threshold": 2}
+from ...reference.commit_spans import POLICY_ID
+
+# the policies' ids (``POLICY``), from their one home
+_THRESHOLD = tl.constexpr(POLICY_ID["threshold"])
+_SCHEDULE = tl.constexpr(POLICY_ID["schedule"])
+_PD_THRESHOLD = tl.constexpr(POLICY_ID["pd_threshold"])
 _I64_MAX = tl.constexpr(9223372036854775807)
 
 
@@ -81,12 +86,12 @@ def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, rows_ptr, seq_ptr,
         # the counters are int32 but any int32 value must give the reference's (Python int) budget: differences
         # and sums in int64 (steps - k and deferred + 1 overflow int32 at the extremes)
         k64, steps64 = k.to(tl.int64), steps.to(tl.int64)
-        if POLICY == 1:
+        if POLICY == _SCHEDULE:
             # floor(999 m / (1000 steps - 999 k)) = floor(m (1 - s/t)) for linspace(1, 1e-3, steps + 1)
             den = tl.maximum(1000 * steps64 - 999 * k64, 1)
             n = tl.minimum(tl.maximum((999 * m.to(tl.int64)) // den, 1), m).to(tl.int32)
             budget = tl.where(k64 >= steps64 - 1, m, n)
-        elif POLICY == 2:
+        elif POLICY == _PD_THRESHOLD:
             per = tl.where(k64 < steps64, m.to(tl.int64) // tl.maximum(steps64 - k64, 1), 0)
             budget = tl.minimum(m.to(tl.int64), tl.maximum(per, 1) + dfr.to(tl.int64)).to(tl.int32)
         else:
@@ -94,7 +99,7 @@ def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, rows_ptr, seq_ptr,
         # pass A: the pivot = the candidate of rank budget - 1 (when budget >= c, every candidate is in)
         p_key = tl.full([], NEG_INF, tl.float32)
         p_dst = tl.full([], _I64_MAX, tl.int64)
-        if POLICY != 0:
+        if POLICY != _THRESHOLD:
             if budget < c:
                 oj = tl.arange(0, BLOCK_J)
                 for i0 in range(lo, hi, BLOCK):
@@ -121,9 +126,9 @@ def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, rows_ptr, seq_ptr,
             top1 = (key == t_key) & (dst == t_dst)
             in_b = (key > p_key) | ((key == p_key) & (dst <= p_dst))
             passes = cf >= tau  # NaN never passes
-            if POLICY == 0:
+            if POLICY == _THRESHOLD:
                 take = cand & (top1 | passes)
-            elif POLICY == 1:
+            elif POLICY == _SCHEDULE:
                 take = cand & in_b
             else:
                 take = cand & (top1 | (in_b & passes))
@@ -132,7 +137,7 @@ def _commit_kernel(tok_ptr, conf_ptr, dst_ptr, rows_ptr, seq_ptr,
         left = m - cnt
         tl.store(ml_ptr + j, left)
         tl.store(step_ptr + j, k + 1)
-        if POLICY == 2:
+        if POLICY == _PD_THRESHOLD:
             tl.store(def_ptr + j, budget - cnt)
         else:
             tl.store(def_ptr + j, tl.zeros([], tl.int32))
@@ -166,4 +171,4 @@ def commit_spans_triton(token, conf, row_dst, span_rows, tokens, masks_left, ste
         return
     _commit_kernel[(S,)](token, conf, row_dst, span_rows, tokens, masks_left, step, num_steps, deferred, arrivals,
                          committed, all_done, token.shape[0], S, mask_id, tau, tokens.numel(),
-                         POLICY=_POLICIES[policy], BLOCK=COMMIT_BLOCK, BLOCK_J=COMMIT_BLOCK_J, num_warps=COMMIT_WARPS)
+                         POLICY=POLICY_ID[policy], BLOCK=COMMIT_BLOCK, BLOCK_J=COMMIT_BLOCK_J, num_warps=COMMIT_WARPS)

@@ -56,9 +56,12 @@ from triton.language.extra import libdevice
 
 from . import sm_count
 from ..._backend import triton_interpreter
-from ...reference.token_confidence import GUMBEL_REACH
+from ...reference.token_confidence import CONFIDENCE_KIND_ID, GUMBEL_REACH
 
-_KINDS = {"prob": 0, "margin": 1, "neg_entropy": 2}
+# the confidence kinds' ids (``KIND``), from their one home
+_PROB = tl.constexpr(CONFIDENCE_KIND_ID["prob"])
+_MARGIN = tl.constexpr(CONFIDENCE_KIND_ID["margin"])
+_NEG_ENTROPY = tl.constexpr(CONFIDENCE_KIND_ID["neg_entropy"])
 _REACH = tl.constexpr(GUMBEL_REACH)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _BIG = tl.constexpr(2147483647)
@@ -152,7 +155,7 @@ def _consume(x, cols, c, m, ms, s, w, t2, ci, bk, bi, bx, h_row, inv_t, scale,
     shift (finite, so -inf entries stay -inf while the lane has seen nothing usable): the subtraction first,
     so the top term is exactly 2^0 = 1 (a row that keeps one token has prob exactly 1 and neg_entropy 0)."""
     NEG_INF = float("-inf")
-    if KIND == 1:
+    if KIND == _MARGIN:
         xc = tl.where(x == x, x, NEG_INF)
         vmax, sec = tl.reduce((xc, tl.full(x.shape, NEG_INF, tl.float32)), 1, _top2)
     else:
@@ -167,10 +170,10 @@ def _consume(x, cols, c, m, ms, s, w, t2, ci, bk, bi, bx, h_row, inv_t, scale,
     alpha = tl.exp2(dl)
     t = (x - msn[:, None]) * scale
     p = tl.exp2(t)
-    if KIND == 2:
+    if KIND == _NEG_ENTROPY:
         # w = sum p t (log2 units): t >= -256 keeps 0 * -inf out (p = 0 there); NaN stays in p
         w = alpha * (w + dl * s) + tl.sum(p * tl.maximum(t, -256.0), axis=1)
-    if KIND == 1:
+    if KIND == _MARGIN:
         t2 = tl.where(up, tl.maximum(m, sec), tl.maximum(t2, vmax))
     s = alpha * s + tl.sum(p, axis=1)
     ci = tl.where(up, c, ci)
@@ -310,8 +313,8 @@ def _row_kernel(
     dl = tl.where(live, ms - msx, 0.0) * scale
     alpha = tl.where(live, tl.exp2(dl), 0.0)
     s_m = tl.sum(alpha * s, axis=0)  # NaN anywhere (a NaN logit, an inf - inf) stays NaN
-    w_m = tl.sum(alpha * (w + dl * s), axis=0) if KIND == 2 else tl.zeros([], tl.float32)
-    if KIND == 1:
+    w_m = tl.sum(alpha * (w + dl * s), axis=0) if KIND == _NEG_ENTROPY else tl.zeros([], tl.float32)
+    if KIND == _MARGIN:
         t2_m = tl.maximum(tl.max(t2, axis=0), tl.max(tl.where((m == mx) & (starts == win), NEG_INF, m), axis=0))
     else:
         t2_m = tl.full([], NEG_INF, tl.float32)
@@ -349,9 +352,9 @@ def _finish(tok_ptr, conf_ptr, row, m, t2, s, w, tok, bi, bx, scale, KIND: tl.co
     else:
         token = tok
         xt = m
-    if KIND == 0:
+    if KIND == _PROB:
         c = tl.exp2((xt - m) * scale) / s
-    elif KIND == 1:
+    elif KIND == _MARGIN:
         c = (1.0 - tl.exp2((t2 - m) * scale)) / s
     else:
         c = w / s * 0.6931471805599453 - tl.log(s)
@@ -385,7 +388,7 @@ def _merge_kernel(tok_ptr, conf_ptr, part_ptr, n_split, inv_t,
     dl = tl.where(live, ms_ - mx, 0.0) * scale
     alpha = tl.where(live, tl.exp2(dl), 0.0)
     s = tl.sum(alpha * ss, axis=0)
-    w = tl.sum(alpha * (ws + dl * ss), axis=0) if KIND == 2 else tl.zeros([], tl.float32)
+    w = tl.sum(alpha * (ws + dl * ss), axis=0) if KIND == _NEG_ENTROPY else tl.zeros([], tl.float32)
     t2 = tl.maximum(tl.max(t2s, axis=0), tl.max(tl.where((ms_ == mx) & (toks == tok), NEG_INF, ms_), axis=0))
     bi = tok
     bx = mx
@@ -462,7 +465,7 @@ def token_confidence_triton(logits: torch.Tensor, token: torch.Tensor, conf: tor
     split = n_split > 1
     # split partial states: [N, splits, 8] fp32, words 6 and 7 holding int32 (one allocation)
     part = torch.empty((N, n_split, 8), dtype=torch.float32, device=dev) if split else conf
-    kid = _KINDS[kind]
+    kid = CONFIDENCE_KIND_ID[kind]
     _row_kernel[(N, n_split)](
         logits, logits.stride(0), V, suppress_ids if n_sup else token, n_sup,
         threshold if threshold is not None else conf,
