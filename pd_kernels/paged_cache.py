@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES, cdiv
 from .reference.paged_kv_write import gather_pages
 
 
@@ -96,7 +96,7 @@ class PagedKVCache:
         self._check(seq)
         n = _count(n, "reserve: n")
         start = self._len[seq]
-        need = -(-(start + n) // self.page_size) - len(self._pages[seq])
+        need = cdiv(start + n, self.page_size) - len(self._pages[seq])
         if need > len(self._free_pages):
             raise OutOfPages(f"sequence {seq} needs {need} more pages of {self.page_size} tokens for "
                              f"{n} new tokens, {len(self._free_pages)} free of {self.num_pages}")
@@ -128,7 +128,7 @@ class PagedKVCache:
         new_len = _count(new_len, "truncate: new_len")
         if new_len > self._len[seq]:
             raise ValueError(f"truncate to {new_len}: sequence {seq} has {self._len[seq]} tokens")
-        keep = -(-new_len // self.page_size)
+        keep = cdiv(new_len, self.page_size)
         pages = self._pages[seq]
         self._free_pages.extend(reversed(pages[keep:]))
         del pages[keep:]

@@ -15,6 +15,32 @@ def test_auto_on_cpu_is_torch(monkeypatch):
     assert _backend.resolve(OP, None, torch.device("cpu")) == "torch"
 
 
+def test_environment_flags_follow_every_change(monkeypatch):
+    """The flags the ops read on every call see each change made through os.environ at once (set, change,
+    delete, update, pop), from another thread too."""
+    import os
+    import threading
+
+    from pd_kernels._checks import debug_enabled, getenv
+
+    name = "PD_KERNELS_TEST_FLAG"
+    monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("PD_KERNELS_DEBUG", raising=False)
+    assert getenv(name, "unset") == "unset" and not debug_enabled()
+    monkeypatch.setenv(name, "a")
+    monkeypatch.setenv("PD_KERNELS_DEBUG", "1")
+    assert getenv(name) == "a" and debug_enabled()
+    os.environ.update({name: "b", "PD_KERNELS_DEBUG": "0"})
+    assert getenv(name) == "b" and not debug_enabled()
+    t = threading.Thread(target=lambda: os.environ.__setitem__(name, "c"))
+    t.start()
+    t.join()
+    assert getenv(name) == "c"
+    os.environ.pop(name)
+    del os.environ["PD_KERNELS_DEBUG"]
+    assert getenv(name, "gone") == "gone" and not debug_enabled()
+
+
 def test_precedence(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("PD_KERNELS_BACKEND", "torch")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from pd_kernels._checks import cdiv
 from pd_kernels.decoder import ControlTags, DecodeConfig, Decoder, generate, make_plan, parse_plan
 from pd_kernels.models import TINY_TAGS, ToyTokenizer, tiny_model
 
@@ -178,7 +179,7 @@ def test_num_pages_below_the_batch_waits(model, static):
     cfg = DecodeConfig(**KW)
     prompts = [[40], [41, 42], [43, 44, 45]]
     alone = [generate(model, [p], cfg, forced_plans=[PLAN], static_step=static)[0].sequence for p in prompts]
-    tight = cfg.replace(num_pages=-(-(3 + KW["max_new_tokens"]) // cfg.page_size))   # one request's worth
+    tight = cfg.replace(num_pages=cdiv(3 + KW["max_new_tokens"], cfg.page_size))   # one request's worth
     seen = []
     out = generate(model, prompts, tight, forced_plans=[PLAN] * 3, max_batch=3, static_step=static,
                    on_step=lambda d: seen.append(len(d.running)))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import pd_kernels as pk
+from pd_kernels._checks import cdiv
 from pd_kernels.reference import gather_pages, slots_for_positions
 
 from conftest import HAS_GPU, poison_, triton_dtypes
@@ -34,7 +35,7 @@ def _oracle(k, v, kc, vc, slots):
 
 def _case(ps, T, H, D, dtype, device, seed, layers=None, pad_every=0, cache_dtype=None):
     gen = torch.Generator().manual_seed(seed)
-    n_pages = -(-T // ps)
+    n_pages = cdiv(T, ps)
     num_pages = n_pages + 3
     table = _random_table(num_pages, n_pages, gen)
     slots = slots_for_positions(table, torch.arange(T), ps)
@@ -55,6 +56,14 @@ def _assert_same(actual, expected):
     torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=0, atol=0, equal_nan=True)
 
 
+def _write_matches_oracle(k, v, kc, vc, slots, backend):
+    """One write on ``backend``; both caches as the oracle writes them."""
+    ek, ev = _oracle(k.cpu(), v.cpu(), kc.cpu(), vc.cpu(), slots.cpu())
+    pk.paged_kv_write(k, v, kc, vc, slots, backend=backend)
+    _assert_same(kc, ek)
+    _assert_same(vc, ev)
+
+
 # (page_size, T, Hkv, D): every page size meets every T; heads and head dims rotate through the cases
 CASES = [(ps, T, H, D)
          for i, (ps, T) in enumerate([(ps, T) for ps in (1, 16, 64) for T in (1, 7, 97, 513)])
@@ -66,29 +75,20 @@ CASES = [(ps, T, H, D)
 @pytest.mark.parametrize("ps,T,H,D", CASES, ids=[f"ps{c[0]}-T{c[1]}-H{c[2]}-D{c[3]}" for c in CASES])
 def test_write_one_layer(ps, T, H, D, dtype, backend, device):
     k, v, kc, vc, slots, _ = _case(ps, T, H, D, dtype, device, seed=T * 31 + ps, pad_every=5)
-    ek, ev = _oracle(k.cpu(), v.cpu(), kc.cpu(), vc.cpu(), slots.cpu())
-    pk.paged_kv_write(k, v, kc, vc, slots, backend=backend)
-    _assert_same(kc, ek)
-    _assert_same(vc, ev)
+    _write_matches_oracle(k, v, kc, vc, slots, backend)
 
 
 @pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
 @pytest.mark.parametrize("T", [1, 7, 97])
 def test_write_all_layers_one_call(T, backend, device):
     k, v, kc, vc, slots, _ = _case(16, T, 4, 64, torch.float16, device, seed=T, layers=3, pad_every=4)
-    ek, ev = _oracle(k.cpu(), v.cpu(), kc.cpu(), vc.cpu(), slots.cpu())
-    pk.paged_kv_write(k, v, kc, vc, slots, backend=backend)
-    _assert_same(kc, ek)
-    _assert_same(vc, ev)
+    _write_matches_oracle(k, v, kc, vc, slots, backend)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_write_casts_to_cache_dtype(backend, device):
     k, v, kc, vc, slots, _ = _case(16, 37, 2, 64, torch.float32, device, seed=3, cache_dtype=torch.float16)
-    ek, ev = _oracle(k.cpu(), v.cpu(), kc.cpu(), vc.cpu(), slots.cpu())
-    pk.paged_kv_write(k, v, kc, vc, slots, backend=backend)
-    _assert_same(kc, ek)
-    _assert_same(vc, ev)
+    _write_matches_oracle(k, v, kc, vc, slots, backend)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -103,10 +103,7 @@ def test_write_strided_inputs(backend, device):
     slots = slots_for_positions(table, torch.arange(T), 16).to(device)
     kc = poison_(torch.empty(8, 16, H, D, device=device))
     vc = poison_(torch.empty(8, 16, H, D, device=device))
-    ek, ev = _oracle(k.cpu(), v.cpu(), kc.cpu(), vc.cpu(), slots.cpu())
-    pk.paged_kv_write(k, v, kc, vc, slots, backend=backend)
-    _assert_same(kc, ek)
-    _assert_same(vc, ev)
+    _write_matches_oracle(k, v, kc, vc, slots, backend)
 
 
 @pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)

@@ -25,7 +25,7 @@ import math
 import torch
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check, check_tensor, debug_enabled, internal_overlap, share_memory
+from .._checks import FLOAT_DTYPES, cdiv, check, check_tensor, debug_enabled, internal_overlap, share_memory
 from ..layout import SpanLayout, StaticSpanLayout, plan_for
 from ..reference.span_attention import span_attention_ref_tensors
 
@@ -59,7 +59,7 @@ def _check_fits(num_seqs: int, max_kv: int, kv_lens, block_table: torch.Tensor, 
     if debug:
         # page ids are device values: read them only when asked (a sync), never in the decode loop
         for b, n in enumerate(kv_lens):
-            pages = block_table[b, :-(-int(n) // page_size)]
+            pages = block_table[b, :cdiv(int(n), page_size)]
             bad = (pages < 0) | (pages >= num_pages)
             if bool(bad.any()):
                 raise IndexError(f"span_attention: block_table row {b} has page ids {pages[bad][:8].tolist()} "
