@@ -1,42 +1,36 @@
-"""Shared benchmark harness: trusted timing, environment capture, GB/s and TFLOP/s, JSON rows.
+"""The benchmark runner every ``bench_*.py`` uses: library timers, environment capture, NVML samples, JSON rows.
 
 Usage in a ``bench_<op>.py``::
 
     from benchmarks._harness import Bench, parser, time_fn
-    bench = Bench("kv_cache", args)            # args from parser() (--out, --smoke, --reps, --warmup, --l2-flush)
-    t = time_fn(lambda: op(...), bench)        # -> Timing(median_ms, p20_ms, p80_ms, n, method, inner, ...)
+    bench = Bench("paged_kv_write", args)      # args from parser() (--out, --smoke, --reps, --warmup-ms, --rep-ms)
+    t = time_fn(lambda: op(...), bench)        # -> Timing(median_ms, p20_ms, p80_ms, n, method, inner, host_ms)
     bench.row(impl="triton", shape=..., timing=t, bytes=nbytes, flops=None, extra...)
     bench.finish()                              # prints a table, writes JSON (device, versions, commit, GPU samples)
 
-How :func:`time_fn` times on a GPU (the host's launch time never enters a device timing):
+The timers are the libraries' own; this module only picks one and reports its samples alike:
 
-* **batch** (default): ``inner`` back-to-back calls between two CUDA events, no host sync inside; per-call
-  time = batch time / ``inner``. A device-side spin (``torch.cuda._sleep``) sized from the host time of one
-  call is queued before the start event, so the host has launched the batch before the GPU reaches it:
-  what is measured is device time, not the host's launch gaps. ``inner`` is chosen so a batch lasts about
-  1 ms (``--inner`` overrides).
-* **per call + L2 flush**: for small working sets the batch would run from a warm L2, so each call is
-  preceded by a write of a buffer larger than L2, then the spin, then events around that one call.
-  ``--l2-flush auto`` (default) does this when the op's counted bytes (``nbytes=``) are below
-  ``--l2-flush-below`` MB (default 4x the L2 size); a call that gives no byte count is always timed this
-  way, so that every peer of a point is timed alike whatever its speed (for working sets far larger than
-  L2 the flush changes nothing but the run time); ``on`` / ``off`` force it.
-* **per call** (``setup=`` given): ``setup`` (e.g. restoring a buffer the op mutates) is queued before the
-  spin and the start event, so it is never timed.
+* :func:`time_fn` on a GPU: ``triton.testing.do_bench`` (CUDA events around every call, the L2 cache cleared
+  before each one, ``--warmup-ms`` / ``--rep-ms`` windows); a mutating op's ``setup`` (restoring its inputs) is
+  timed alone with the same timer and subtracted (``do_bench-setup``).
+* :func:`time_graph` on a GPU: ``triton.testing.do_bench_cudagraph`` (calls replayed from a CUDA graph, launch
+  cost removed).
+* :func:`time_host`, and both of the above without a GPU: ``torch.utils.benchmark.Timer`` (``blocked_autorange``,
+  or ``--reps`` blocks of ``inner`` calls; with ``setup``, one call per block after it). Host (wall) time per
+  call; on a CUDA machine the default timer synchronises the device at block boundaries (wall time including
+  the device work), ``timer=time.perf_counter`` does not (issue time), ``timer=time.thread_time`` gives the
+  calling thread's CPU time. Without a GPU these are CPU figures (``--smoke`` runs: never results).
 
-All repetitions are queued and the host synchronises once at the end. Reported: the median per-call time
-over repetitions, its 20th/80th percentiles, the method, ``inner`` and the host time of one call
-(``host_ms``: how long the Python call takes to return; a call that syncs inside returns late).
-:func:`time_graph` does the same with a CUDA graph of ``inner`` calls (launch cost removed).
-:func:`time_host` measures host time per call with ``perf_counter`` on any machine (host-overhead
-benchmarks). Without a GPU :func:`time_fn` uses the host clock (``--smoke`` runs: never results).
+Reported per point: the median per-call time over the timer's samples, its 20th/80th percentiles, their count
+(``reps``), the method, calls per sample (``inner``) and, on a GPU, the host time of one call (``host_ms``: how
+long the Python call takes to return; a call that syncs inside returns late); :meth:`Bench.row` adds GB/s and
+TFLOP/s from counted bytes / flops.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -47,30 +41,31 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils.benchmark import Measurement, Timer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-BATCH_TARGET_MS = 1.0        # a timed batch of back-to-back calls lasts about this long
-MAX_INNER = 1000
-MAX_SPIN_MS = 50.0
+COMMIT_FILE = os.path.join(ROOT, ".pd_kernels_commit")
 
 
 @dataclass
 class Timing:
-    """Per-call time of a timed function. ``median_ms`` / ``p20_ms`` / ``p80_ms`` over ``n`` repetitions.
+    """Per-call time of a timed function: ``median_ms`` / ``p20_ms`` / ``p80_ms`` over ``n`` samples.
 
-    ``method``: ``events-batch``, ``events-call``, ``events-call+flush``, ``graph-batch``,
-    ``graph-call+flush``, ``host-batch``, ``host-call``. ``inner``: calls per timed repetition.
-    ``host_ms``: host time of one call (time for the Python call to return). ``l2_flush``: whether L2 was
-    flushed before every call."""
+    ``method``: ``do_bench``, ``do_bench-setup``, ``do_bench_cudagraph``, ``torch-timer``. ``inner``: calls per
+    sample. ``host_ms``: host time of one call. ``l2_flush``: whether L2 was cleared before every call."""
     median_ms: float
     p20_ms: float
     p80_ms: float
     n: int
-    method: str = "events-call"
+    method: str = "do_bench"
     inner: int = 1
     host_ms: float | None = None
     l2_flush: bool = False
+
+    @classmethod
+    def of(cls, times_ms: list[float], method: str, inner: int = 1, host_ms: float | None = None,
+           l2_flush: bool = False) -> "Timing":
+        return cls(*spread(times_ms), len(times_ms), method, inner, host_ms, l2_flush)
 
     def fields(self) -> dict:
         """The timing's fields as they go into a JSON row."""
@@ -79,32 +74,45 @@ class Timing:
                 "host_ms": None if self.host_ms is None else round(self.host_ms, 5), "l2_flush": self.l2_flush}
 
 
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """``(median, 20th percentile, 80th percentile)`` of samples (nearest rank)."""
+    v = sorted(values)
+    q = lambda f: v[min(len(v) - 1, int(f * len(v)))]  # noqa: E731
+    return statistics.median(v), q(0.2), q(0.8)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, any device: check the script runs")
-    p.add_argument("--reps", type=int, default=50, help="timed repetitions per point")
-    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up calls per point")
-    p.add_argument("--inner", type=int, default=None,
-                   help="back-to-back calls per timed repetition (default: enough for about 1 ms)")
-    p.add_argument("--l2-flush", default="auto", choices=["auto", "on", "off"],
-                   help="flush L2 before every timed call (auto: below --l2-flush-below MB, see _harness.py)")
-    p.add_argument("--l2-flush-below", type=float, default=None,
-                   help="auto flush threshold in MB of counted bytes (default: 4x the GPU's L2 size)")
+    p.add_argument("--reps", type=int, default=50, help="host timers given a call count: samples per point")
+    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs where a script counts them")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up window per point (ms)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench / do_bench_cudagraph timed window (ms)")
     return p
 
 
 # ---- environment -----------------------------------------------------------------------------------------
-def _commit() -> str:
+def commit() -> str:
+    """The commit the figures belong to: ``$PD_KERNELS_COMMIT``; else ``git rev-parse HEAD`` (``-dirty`` with
+    uncommitted changes to tracked files); else the first line of :data:`COMMIT_FILE` (a copy of the tree
+    without ``.git``: write it with ``git rev-parse HEAD > .pd_kernels_commit`` before copying); else unknown."""
+    env = os.environ.get("PD_KERNELS_COMMIT")
+    if env:
+        return env
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except Exception:
-        return os.environ.get("PD_KERNELS_COMMIT", "unknown")
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open(COMMIT_FILE) as f:
+            return f.readline().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _nvml_handle():
@@ -124,21 +132,11 @@ def _nvml_handle():
     return pynvml, pynvml.nvmlDeviceGetHandleByIndex(idx)
 
 
-def _s(v):
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def environment() -> dict:
     """Versions, commit, date and the device (GPU name, driver, clocks, power limit, memory, L2 via NVML)."""
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "commit": os.environ.get("PD_KERNELS_COMMIT") or _commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "cpu_count": os.cpu_count(),
-    }
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "commit": commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "host": platform.node(), "cpu_count": os.cpu_count()}
     for mod in ("triton", "transformers"):
         try:
             env[mod] = __import__(mod).__version__
@@ -146,14 +144,13 @@ def environment() -> dict:
             env[mod] = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        env["device"] = torch.cuda.get_device_name()
-        env["sm_count"] = props.multi_processor_count
-        env["capability"] = f"{props.major}.{props.minor}"
-        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-        env["l2_bytes"] = getattr(props, "L2_cache_size", None)
+        env.update(device=torch.cuda.get_device_name(), sm_count=props.multi_processor_count,
+                   capability=f"{props.major}.{props.minor}", gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   l2_bytes=getattr(props, "L2_cache_size", None))
         try:
             nv, h = _nvml_handle()
-            env["driver"] = _s(nv.nvmlSystemGetDriverVersion())
+            drv = nv.nvmlSystemGetDriverVersion()
+            env["driver"] = drv.decode() if isinstance(drv, bytes) else drv
             env["max_sm_clock_mhz"] = nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM)
             env["max_mem_clock_mhz"] = nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_MEM)
             env["power_limit_w"] = round(nv.nvmlDeviceGetEnforcedPowerLimit(h) / 1000, 1)
@@ -167,12 +164,9 @@ def environment() -> dict:
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown"
 
 
 class GpuSampler:
@@ -184,11 +178,8 @@ class GpuSampler:
     METRICS = ("sm_clock_mhz", "mem_clock_mhz", "power_w", "temp_c", "mem_used_gib", "util_pct")
 
     def __init__(self, interval: float = 0.5):
-        self.interval = interval
-        self.samples: list[dict] = []
-        self.error = None
-        self._stop = threading.Event()
-        self._thread = None
+        self.interval, self.samples, self.error = interval, [], None
+        self._stop, self._thread = threading.Event(), None
         try:
             if not torch.cuda.is_available():
                 raise RuntimeError("no CUDA device")
@@ -203,8 +194,7 @@ class GpuSampler:
 
     def _sample(self) -> dict:
         nv, h = self._nv, self._h
-        return {"t": time.time(),
-                "sm_clock_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
+        return {"t": time.time(), "sm_clock_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
                 "mem_clock_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM),
                 "power_w": round(nv.nvmlDeviceGetPowerUsage(h) / 1000, 1),
                 "temp_c": nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
@@ -231,9 +221,7 @@ class GpuSampler:
             self._thread.join(timeout=2 * self.interval + 1)
 
     def last(self) -> dict | None:
-        if not self.samples:
-            return None
-        return {k: self.samples[-1][k] for k in self.METRICS}
+        return {k: self.samples[-1][k] for k in self.METRICS} if self.samples else None
 
     def summary(self) -> dict:
         if not self.samples:
@@ -248,320 +236,75 @@ class GpuSampler:
 
 
 # ---- timing ------------------------------------------------------------------------------------------------
-_DEV: dict = {}
+def _arg(bench, name, default):
+    return getattr(bench.args, name, default) if bench is not None else default
 
 
-def _cycles_per_ms() -> float:
-    """GPU clock cycles of ``torch.cuda._sleep`` per millisecond (measured once per process)."""
-    if "cyc" not in _DEV:
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(1000)  # warm the kernel
-        a.record()
-        torch.cuda._sleep(2_000_000)
-        b.record()
-        b.synchronize()
-        _DEV["cyc"] = 2_000_000 / max(a.elapsed_time(b), 1e-3)
-    return _DEV["cyc"]
+def time_host(fn, bench: "Bench | None" = None, *, setup=None, reps: int | None = None, inner: int | None = None,
+              timer=None) -> Timing:
+    """Host time per call of ``fn()`` with ``torch.utils.benchmark.Timer`` (see the module docstring).
+
+    ``reps`` samples of ``inner`` calls each when either is given (``setup``: one call per sample, after an
+    untimed ``setup()``; ``--smoke``: one sample); else ``blocked_autorange`` picks the calls per sample. Each
+    sample is ``Timer.timeit``, which runs two untimed calls first."""
+    kw = {"timer": timer} if timer is not None else {}
+    t = Timer("fn()", setup="setup()" if setup is not None else "pass", globals={"fn": fn, "setup": setup},
+              num_threads=torch.get_num_threads(), **kw)
+    smoke = _arg(bench, "smoke", False)
+    if setup is not None or reps is not None or inner is not None or smoke:
+        n_in = 1 if setup is not None else max(1, inner or 1)
+        n = 1 if smoke else max(1, reps if reps is not None else _arg(bench, "reps", 50))
+        m = Measurement.merge([t.timeit(n_in) for _ in range(n)])[0]
+    else:
+        m = t.blocked_autorange(min_run_time=0.2)
+        n_in = m.number_per_run
+    return Timing.of([x * 1e3 for x in m.times], "torch-timer", n_in, None)
 
 
-def spin(ms: float) -> None:
-    """Queue a device-side busy wait of about ``ms`` milliseconds (lets the host run ahead of the GPU)."""
-    if ms > 0:
-        torch.cuda._sleep(int(min(ms, MAX_SPIN_MS) * _cycles_per_ms()))
+def _windows(bench) -> tuple[float, float]:
+    if _arg(bench, "smoke", False):
+        return 1.0, 5.0
+    return _arg(bench, "warmup_ms", 25.0), _arg(bench, "rep_ms", 100.0)
 
 
-def l2_bytes() -> int:
-    if "l2" not in _DEV:
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        _DEV["l2"] = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
-    return _DEV["l2"]
+def _host_ms(fn) -> float:
+    """Host time of one call, not synchronised (how long the Python call takes to return)."""
+    return Timer("fn()", globals={"fn": fn}, timer=time.perf_counter).timeit(3).median * 1e3
 
 
-def flush_l2() -> None:
-    """Overwrite a buffer of max(256 MiB, 4x L2) so no input of the next call is still in L2."""
-    buf = _DEV.get("flush")
-    if buf is None:
-        buf = _DEV["flush"] = torch.empty(max(256 * 2**20, 4 * l2_bytes()) // 4, dtype=torch.int32, device="cuda")
-    buf.zero_()
-
-
-def _stats(times: list[float]) -> tuple[float, float, float]:
-    times = sorted(times)
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return statistics.median(times), q(0.2), q(0.8)
-
-
-def _args(bench):
-    return bench.args if bench is not None else None
-
-
-def _want_flush(bench, l2_flush, nbytes) -> bool:
-    if l2_flush is not None:
-        return bool(l2_flush)
-    a = _args(bench)
-    mode = getattr(a, "l2_flush", "auto") if a is not None else "auto"
-    if mode != "auto":
-        return mode == "on"
-    if nbytes is None:
-        return True
-    below = getattr(a, "l2_flush_below", None) if a is not None else None
-    return nbytes < (below * 2**20 if below is not None else 4 * l2_bytes())
-
-
-def _reps_warmup(bench, reps, warmup):
-    a = _args(bench)
-    reps = reps if reps is not None else (a.reps if a is not None else 50)
-    warmup = warmup if warmup is not None else (a.warmup if a is not None else 10)
-    if a is not None and getattr(a, "smoke", False):
-        reps, warmup = min(reps, 3), min(warmup, 1)
-    return max(1, reps), max(0, warmup)
-
-
-def _auto_inner(bench, inner, one_call_ms) -> int:
-    a = _args(bench)
-    if inner is None and a is not None:
-        inner = getattr(a, "inner", None)
-    if inner is not None:
-        return max(1, int(inner))
-    if a is not None and getattr(a, "smoke", False):
-        return 1
-    return max(1, min(MAX_INNER, math.ceil(BATCH_TARGET_MS / max(one_call_ms, 1e-4))))
-
-
-def _host_call_ms(fn, setup) -> float:
-    """Host time of one call (median of 3; the call is not synchronised)."""
-    ts = []
-    for _ in range(3):
-        if setup:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
-def time_fn(fn, bench: "Bench | None" = None, *, reps: int | None = None, warmup: int | None = None,
-            setup=None, inner: int | None = None, l2_flush: bool | None = None,
-            nbytes: float | None = None) -> Timing:
-    """Per-call time of ``fn()`` (see the module docstring for the method).
-
-    Args:
-        fn: the call to time (no arguments).
-        bench: supplies ``--reps``, ``--warmup``, ``--inner``, ``--l2-flush``, ``--smoke`` (optional).
-        setup: untimed, run before every call (forces per-call timing).
-        inner: back-to-back calls per timed repetition (default: about 1 ms worth; 1 with ``setup``).
-        l2_flush: force the flush on/off (default: ``--l2-flush``; auto: by ``nbytes``, on without it).
-        nbytes: bytes the op moves, for the automatic L2-flush choice (give the same to every peer).
-    """
-    reps, warmup = _reps_warmup(bench, reps, warmup)
-    for _ in range(warmup):
-        if setup:
-            setup()
-        fn()
+def time_fn(fn, bench: "Bench | None" = None, *, setup=None) -> Timing:
+    """Per-call device time of ``fn()``: ``triton.testing.do_bench`` on a GPU (L2 cleared before every call),
+    :func:`time_host` without one. ``setup`` (untimed: e.g. restoring a buffer the op mutates) runs before
+    every call; on a GPU its own do_bench median is subtracted from that of ``setup(); fn()``."""
     if not torch.cuda.is_available():
-        return _time_host_clock(fn, bench, reps, setup, inner)
+        return time_host(fn, bench, setup=setup)
+    from triton.testing import do_bench
+
+    warm, rep = _windows(bench)
+    if setup is None:
+        times, method = do_bench(fn, warmup=warm, rep=rep, return_mode="all"), "do_bench"
+    else:
+        both = do_bench(lambda: (setup(), fn()), warmup=warm, rep=rep, return_mode="all")
+        alone = statistics.median(do_bench(setup, warmup=warm, rep=rep, return_mode="all"))
+        times, method = [t - alone for t in both], "do_bench-setup"
+    host = _host_ms(fn if setup is None else lambda: (setup(), fn()))
     torch.cuda.synchronize()
-    host = _host_call_ms(fn, setup)
-    torch.cuda.synchronize()
-    flush = _want_flush(bench, l2_flush, nbytes)
-    if flush or setup is not None:
-        return _per_call(fn, reps, setup, flush, host, "events")
-    one = _one_call_ms(fn, setup, host)
-    n_in = _auto_inner(bench, inner, one)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for r in range(reps):
-        spin(1.5 * n_in * host + 0.05)
-        starts[r].record()
-        for _ in range(n_in):
-            fn()
-        ends[r].record()
-    torch.cuda.synchronize()
-    med, p20, p80 = _stats([s.elapsed_time(e) / n_in for s, e in zip(starts, ends)])
-    return Timing(med, p20, p80, reps, "events-batch", n_in, host, False)
+    return Timing.of(times, method, 1, host, True)
 
 
-def _one_call_ms(fn, setup, host_ms) -> float:
-    if setup:
-        setup()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    spin(1.5 * host_ms + 0.05)
-    a.record()
-    fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b)
-
-
-def _per_call(fn, reps, setup, flush, host_ms, kind) -> Timing:
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for r in range(reps):
-        if setup:
-            setup()
-        if flush:
-            flush_l2()
-        spin(1.5 * host_ms + 0.05)
-        starts[r].record()
-        fn()
-        ends[r].record()
-    torch.cuda.synchronize()
-    med, p20, p80 = _stats([s.elapsed_time(e) for s, e in zip(starts, ends)])
-    return Timing(med, p20, p80, reps, f"{kind}-call" + ("+flush" if flush else ""), 1, host_ms, flush)
-
-
-def _time_host_clock(fn, bench, reps, setup, inner) -> Timing:
-    """Host-clock timing (no GPU): batches of ``inner`` calls, or one call after ``setup``."""
-    if setup is not None:
-        times = []
-        for _ in range(reps):
-            setup()
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        med, p20, p80 = _stats(times)
-        return Timing(med, p20, p80, reps, "host-call", 1, med, False)
-    if inner is None and not getattr(_args(bench), "smoke", False) and getattr(_args(bench), "inner", None) is None:
-        t0 = time.perf_counter()
-        fn()
-        inner = _auto_inner(bench, None, (time.perf_counter() - t0) * 1e3)
-    n_in = _auto_inner(bench, inner, 1.0)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n_in):
-            fn()
-        times.append((time.perf_counter() - t0) * 1e3 / n_in)
-    med, p20, p80 = _stats(times)
-    return Timing(med, p20, p80, reps, "host-batch", n_in, med, False)
-
-
-def time_host(fn, bench: "Bench | None" = None, *, reps: int | None = None, warmup: int | None = None,
-              inner: int | None = None, sync: bool = False) -> Timing:
-    """Host time per call of ``fn()`` with ``perf_counter``: ``inner`` back-to-back calls per repetition,
-    median over repetitions. On a GPU the calls are asynchronous: this is the time to *issue* them (the
-    host overhead of an op), unless ``sync=True`` adds a ``torch.cuda.synchronize()`` after each batch
-    (then it is wall time). Valid on any machine (host microseconds per call)."""
-    reps, warmup = _reps_warmup(bench, reps, warmup)
-    for _ in range(warmup):
-        fn()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-    n_in = _auto_inner(bench, inner, _host_call_ms(fn, None))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n_in):
-            fn()
-        if sync and cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3 / n_in)
-        if cuda and not sync:
-            torch.cuda.synchronize()  # drain the queue between repetitions (untimed)
-    med, p20, p80 = _stats(times)
-    return Timing(med, p20, p80, reps, "host-batch", n_in, med, False)
-
-
-def time_graph(fn, bench: "Bench | None" = None, *, reps: int | None = None, inner: int | None = None,
-               l2_flush: bool | None = None, nbytes: float | None = None) -> Timing:
-    """Per-call time of ``fn`` replayed from a CUDA graph (launch overhead removed): a graph of ``inner``
-    back-to-back calls replayed between two events, or, with the L2 flush, a graph of one call replayed
-    after each flush. Host-clock :func:`time_fn` off-GPU."""
+def time_graph(fn, bench: "Bench | None" = None) -> Timing:
+    """Per-call time of ``fn`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: launch cost
+    removed, L2 not cleared); :func:`time_host` without a GPU."""
     if not torch.cuda.is_available():
-        return time_fn(fn, bench, reps=reps, inner=inner)
-    reps, _ = _reps_warmup(bench, reps, 0)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g1 = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g1):
-        fn()
-    g1.replay()
-    torch.cuda.synchronize()
-    host = _host_call_ms(g1.replay, None)
-    if _want_flush(bench, l2_flush, nbytes):
-        return _per_call(g1.replay, reps, None, True, host, "graph")
-    one = _one_call_ms(g1.replay, None, host)
-    n_in = _auto_inner(bench, inner, one)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n_in):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for r in range(reps):
-        spin(0.05)
-        starts[r].record()
-        g.replay()
-        ends[r].record()
-    torch.cuda.synchronize()
-    med, p20, p80 = _stats([a.elapsed_time(b) / n_in for a, b in zip(starts, ends)])
-    return Timing(med, p20, p80, reps, "graph-batch", n_in, host, False)
+        return time_host(fn, bench)
+    from triton.testing import do_bench_cudagraph
 
-
-def strict_dynamo(recompile_limit: int = 64) -> dict:
-    """Make ``torch.compile`` peers trustworthy in a sweep: raise dynamo's recompile limits (every new shape
-    of a point is a recompile) and make hitting them an error instead of a silent fall-back to eager.
-    Returns the settings applied (attribute names differ across torch versions; missing ones are skipped)."""
-    import torch._dynamo.config as c
-
-    done = {}
-    for names, value in ((("recompile_limit", "cache_size_limit"), recompile_limit),
-                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 16 * recompile_limit),
-                         (("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"), True)):
-        for n in names:
-            if hasattr(c, n):
-                setattr(c, n, value)
-                done[n] = value
-                break
-    return done
-
-
-def dynamo_compiled_frames() -> int:
-    """Frames dynamo compiled so far in this process (``torch._dynamo.utils.counters['frames']['ok']``):
-    compare before and after a call to know whether a ``torch.compile``'d function really ran compiled."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["frames"]["ok"])
-
-
-# ---- progress ----------------------------------------------------------------------------------------------
-class Progress:
-    """A progress line on stderr for long runs: rewritten in place on a terminal, else printed at most every
-    ``every`` seconds (and at the end), with the elapsed time and an estimate of the time left."""
-
-    def __init__(self, total: int, desc: str = "", every: float = 15.0, stream=None):
-        self.total, self.desc, self.every = max(1, total), desc, every
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.done = 0
-        self.t0 = self._last = time.perf_counter()
-
-    def update(self, note: str = "", n: int = 1) -> None:
-        self.done = min(self.total, self.done + n)
-        now = time.perf_counter()
-        if not self.tty and now - self._last < self.every and self.done < self.total:
-            return
-        self._last = now
-        el = now - self.t0
-        eta = el / self.done * (self.total - self.done) if self.done else 0.0
-        line = f"[{self.desc}] {self.done}/{self.total} {note} ({el:.0f}s, ~{eta:.0f}s left)"
-        if self.tty:
-            self.stream.write("\r" + line[:150].ljust(150) + ("\n" if self.done >= self.total else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+    times = do_bench_cudagraph(fn, rep=_windows(bench)[1], return_mode="all")
+    return Timing.of(times, "do_bench_cudagraph", 1, None, False)
 
 
 # ---- rows and output ---------------------------------------------------------------------------------------
+_JSONABLE = (str, int, float, bool, list, tuple)
 _HIDDEN = ("bench", "p20_ms", "p80_ms", "reps", "bytes", "flops", "timer", "inner", "host_ms", "l2_flush", "gpu")
 
 
@@ -607,22 +350,18 @@ class Bench:
         return r
 
     def _payload(self, complete: bool) -> dict:
-        env = dict(self.env)
-        if self.sampler is not None:
-            env["gpu_samples"] = self.sampler.summary()
+        env = dict(self.env, **({"gpu_samples": self.sampler.summary()} if self.sampler is not None else {}))
         return {"bench": self.name, "complete": complete, "env": env, "argv": sys.argv[1:],
-                "args": {k: v for k, v in vars(self.args).items() if _jsonable(v)}, "meta": self.meta,
-                "rows": self.rows}
+                "args": {k: v for k, v in vars(self.args).items() if v is None or isinstance(v, _JSONABLE)},
+                "meta": self.meta, "rows": self.rows}
 
     def _write(self, complete: bool) -> None:
         out = getattr(self.args, "out", None)
-        if not out:
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        tmp = out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self._payload(complete), f, indent=1, default=str)
-        os.replace(tmp, out)
+        if out:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out + ".tmp", "w") as f:
+                json.dump(self._payload(complete), f, indent=1, default=str)
+            os.replace(out + ".tmp", out)
 
     def table(self, columns: list[str] | None = None, rows: list[dict] | None = None, only: bool = False) -> str:
         """Text table of ``rows``: ``columns`` first, then every other field (``only``: just ``columns``)."""
@@ -631,9 +370,7 @@ class Bench:
             return "no rows"
         cols = list(columns or [k for k in rows[0] if k not in _HIDDEN])
         for r in rows if not (only and columns) else []:
-            for k in r:
-                if k not in cols and k not in _HIDDEN:
-                    cols.append(k)
+            cols += [k for k in r if k not in cols and k not in _HIDDEN]
         widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
         lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
         lines += ["  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in cols) for r in rows]
@@ -642,25 +379,16 @@ class Bench:
     def finish(self, columns: list[str] | None = None, only: bool = False) -> None:
         if self.sampler is not None:
             self.sampler.stop()
-        if not self.rows:
-            print("no rows")
-            self._write(complete=True)
-            return
-        print(f"# {self.name} on {self.env['device']} (torch {self.env['torch']}, triton {self.env['triton']}, "
-              f"commit {self.env['commit'][:12]})")
+        if self.rows:
+            print(f"# {self.name} on {self.env['device']} (torch {self.env['torch']}, triton {self.env['triton']}, "
+                  f"commit {self.env['commit'][:12]})")
         print(self.table(columns, only=only))
         self._write(complete=True)
-        if getattr(self.args, "out", None):
+        if self.rows and getattr(self.args, "out", None):
             print(f"wrote {self.args.out}")
-
-
-def _jsonable(v) -> bool:
-    return v is None or isinstance(v, (str, int, float, bool, list, tuple))
 
 
 def _fmt(v) -> str:
     if v is None:
         return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

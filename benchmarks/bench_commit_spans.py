@@ -16,7 +16,7 @@ Without a GPU every figure here is a **CPU figure**: no timing, only work that d
   ``triton.compile`` + ``ptxas -v``; CUDA through ``nvcc -Xptxas -v``), not run.
 
 On a GPU the new Triton and CUDA kernels, and the old Triton kernel when git history is there, are also timed
-(CUDA events, median of ``--reps``; ``--no-gpu`` skips it).
+(``triton.testing.do_bench``, the state restore subtracted; ``--no-gpu`` skips it).
 
     python benchmarks/bench_commit_spans.py --interp --sm90 --out benchmarks/results/commit_cpu_costmodel.json
     python benchmarks/bench_commit_spans.py --smoke
@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pd_kernels  # noqa: E402
 from benchmarks._harness import ROOT, Bench, parser, time_fn  # noqa: E402
 from pd_kernels import SpanState  # noqa: E402
+from pd_kernels._checks import cdiv  # noqa: E402
 from pd_kernels.reference import POLICIES, POLICY_ID  # noqa: E402
 
 MASK = 151666
@@ -113,7 +114,7 @@ def make_step(batch: int, spans: list[list[int]], device, seed: int = 0):
 
 # ---- cost models from the launch geometry ------------------------------------------------------------------
 def _up(n: int, b: int) -> int:
-    return -(-n // b) * b
+    return cdiv(n, b) * b
 
 
 def cost_old_triton(N: int, S: int, lens: list[int], ranking: bool) -> dict:
@@ -121,7 +122,7 @@ def cost_old_triton(N: int, S: int, lens: list[int], ranking: bool) -> dict:
     counts its masked rows over all N rows; a program with masks ranks every row block against every row block
     (BLOCK x BLOCK lanes per pair of blocks) and writes in a third pass over N; then _all_done_kernel."""
     B = min(128, max(16, 1 << max(0, (max(N, 1) - 1).bit_length())))
-    nb = -(-N // B)
+    nb = cdiv(N, B)
     active = sum(1 for L in lens if L > 0)
     pairs = active * nb * nb * B * B  # pass 1 runs for every span with masks, whatever the policy
     visits = S * nb * B + active * (nb * B * (1 + nb) + nb * B)  # pass 0; pass 1 loads (i + j blocks); pass 2
@@ -132,7 +133,7 @@ def cost_new_triton(lens: list[int], S: int, ranking: bool, block: int = 128, bl
     """ops/triton/commit_spans.py: grid (S,); program j: pass 0 and pass B over its own rows in blocks of BLOCK,
     pass A (ranking policies, budget < candidates) BLOCK x BLOCK_J tiles over its rows; one launch."""
     pairs = sum(_up(L, block) * _up(L, block_j) for L in lens) if ranking else 0
-    visits = sum(2 * _up(L, block) + ((-(-L // block)) * _up(L, block_j) + _up(L, block) if ranking else 0)
+    visits = sum(2 * _up(L, block) + (cdiv(L, block) * _up(L, block_j) + _up(L, block) if ranking else 0)
                  for L in lens) + S  # + one span_rows entry per program
     return dict(pairs=pairs, row_visits=visits, launches=1)
 
@@ -142,7 +143,7 @@ def cost_old_cuda(N: int, S: int, lens: list[int], ranking: bool, threads: int =
     a block with masks stages every 256-row tile of the step once per 256-row block of the step, and each warp
     holding a row of the span compares it against the whole tile (lanes of those warps counted); pass 2 reads
     all N rows again; then a second kernel for all_done. Rows contiguous per span."""
-    nb = -(-N // threads)
+    nb = cdiv(N, threads)
     active = sum(1 for L in lens if L > 0)
     pairs = sum(_up(L, 32) * _up(N, threads) for L in lens if L > 0)
     visits = S * N + active * (N + nb * N + N)

@@ -43,15 +43,41 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._harness import Bench, Progress, parser, time_fn  # noqa: E402
+from benchmarks._harness import Bench, parser, spread, time_fn  # noqa: E402
 from benchmarks.reference_loop import ReferenceLoop  # noqa: E402
 from benchmarks.workload import WorkloadParams, diffusion_length, make_workload, summarize  # noqa: E402
+from pd_kernels._checks import cdiv  # noqa: E402
 from pd_kernels.decoder import MODES, POLICIES, ControlTags, DecodeConfig, Decoder  # noqa: E402
 from pd_kernels.models import TINY_TAGS, dream_shaped_config, tiny_model  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SWEEP_RATIOS = (0.25, 0.5, 0.75, 1.0)
 SWEEP_TAUS = (0.5, 0.7, 0.9, 0.95)
+
+
+class Progress:
+    """A progress line on stderr for long runs: rewritten in place on a terminal, else printed at most every
+    ``every`` seconds (and at the end), with the elapsed time and an estimate of the time left."""
+
+    def __init__(self, total: int, desc: str = "", every: float = 15.0, stream=None):
+        self.total, self.desc, self.every = max(1, total), desc, every
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.done = 0
+        self.t0 = self._last = time.perf_counter()
+
+    def update(self, note: str = "", n: int = 1) -> None:
+        self.done = min(self.total, self.done + n)
+        now = time.perf_counter()
+        if not self.tty and now - self._last < self.every and self.done < self.total:
+            return
+        self._last = now
+        el = now - self.t0
+        eta = el / self.done * (self.total - self.done) if self.done else 0.0
+        line = f"[{self.desc}] {self.done}/{self.total} {note} ({el:.0f}s, ~{eta:.0f}s left)"
+        self.stream.write("\r" + line[:150].ljust(150) + ("\n" if self.done >= self.total else "") if self.tty
+                          else line + "\n")
+        self.stream.flush()
 
 
 def build_parser():
@@ -140,14 +166,14 @@ def ceilings(bench, device, dtype) -> dict:
     src = torch.empty(n // 2, dtype=torch.bfloat16 if device == "cuda" else torch.float16, device=device)
     src.fill_(1)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), bench, reps=20 if device == "cuda" else 3, warmup=3, l2_flush=False)
+    t = time_fn(lambda: dst.copy_(src), bench)
     bench.row(impl="copy", timing=t, bytes=2 * n, part="ceiling", shape=f"{n >> 20} MiB")
     bw = 2 * n / (t.median_ms * 1e-3)
     del src, dst
     m = 8192 if device == "cuda" else 256
     a = torch.randn(m, m, device=device, dtype=dtype if device == "cuda" else torch.float32)
     b = torch.randn_like(a)
-    t = time_fn(lambda: a @ b, bench, reps=20 if device == "cuda" else 3, warmup=3, l2_flush=False)
+    t = time_fn(lambda: a @ b, bench)
     bench.row(impl="matmul", timing=t, flops=2 * m ** 3, part="ceiling", shape=f"{m}^3 {a.dtype}".replace("torch.", ""))
     rate = 2 * m ** 3 / (t.median_ms * 1e-3)
     return {"copy_bytes_per_s": bw, "matmul_flops_per_s": rate}
@@ -288,16 +314,12 @@ def _median_rec(recs: list) -> dict:
     return out
 
 
-def _q(v, f):
-    v = sorted(v)
-    return v[min(len(v) - 1, int(f * len(v)))]
-
-
 def aggregate(suite: Suite, impl: str, mode: str, variant: str, batch: int, recs: list, *, part="main",
               extra=None) -> dict:
     """One JSON row from per-request records."""
     facts, ceil = suite.facts, suite.ceil
     walls = [r["wall_s"] * 1e3 for r in recs]
+    w_med, w_p20, w_p80 = spread(walls)
     n = len(recs)
     cp = [r["cp"] for r in recs]
     steps = {ph: statistics.fmean(r["steps"][ph] for r in recs) for ph in ("prefill", "plan", "diffusion")}
@@ -307,8 +329,8 @@ def aggregate(suite: Suite, impl: str, mode: str, variant: str, batch: int, recs
     row = dict(part=part, mode=mode, variant=variant or "dynamic", batch=batch, requests=n,
                critical_path=round(statistics.fmean(cp), 1), cp_prefill=round(steps["prefill"], 2),
                cp_plan=round(steps["plan"], 1), cp_diffusion=round(steps["diffusion"], 1),
-               wall_ms=round(statistics.median(walls), 3), wall_p20_ms=round(_q(walls, 0.2), 3),
-               wall_p80_ms=round(_q(walls, 0.8), 3), wall_mean_ms=round(total_wall / n, 3),
+               wall_ms=round(w_med, 3), wall_p20_ms=round(w_p20, 3), wall_p80_ms=round(w_p80, 3),
+               wall_mean_ms=round(total_wall / n, 3),
                ms_per_step=round(total_wall / max(1, total_cp), 4))
     if batch == 1:
         row["tok_per_s"] = round(tokens / (total_wall * 1e-3), 1)
@@ -442,7 +464,7 @@ def main(argv=None):
         if args.quick:
             sweep_settings = sweep_settings[:3]
     sweep_settings = list(dict.fromkeys(sweep_settings))
-    ng = {b: -(-len(reqs) // b) for b in batches}
+    ng = {b: cdiv(len(reqs), b) for b in batches}
     sw_reqs = reqs[:max(1, min(args.sweep_requests, len(reqs)))]
     # progress ticks: one per decoded group (a graphs variant warms up on every group, others on the first)
     total = sum((reps * ng[b] + warmup * (ng[b] if v else 1)) * len(modes) for b in batches for v in variants)

@@ -17,8 +17,8 @@ arguments through ``torch.ops.pd_kernels.<op>``, the path ``torch.compile`` and 
 the only path before the eager fast path existed). Baselines: a plain ``index_copy_`` and a bare mutating
 ``torch.library.custom_op`` with 8 arguments.
 
-Timing: ``--calls`` back-to-back calls, repeated ``--reps`` times; medians per call of the wall clock
-(``host_us``, ``time.perf_counter``) and of the calling thread's CPU time (``cpu_us``,
+Timing (``torch.utils.benchmark.Timer``): ``--calls`` back-to-back calls, repeated ``--reps`` times; medians per
+call of the wall clock (``host_us``, ``time.perf_counter``) and of the calling thread's CPU time (``cpu_us``,
 ``time.thread_time``: insensitive to other processes competing for the cores, so it is the figure to
 compare on a busy machine). These are CPU figures and valid as such: host overhead is paid by the CPU of a
 GPU machine in the same way (expect a similar order there).
@@ -50,7 +50,7 @@ if not torch.cuda.is_available():  # the Triton interpreter must be chosen befor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pd_kernels as pk  # noqa: E402
-from benchmarks._harness import Bench, Timing, parser  # noqa: E402
+from benchmarks._harness import Bench, Timing, parser, time_host  # noqa: E402
 from pd_kernels import _backend  # noqa: E402
 
 TRITON_MODULES = ("paged_kv_write", "span_attention", "token_confidence", "commit_spans")
@@ -98,24 +98,13 @@ def stub_launches(backend: str, cuda_ops=("paged_kv_write_cuda", "token_confiden
                     delattr(torch.ops.pd_kernels, op)
 
 
-def host_us(fn, calls: int, reps: int) -> tuple[Timing, float]:
-    """Median wall milliseconds per call over ``reps`` batches of ``calls`` back-to-back calls (a
-    :class:`Timing`, like every other benchmark) and the median thread-CPU microseconds per call."""
-    for _ in range(max(10, calls // 10)):
-        fn()
-    wall, cpu = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        for _ in range(calls):
-            fn()
-        c1, t1 = time.thread_time(), time.perf_counter()
-        wall.append((t1 - t0) / calls * 1e3)
-        cpu.append((c1 - c0) / calls * 1e6)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    wall.sort()
-    t = Timing(statistics.median(wall), wall[len(wall) // 5], wall[min(len(wall) - 1, 4 * len(wall) // 5)], reps)
-    return t, statistics.median(cpu)
+def host_us(fn, calls: int, reps: int, bench) -> tuple[Timing, float]:
+    """Wall milliseconds per call over ``reps`` samples of ``calls`` back-to-back calls (a :class:`Timing`, like
+    every other benchmark; the clock is not synchronised with a GPU: issue time) and the median thread-CPU
+    microseconds per call, both with ``torch.utils.benchmark.Timer`` (:func:`time_host`)."""
+    wall = time_host(fn, bench, reps=reps, inner=calls, timer=time.perf_counter)
+    cpu = time_host(fn, bench, reps=reps, inner=calls, timer=time.thread_time)
+    return wall, cpu.median_ms * 1e3
 
 
 # ---- the decoder's per-step calls at tiny sizes: the op work is negligible, the host cost is not ----------
@@ -316,13 +305,13 @@ def main(argv=None) -> None:
                       "model_ms", "steps"])
         return
     for name, fn in baselines(device):
-        row(host_us(fn, args.calls, reps), impl=name, op="-", backend="-", path="baseline", launch="real")
+        row(host_us(fn, args.calls, reps, bench), impl=name, op="-", backend="-", path="baseline", launch="real")
     only = set(filter(None, args.ops.split(",")))
     for op, public, registered, ref in make_cases(device):
         if only and op not in only:
             continue
         if ref is not None:
-            row(host_us(ref, args.calls, reps), impl="ref", op=op, backend="torch", path="reference fn",
+            row(host_us(ref, args.calls, reps, bench), impl="ref", op=op, backend="torch", path="reference fn",
                 launch="real")
         for b in backends:
             if b not in _backend.implemented_backends(op):
@@ -334,7 +323,7 @@ def main(argv=None) -> None:
                 ctx = stub_launches(b) if stubbed else contextlib.nullcontext()
                 try:
                     with ctx:
-                        t = host_us(lambda: fn(b), args.calls, reps)
+                        t = host_us(lambda: fn(b), args.calls, reps, bench)
                 except Exception as e:  # a backend that cannot run here: say why, keep going
                     bench.row(impl=b, op=op, backend=b, path=path, launch="stub" if stubbed else "real", timing=None,
                               error=f"{type(e).__name__}: {str(e)[:80]}")
@@ -343,7 +332,7 @@ def main(argv=None) -> None:
             if device.type == "cuda" and b != "torch":
                 # the real launch on a GPU: host time per call, no sync inside the batch
                 try:
-                    row(host_us(lambda: public(b), args.calls, reps), impl=b, op=op, backend=b, path="public",
+                    row(host_us(lambda: public(b), args.calls, reps, bench), impl=b, op=op, backend=b, path="public",
                         launch="real")
                 except Exception as e:
                     bench.row(impl=b, op=op, backend=b, path="public", launch="real", timing=None,

@@ -1,11 +1,11 @@
-"""Paged KV writes: Triton and CUDA vs torch advanced indexing and vs a per-layer torch loop.
+"""paged_kv_write: Triton and CUDA vs torch advanced indexing and vs a per-layer torch loop.
 
 Counted bytes: keys + values read once and written once (2 x 2 x L x T x Hkv x D x itemsize) plus the
 slot mapping (8 bytes a token). Reported with the same-run device-to-device copy of the same number of
 bytes (``copy`` rows: the ceiling), so "% of copy" needs no number from elsewhere.
 
-    python benchmarks/bench_kv_cache.py --out benchmarks/results/kv_cache_h100.json
-    python benchmarks/bench_kv_cache.py --smoke          # CPU: checks the script only
+    python benchmarks/bench_paged_kv_write.py --out benchmarks/results/paged_kv_write_h100.json
+    python benchmarks/bench_paged_kv_write.py --smoke          # CPU: checks the script only
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pd_kernels as pk  # noqa: E402
 from benchmarks._harness import Bench, parser, time_fn  # noqa: E402
+from pd_kernels._checks import cdiv  # noqa: E402
 
 
 def torch_index_write(k, v, kc, vc, slots):
@@ -43,7 +44,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--page-size", type=int, default=16)
     args = p.parse_args()
-    bench = Bench("kv_cache", args)
+    bench = Bench("paged_kv_write", args)
     dev = bench.device
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -62,8 +63,8 @@ def main():
     for L in layer_counts:
         for T in sizes:
             gen = torch.Generator().manual_seed(T)
-            num_pages = -(-T // ps) * 2
-            pages = torch.randperm(num_pages, generator=gen)[: -(-T // ps)]
+            num_pages = cdiv(T, ps) * 2
+            pages = torch.randperm(num_pages, generator=gen)[:cdiv(T, ps)]
             pos = torch.arange(T)
             slots = (pages[pos // ps] * ps + pos % ps).to(dev)
             k = torch.randn(L, T, H, D, device=dev, dtype=dtype)

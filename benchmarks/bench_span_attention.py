@@ -1,4 +1,5 @@
-"""Span attention: Triton block-sparse paged kernel vs FlexAttention vs dense-mask SDPA vs unmasked SDPA.
+"""span_attention: Triton block-sparse paged kernel vs FlexAttention vs dense-mask SDPA vs unmasked SDPA, and the
+tiling plans of decode-shaped steps.
 
 Implementations, same queries, same keys, same visibility (SPEC section 4), one process:
 
@@ -17,9 +18,23 @@ TFLOP/s counts only visible query-key pairs: ``4 * D * Hq * sum(mask)``. ``layou
 ``SpanLayout.build`` + its tiling plan (host numpy + two copies), to compare with ``mask_build_ms``.
 Summary lines give triton vs flex and vs sdpa-mask speedups and the PD / PD-DA time ratio.
 
-    python benchmarks/bench_attention.py --quick --out benchmarks/results/attention_h100_quick.json
-    python benchmarks/bench_attention.py --out benchmarks/results/attention_h100.json     # full sweep
-    python benchmarks/bench_attention.py --smoke          # CPU: checks the script only (interpreter)
+Plans (``part = "plan"`` rows, no timing): what :mod:`pd_kernels.layout` plans for decode-shaped steps and a few
+span / prefill steps, in the Dream-7B geometry (Hq 28, Hkv 4, D 128, G 7):
+
+* ``dynamic``: a :class:`~pd_kernels.SpanLayout` of the step: narrow / wide units, CTAs launched
+  (units x Hkv, plus merge programs), split-K workspace bytes;
+* ``static``: the :class:`~pd_kernels.StaticSpanLayout` the decoder builds for the step's bucket (queries
+  rounded up to 16, 32, ...; ``max_seqs`` = batch; ``max_segments`` = 16 per sequence; ``max_kv`` = the
+  context): CTAs launched per layer (table capacities x Hkv; programs past the step's count exit at once),
+  CTAs with work, workspace bytes.
+
+These are counts, valid on any machine (the plan does not depend on the device): ``--what plans`` runs them
+alone, without a GPU. ``keys/CTA``: most keys one decode CTA reads.
+
+    python benchmarks/bench_span_attention.py --quick --out benchmarks/results/attention_h100_quick.json
+    python benchmarks/bench_span_attention.py --out benchmarks/results/attention_h100.json     # full sweep
+    python benchmarks/bench_span_attention.py --what plans --out benchmarks/results/attention_plan.json  # any machine
+    python benchmarks/bench_span_attention.py --smoke          # CPU: checks the script only (interpreter)
 """
 from __future__ import annotations
 
@@ -37,20 +52,50 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pd_kernels as pk  # noqa: E402
-from benchmarks._harness import (Bench, dynamo_compiled_frames, parser, strict_dynamo, time_fn,  # noqa: E402
-                                time_host)
+from benchmarks._harness import Bench, parser, time_fn, time_host  # noqa: E402
+from pd_kernels._checks import cdiv  # noqa: E402
+from pd_kernels.layout import SPLIT_BLOCK_N, UNIT_J0, UNIT_J1  # noqa: E402
 
 # SPEC section 8 workload: median 2 spans, mean 3.1, p90 6; ~81 tokens a span; prompts tens to hundreds
 FULL = dict(spans=[1, 2, 4, 8, 16], span_len=[32, 80, 160], prefix=[128, 512, 2048], batch=[1, 8])
 QUICK = dict(spans=[2, 8], span_len=[80], prefix=[512, 2048], batch=[1, 8])
 SMOKE = dict(spans=[2], span_len=[5, 17], prefix=[9], batch=[1, 2])
+BUCKETS = tuple(16 << i for i in range(8))
+PLAN_COLUMNS = ["case", "impl", "units_narrow", "units_wide", "merge", "ctas", "busy_ctas", "keys_per_cta",
+                "workspace_bytes"]
+
+
+def strict_dynamo(recompile_limit: int = 64) -> dict:
+    """Make ``torch.compile`` peers trustworthy in a sweep: raise dynamo's recompile limits (every new shape
+    of a point is a recompile) and make hitting them an error instead of a silent fall-back to eager.
+    Returns the settings applied (attribute names differ across torch versions; missing ones are skipped)."""
+    import torch._dynamo.config as c
+
+    done = {}
+    for names, value in ((("recompile_limit", "cache_size_limit"), recompile_limit),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 16 * recompile_limit),
+                         (("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"), True)):
+        for n in names:
+            if hasattr(c, n):
+                setattr(c, n, value)
+                done[n] = value
+                break
+    return done
+
+
+def dynamo_compiled_frames() -> int:
+    """Frames dynamo compiled so far in this process (``torch._dynamo.utils.counters['frames']['ok']``):
+    compare before and after a call to know whether a ``torch.compile``'d function really ran compiled."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
 
 
 def make_inputs(seqs, Hq, Hkv, D, page_size, dtype, dev, gen):
     """Layout, q, a paged cache holding every sequence (pages interleaved across sequences), block table."""
     layout = pk.SpanLayout.build(seqs, dev)
     lens = [_seq_len(s) for s in seqs]
-    pages_per = [-(-n // page_size) for n in lens]
+    pages_per = [cdiv(n, page_size) for n in lens]
     P = sum(pages_per) + 1
     perm = torch.randperm(P, generator=gen)
     bt = torch.zeros(len(seqs), max(pages_per), dtype=torch.int32)
@@ -135,17 +180,15 @@ def run_point(bench, label, seqs, cfg, args, gen):
     layout, q, kc, vc, bt, lens = make_inputs(seqs, Hq, Hkv, D, args.page_size, dtype, dev, gen)
     pairs = int(layout.to_dense_mask().sum())
     flops = 4.0 * D * Hq * pairs
-    # one byte count for every implementation of the point, so all get the same L2-flush choice
-    nbytes = (2 * kc.numel() + 2 * q.numel()) * q.element_size()
-    timed = lambda f, **kw: time_fn(f, bench, nbytes=nbytes, **kw)  # noqa: E731
-    base = dict(case=label, Tq=layout.num_queries, keys=sum(lens), pairs=pairs)
+    timed = lambda f: time_fn(f, bench)  # noqa: E731
+    base = dict(part="time", case=label, Tq=layout.num_queries, keys=sum(lens), pairs=pairs)
 
     # layout build + its tiling plan (host + two copies), as the decoder pays it each step
     def build_layout():
         lay = pk.SpanLayout.build(seqs, dev)
         lay.plan(G)
         return lay
-    t_layout = time_host(build_layout, bench, reps=min(args.reps, 20), inner=1, sync=True)   # host work + copy
+    t_layout = time_host(build_layout, bench, reps=min(args.reps, 20), inner=1)   # host work + copy
     out = torch.empty_like(q)
     t = timed(lambda: pk.span_attention(q, kc, vc, bt, layout, out=out, backend="triton"))
     bench.row(impl="triton", timing=t, flops=flops, layout_build_ms=round(t_layout.median_ms, 4), **base)
@@ -164,7 +207,7 @@ def run_point(bench, label, seqs, cfg, args, gen):
             ran_compiled = compiled and dynamo_compiled_frames() > frames   # a compiled frame, not eager flex
             if compiled and not ran_compiled:
                 raise RuntimeError("torch.compile(flex_attention) compiled no frame: it would run eager flex")
-            t_mask = time_host(build, bench, reps=min(args.reps, 10), warmup=1, inner=1, sync=True)
+            t_mask = time_host(build, bench, reps=min(args.reps, 10), inner=1)
             t = timed(lambda: fa(qf, k, v, block_mask=bm, enable_gqa=True))
             bench.row(impl="flex" if compiled else "flex-eager", timing=t, flops=flops,
                       mask_build_ms=round(t_mask.median_ms, 4), flex_compiled=ran_compiled, **base)
@@ -190,6 +233,46 @@ def cases(grid, smoke):
     for B, n in ([(1, 30)] if smoke else [(1, 512), (1, 2048), (8, 512)]):
         out.append((f"prefill B{B} n{n}", [pk.SeqQueries.causal(0, n)] * B))
     return out
+
+
+# ---- tiling plans (counts, no timing) ------------------------------------------------------------------------
+def _ctas(plan, hkv: int, bound: bool) -> int:
+    n = plan.narrow.max_units if bound else plan.num_units[0]
+    w = plan.wide.max_units if bound else plan.num_units[1]
+    m = plan.narrow.max_merge if bound else plan.num_merge
+    return (n + w + m) * hkv
+
+
+def plan_point(bench, label, seqs, batch, ctx, G=7, hkv=4, D=128):
+    """Rows ``dynamic`` and ``static Q<bucket>`` of one step shape (see the module docstring)."""
+    dyn = pk.SpanLayout.build(seqs, "cpu")
+    p = dyn.plan(G)
+    units = p.narrow.units[1:1 + p.num_units[0]]
+    keys = int(((units[:, UNIT_J1] - units[:, UNIT_J0]).max() * SPLIT_BLOCK_N)) if len(units) else 0
+    base = dict(part="plan", case=label, batch=batch, ctx=ctx, keys_per_cta=keys)
+    bench.row(impl="dynamic", timing=None, units_narrow=p.num_units[0], units_wide=p.num_units[1],
+              merge=p.num_merge, ctas=_ctas(p, hkv, False), busy_ctas=_ctas(p, hkv, False),
+              workspace_bytes=p.workspace_bytes(hkv, D) if p.num_slots else 0, **base)
+    Q = next((b for b in BUCKETS if b >= dyn.num_queries), None)
+    if Q is None:
+        return
+    st = pk.StaticSpanLayout(Q, len(seqs), "cpu", group=G, max_segments=16 * len(seqs), max_kv=ctx).update(seqs)
+    sp = st.plan(G)
+    bench.row(impl=f"static Q{Q}", timing=None, units_narrow=sp.num_units[0], units_wide=sp.num_units[1],
+              merge=sp.num_merge, ctas=_ctas(sp, hkv, True), busy_ctas=_ctas(sp, hkv, False),
+              workspace_bytes=sp.workspace_bytes(hkv, D), **base)
+
+
+def plans(bench) -> None:
+    """Decode steps at batch 1 to 64 and 512 / 4096 keys, span rounds, a prefill."""
+    for batch in (1, 8, 32, 64):
+        for ctx in (512, 4096):
+            plan_point(bench, f"decode B{batch} ctx{ctx}", [pk.SeqQueries.causal(ctx - 1, 1)] * batch, batch, ctx)
+    for batch, prefix in ((1, 512), (1, 2048), (8, 2048)):
+        plan_point(bench, f"pd B{batch} 2x80 P{prefix}", [pk.SeqQueries.spans(prefix, [80, 80])] * batch, batch,
+                   prefix + 160)
+    plan_point(bench, "prefill B1 n512", [pk.SeqQueries.causal(0, 512)], 1, 512)
+    print(bench.table(PLAN_COLUMNS, rows=[r for r in bench.rows if r.get("part") == "plan"], only=True))
 
 
 def summarize(bench):
@@ -218,27 +301,31 @@ def summarize(bench):
         print(f"triton vs compiled flex: geomean {g:.2f}x, min {min(speedups):.2f}x over {len(speedups)} points")
 
 
-def main():
+def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a small subset of the sweep (for a GPU session)")
+    p.add_argument("--what", default="plans,time", help="parts to run: plans (counts, any machine), time")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (long compiles)")
-    args = p.parse_args()
-    bench = Bench("attention", args)
-    bench.meta["dynamo"] = strict_dynamo()
-    gen = torch.Generator().manual_seed(0)
-    if args.smoke:
-        cfg = dict(Hq=4, Hkv=1, D=64, dtype=torch.float32)
-        grid = SMOKE
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("bench_attention needs a CUDA GPU (use --smoke on CPU)")
-        cfg = dict(Hq=28, Hkv=4, D=128, dtype=torch.bfloat16)
-        grid = QUICK if args.quick else FULL
+    args = p.parse_args(argv)
+    what = set(args.what.split(","))
+    if "time" in what and not (args.smoke or torch.cuda.is_available()):
+        raise SystemExit("timing span_attention needs a CUDA GPU (use --smoke, or --what plans, on CPU)")
+    bench = Bench("span_attention", args)
     t0 = time.perf_counter()
-    for label, seqs in cases(grid, args.smoke):
-        run_point(bench, label, seqs, cfg, args, gen)
-    bench.finish()
+    if "plans" in what:
+        plans(bench)
+    if "time" in what:
+        bench.meta["dynamo"] = strict_dynamo()
+        gen = torch.Generator().manual_seed(0)
+        if args.smoke:
+            cfg, grid = dict(Hq=4, Hkv=1, D=64, dtype=torch.float32), SMOKE
+        else:
+            cfg, grid = dict(Hq=28, Hkv=4, D=128, dtype=torch.bfloat16), QUICK if args.quick else FULL
+        for label, seqs in cases(grid, args.smoke):
+            run_point(bench, label, seqs, cfg, args, gen)
+    bench.finish(["part", "case", "impl", "median_ms", "TFLOP/s", "Tq", "keys", "pairs", "layout_build_ms",
+                  "mask_build_ms", "flex_compiled", "error"], only=True)
     summarize(bench)
     print(f"total {time.perf_counter() - t0:.1f} s")
 

@@ -1,4 +1,5 @@
-"""Benchmark: token choice + span commit for one diffusion step (SPEC section 5).
+"""token_confidence: the row pass (token + confidence per row), and with commit_spans one diffusion step (SPEC
+section 5).
 
 Implementations, same inputs, same process:
 
@@ -13,10 +14,10 @@ GB/s counts one read of the logits (N x V x element size). ``copy_GB/s`` is a de
 the same logits tensor (read + write bytes), the bandwidth ceiling; ``floor_us`` = logit bytes at that
 bandwidth.
 
-    python benchmarks/bench_unmask.py                 # GPU: V 152064, bf16, N in {8, 32, 128, 256, 1024}
-    python benchmarks/bench_unmask.py --smoke         # CPU: tiny shapes, checks the script runs
-    python benchmarks/bench_unmask.py --N 256 --impls triton --triton-configs 4096x8,2048x8,8192x8  # tiling sweep
-    python benchmarks/bench_unmask.py --N 256 --impls triton,cuda --temperature 0.2 --confidence neg_entropy
+    python benchmarks/bench_token_confidence.py             # GPU: V 152064, bf16, N in {8, 32, 128, 256, 1024}
+    python benchmarks/bench_token_confidence.py --smoke     # CPU: tiny shapes, checks the script runs
+    python benchmarks/bench_token_confidence.py --N 256 --impls triton --triton-configs 4096x8,2048x8  # tiling
+    python benchmarks/bench_token_confidence.py --N 256 --impls triton,cuda --temperature 0.2 --confidence neg_entropy
 
 Sampling (``--temperature`` > 0) costs what greedy does where most of a row lies more than about 23 below
 the best key in units of z / T (the noise is computed only where it can win): peaked rows, low
@@ -105,7 +106,7 @@ def main(argv=None):
             impls = [i for i in impls if i not in ("cuda", "compiled")]  # no GPU; compile is slow on CPU
     configs = [tuple(int(v) for v in c.split("x")) for c in args.triton_configs.split(",") if c]
     impls = impls + [f"triton[{bv}x{nw}]" for bv, nw in configs]
-    bench = Bench("unmask", args)
+    bench = Bench("token_confidence", args)
     compiled_rows = torch.compile(reference_rows, dynamic=False) if "compiled" in impls else None
 
     for N in Ns:
