@@ -526,8 +526,8 @@ def test_row_state_words():
 
 
 def test_cuda_source_uses_the_reference_constants():
-    """csrc/unmask.cu carries GUMBEL_REACH and the hash constants (a GPU run compares tokens; this keeps the
-    CPU-checked constants in step)."""
+    """csrc/token_confidence.cu carries GUMBEL_REACH and the hash constants (a GPU run compares tokens; this keeps
+    the CPU-checked constants in step)."""
     src = open(os.path.join(ROOT, "csrc", "token_confidence.cu")).read()
     m = re.search(r"kGumbelReach\s*=\s*([0-9.]+)f", src)
     assert m and float(m.group(1)) == GUMBEL_REACH
