@@ -9,7 +9,9 @@ Ops (each a ``torch.library`` op in the ``pd_kernels::`` namespace, with torch /
 
 Decoding: :func:`generate` / :class:`Decoder` (modes ``ar``, ``pd``, ``pd-da``, ``diffusion``) on a
 transformers causal LM; :func:`enable` / :func:`disable` / :func:`enabled` switch a model's attention to
-pd_kernels and back (:class:`UnsupportedModelError` for a model with features the kernels do not implement).
+pd_kernels and back (:class:`UnsupportedModelError` for a model with features the kernels do not implement);
+:func:`load_checkpoint` loads a checkpoint directory (Dream, any supported transformers family, or the tiny
+planned-diffusion model), :func:`tags_from_tokenizer` reads its :class:`ControlTags` from its tokenizer.
 
 Backends: see :mod:`pd_kernels._backend` (``backend=``, :func:`use_backend`, :func:`set_backend`,
 ``PD_KERNELS_BACKEND``).
@@ -22,6 +24,8 @@ from .layout import SeqQueries, SpanLayout, StaticSpanLayout
 from .paged_cache import OutOfPages, PagedKVCache
 from .decoder import ControlTags, DecodeConfig, Decoder, generate
 from .integrations.transformers import UnsupportedModelError, disable, enable, enabled
+from .integrations.checkpoints import Checkpoint, load_checkpoint
+from .integrations.tags import missing_tags, tags_from_tokenizer
 
 __version__ = "0.1.0"
 
@@ -32,4 +36,5 @@ __all__ = [
     "token_confidence", "commit_spans", "SpanState",
     "ControlTags", "DecodeConfig", "Decoder", "generate",
     "enable", "disable", "enabled", "UnsupportedModelError",
+    "load_checkpoint", "Checkpoint", "tags_from_tokenizer", "missing_tags",
 ]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from checkpoints import PD_TAG_TEXTS, write_checkpoint
-from pd_kernels.__main__ import COMMANDS, CLIError, build_parser, critical_path_line, main
+from pd_kernels.cli import COMMANDS, CLIError, build_parser, main
+from pd_kernels.cli.demo import critical_path_line
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -53,20 +54,22 @@ def test_every_option_has_help():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--length-scale", "0"], "--length-scale: must be a finite number > 0, got 0"),
+    (["--length-scale", "0"], r"argument --length-scale: must be a finite number > 0\.0, got 0\.0"),
     (["--temperature", "-1"], "--temperature: must be a finite number >= 0"),
     (["--seed", "-2"], "--seed: must be >= 0"),
-    (["--top-p", "0"], r"--top-p: must be in \(0, 1\]"),
+    (["--top-p", "0"], r"--top-p: must be a finite number \(0\.0, 1\.0\], got 0\.0"),
     (["--max-new-tokens", "-3"], "--max-new-tokens: must be >= 1"),
-    (["--max-new-tokens", "many"], "--max-new-tokens: expected an integer >= 1"),
+    (["--max-new-tokens", "many"], "--max-new-tokens: invalid int value: 'many'"),
     (["--steps-ratio", "0"], "--steps-ratio: must be a finite number > 0"),
     (["--steps-ratio", "inf"], "--steps-ratio: must be a finite number > 0"),
-    (["--tau", "1.5"], r"--tau: must be in \[0, 1\]"),
+    (["--tau", "1.5"], r"--tau: must be a finite number \[0\.0, 1\.0\], got 1\.5"),
+    (["--temperature", "1e-40"], "argument --temperature: .*too small"),   # the op's bound: 1 / T a normal fp32
+    (["--seed", str(2**63)], r"--seed: must be < 2\^63"),
     (["--tag", "nonsense"], "--tag: expected NAME=TOKEN or NAME=ID"),
     (["--tag", "maskk=5"], "--tag: unknown tag 'maskk'"),
     (["--mode", "fast"], "--mode: invalid choice"),
-], ids=["length-scale-0", "temperature-negative", "seed-negative", "top-p-0", "max-new-negative", "max-new-text", "steps-ratio-0", "steps-ratio-inf", "tau", "tag-form",
-        "tag-name", "mode"])
+], ids=["length-scale-0", "temperature-negative", "seed-negative", "top-p-0", "max-new-negative", "max-new-text",
+        "steps-ratio-0", "steps-ratio-inf", "tau", "temperature-tiny", "seed-huge", "tag-form", "tag-name", "mode"])
 def test_bad_option_values_are_usage_errors(capsys, argv, match):
     import re
 
@@ -74,6 +77,7 @@ def test_bad_option_values_are_usage_errors(capsys, argv, match):
         main(["demo", *argv])
     assert e.value.code == 2
     err = capsys.readouterr().err
+    assert err.startswith("usage: pd-kernels demo") and "pd-kernels demo: error: argument " in err, err
     assert re.search(match, err) and "Traceback" not in err
 
 
@@ -185,27 +189,6 @@ def test_llama_checkpoint_without_pd_tags(capsys, tmp_path):
     if tok.eos_token_id in hf:
         hf = hf[:hf.index(tok.eos_token_id)]
     assert answer.split(": ", 1)[1] == tok.decode(hf)
-
-
-def test_tags_are_read_from_the_tokenizer(tmp_path):
-    from transformers import AutoTokenizer
-
-    from pd_kernels.__main__ import resolve_tags
-
-    write_checkpoint(tmp_path, "llama", pd_tags=True)
-    tok = AutoTokenizer.from_pretrained(str(tmp_path))
-    tags, notes = resolve_tags(tok, "pd", [], 400)
-    ids = [tok.convert_tokens_to_ids(t) for t in PD_TAG_TEXTS]
-    assert (tags.eos, tags.mask, tags.async_open, tags.async_close, tags.promise, tags.topic_close, tags.sync,
-            tags.pad) == tuple(ids)
-    assert tags.digits == tuple(tok.convert_tokens_to_ids(str(d)) for d in range(10)) and not notes
-    # --tag overrides, by text or by id
-    tags, _ = resolve_tags(tok, "pd", [("pad", "7"), ("sync", "<async>"), ("async_open", "[PAD]")], 400)
-    assert tags.pad == 7 and tags.sync == ids[2] and tags.async_open == ids[7]
-    with pytest.raises(CLIError, match="no single token 'no such tag'"):
-        resolve_tags(tok, "pd", [("mask", "no such tag")], 400)
-    with pytest.raises(CLIError, match="distinct"):  # two tags on one id
-        resolve_tags(tok, "pd", [("mask", "<async>")], 400)
 
 
 def test_tag_ids_outside_the_model_vocabulary(capsys, tmp_path):

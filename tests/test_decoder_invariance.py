@@ -13,21 +13,13 @@ only those and the column, never the packed row.
 """
 import pytest
 
-from pd_kernels.decoder import DecodeConfig, Decoder, make_plan
+from pd_kernels.cli.check_batch import ARRIVALS, batch_invariance, fingerprint, scenario_plans, scenario_prompts
+from pd_kernels.decoder import DecodeConfig, Decoder
 from pd_kernels.models import TINY_TAGS, tiny_model
 
 T = TINY_TAGS
-PROMPTS = [[40 + i for i in range(n)] for n in (3, 9, 1, 14, 5, 20, 7, 11)]
-PLANS = [
-    [make_plan(T, [1, 2], terminator="sync"), make_plan(T, [2], topic_tokens=[[77]], terminator="eos")],
-    [make_plan(T, [3], terminator="eos")],
-    [make_plan(T, [1, 1, 1], topic_tokens=[[100], [], [101, 102]], terminator="eos")],
-    [make_plan(T, [2], terminator="sync"), make_plan(T, [1], terminator="sync"), make_plan(T, [1], terminator="eos")],
-    [[60, 61, 62, T.eos]],                       # no usable plan entry: the plan text is the answer
-    [make_plan(T, [2, 3], terminator="eos")],
-    [make_plan(T, [1], terminator="sync"), make_plan(T, [2, 1], terminator="eos")],
-    [make_plan(T, [3, 1], topic_tokens=[[90, 91], [92]], terminator="eos")],
-]
+PROMPTS = scenario_prompts(list(range(40, 60)))   # the scenario --check-batch runs too: 8 lengths, 8 plans
+PLANS = scenario_plans(T)
 KW = dict(length_scale=4, max_new_tokens=60, tau=0.3, diffusion_len=10)
 POLICY = {"pd": "threshold", "pd-da": "pd_threshold", "ar": "schedule", "diffusion": "schedule"}
 
@@ -37,26 +29,23 @@ def model():
     return tiny_model(seed=3)
 
 
-def _result(r):
-    s = r.stats
-    return (r.sequence, r.answer, r.plans, r.spans, dict(s.steps), s.finish_reason)
-
-
 def _alone(model, cfg, prompts, plans, **kw):
-    return [_result(Decoder(model, cfg, **kw).generate([p], [f])[0]) for p, f in zip(prompts, plans)]
+    return [fingerprint(Decoder(model, cfg, **kw).generate([p], [f])[0]) for p, f in zip(prompts, plans)]
 
 
-def _check(model, cfg, prompts=PROMPTS, plans=PLANS, arrivals=("together", "reversed", "joining"), **kw):
-    alone = _alone(model, cfg, prompts, plans, **kw)
-    n = len(prompts)
-    for arrival in arrivals:
-        order = list(range(n))[::-1] if arrival == "reversed" else list(range(n))
-        dec = Decoder(model, cfg, max_batch=3 if arrival == "joining" else n, **kw)
-        out = dec.generate([prompts[i] for i in order], [plans[i] for i in order])
-        for k, i in enumerate(order):
-            assert _result(out[k]) == alone[i], f"{arrival}: request {i} differs from its run alone"
-        assert dec.step_index < sum(r.stats.critical_path for r in out)   # steps really were shared
-    return alone
+def _check(model, cfg, prompts=PROMPTS, plans=PLANS, arrivals=ARRIVALS, seeds=None, **kw):
+    res = batch_invariance(model, cfg, prompts, plans, seeds=seeds, arrivals=arrivals, **kw)
+    assert not res.differs, [f"{arrival}: request {i} differs from its run alone" for arrival, i in res.differs]
+    assert set(res.steps) == set(arrivals)
+    for arrival, (run, path) in res.steps.items():
+        assert run < path, f"{arrival}: no step was shared"   # steps really were shared
+    return res.alone
+
+
+def test_the_scenario_is_the_documented_one():
+    assert PROMPTS == [[40 + i for i in range(n)] for n in (3, 9, 1, 14, 5, 20, 7, 11)]
+    assert [len(p) for p in PLANS] == [2, 1, 1, 3, 1, 1, 2, 1]   # rounds per request
+    assert PLANS[4] == [[60, 61, 62, T.eos]]   # no usable plan entry: the plan text is the answer
 
 
 def _cfg(mode, **kw):
@@ -85,13 +74,7 @@ def test_per_request_seeds(model, static):
     3); the noise really is used (not the greedy tokens), and another seed gives other tokens."""
     cfg = _cfg("pd", temperature=1.0)
     seeds = [5, 6, 7, 8, 9, 10, 11, 12]
-    alone = [_result(Decoder(model, cfg, backend="torch", static_step=static).generate([p], [f], seeds=[s])[0])
-             for p, f, s in zip(PROMPTS, PLANS, seeds)]
-    for mb in (8, 3):
-        out = Decoder(model, cfg, max_batch=mb, backend="torch", static_step=static).generate(PROMPTS, PLANS,
-                                                                                              seeds=seeds)
-        for i in range(8):
-            assert _result(out[i]) == alone[i], f"max_batch {mb}: request {i} differs from its run alone"
+    alone = _check(model, cfg, seeds=seeds, arrivals=("together", "joining"), backend="torch", static_step=static)
     greedy = _alone(model, _cfg("pd"), PROMPTS, PLANS, backend="torch")
     assert [a[3] for a in alone] != [g[3] for g in greedy]   # the noise did change the tokens
     other = Decoder(model, cfg, backend="torch").generate([PROMPTS[0]], [PLANS[0]], seeds=[99])[0]

@@ -66,6 +66,7 @@ def test_wheel_ships_the_cuda_sources(wheel):
     assert shipped == _csrc_files()  # every file, byte for byte, and nothing else
     assert not any(n.startswith("csrc/") for n in names)  # not a top-level package of site-packages
     assert "pd_kernels/__main__.py" in names and "pd_kernels/ops/triton/span_attention.py" in names
+    assert "pd_kernels/cli/__init__.py" in names and "pd_kernels/cli/demo.py" in names   # the command line
 
 
 def test_wheel_ships_the_tiny_model(wheel):

@@ -40,7 +40,7 @@ def test_readme_snippet_runs(line, code, tmp_path):
 
 def test_readme_demo_options_exist():
     """Every ``--option`` the README's command-line section names is an option of ``pd-kernels demo``."""
-    from pd_kernels.__main__ import COMMANDS, build_parser
+    from pd_kernels.cli import COMMANDS, build_parser
 
     with open(README) as f:
         text = f.read()

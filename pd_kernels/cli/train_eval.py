@@ -1,10 +1,13 @@
-"""``python -m pd_kernels train`` and ``python -m pd_kernels eval`` (argument parsers and entry points)."""
+"""``python -m pd_kernels train`` and ``python -m pd_kernels eval``: the tiny planned-diffusion model
+(:mod:`pd_kernels.tiny`), argument parsers and entry points."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
 import time
+
+from .common import resolve_device
 
 
 TRAIN_HELP = ("train the tiny planned-diffusion model from scratch on its synthetic task (CPU, under 30 min) and "
@@ -17,7 +20,7 @@ EVAL_HELP = ("accuracy against critical path of the tiny planned-diffusion model
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``python -m pd_kernels train``."""
-    from .train import TrainConfig
+    from ..tiny.train import TrainConfig
 
     d = TrainConfig()
     p.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -48,7 +51,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
 def train_main(args) -> int:
     import torch
 
-    from .train import TrainConfig, train
+    from ..tiny.train import TrainConfig, train
 
     if min(args.steps, args.batch_size, args.threads) < 1:
         raise ValueError(f"--steps, --batch-size and --threads must be >= 1, got {args.steps}, {args.batch_size} "
@@ -65,8 +68,8 @@ def train_main(args) -> int:
           + ("" if os.path.exists(os.path.join(args.out, "loss.png")) else
              " (loss.png not written: pip install 'pd_kernels[bench]')"))
     if args.eval:
-        from . import evaluate
-        from .checkpoint import load
+        from ..tiny import evaluate
+        from ..tiny.checkpoint import load
 
         torch.set_num_threads(1)  # the decoder's CPU ops are tiny: one thread is fastest
         tp = load(args.out)
@@ -81,11 +84,11 @@ def train_main(args) -> int:
 def eval_main(args) -> int:
     import torch
 
-    from . import evaluate
+    from ..tiny import evaluate
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     backend = args.backend or ("torch" if device == "cpu" else None)
     if device == "cpu":
         torch.set_num_threads(1)
