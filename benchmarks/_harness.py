@@ -40,13 +40,14 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 
 import torch
+
+from benchmarks.provenance import commit_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,18 +96,6 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 # ---- environment -----------------------------------------------------------------------------------------
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except Exception:
-        return os.environ.get("PD_KERNELS_COMMIT", "unknown")
-
-
 def _nvml_handle():
     """(pynvml, handle) of the current CUDA device, matched by PCI bus id where torch exposes it."""
     import pynvml
@@ -134,7 +123,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "commit": os.environ.get("PD_KERNELS_COMMIT") or _commit(),
+        "commit": commit_id(),   # $PD_KERNELS_COMMIT, git, or the stamp benchmarks/COMMIT (provenance.py)
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "cpu_count": os.cpu_count(),

@@ -132,3 +132,24 @@ def test_strict_dynamo_makes_a_fallback_an_error():
         for k, v in saved.items():
             setattr(c, k, v)
         torch._dynamo.reset()
+
+
+def test_commit_stamp_round_trip_and_staleness(tmp_path):
+    """benchmarks/provenance.py: a stamp written here vouches for this tree; a changed file makes it say so."""
+    from benchmarks import provenance as pv
+
+    if pv.git_commit() is None:
+        pytest.skip("needs a git checkout")
+    stamp = tmp_path / "COMMIT"
+    head = pv.write_stamp(str(stamp))
+    assert pv.stamp_commit(str(stamp)) == head
+    # a copy of the tree as stamped, then changed: the stamp is no longer believed as is
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_text("one")
+    h = pv._sha256("a.txt", str(tmp_path / "t"))
+    stamp.write_text(f"commit abc123\ndirty 1\n{h}  a.txt\n")
+    assert pv.stamp_commit(str(stamp), str(tmp_path / "t")) == "abc123-dirty"
+    (tmp_path / "t" / "a.txt").write_text("two")
+    assert pv.stamp_commit(str(stamp), str(tmp_path / "t")) == "abc123-modified"
+    assert pv.stamp_commit(str(tmp_path / "missing")) is None
+
