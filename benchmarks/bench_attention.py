@@ -20,12 +20,14 @@ Summary lines give triton vs flex and vs sdpa-mask speedups and the PD / PD-DA t
     python benchmarks/bench_attention.py --quick --out benchmarks/results/attention_h100_quick.json
     python benchmarks/bench_attention.py --out benchmarks/results/attention_h100.json     # full sweep
     python benchmarks/bench_attention.py --smoke          # CPU: checks the script only (interpreter)
+    python benchmarks/bench_attention.py --quick --cases 'S8x80 P2048|^decode B8 ctx4096'   # some points only
 """
 from __future__ import annotations
 
 import itertools
 import math
 import os
+import re
 import sys
 import time
 
@@ -223,6 +225,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="a small subset of the sweep (for a GPU session)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (long compiles)")
+    p.add_argument("--cases", default="", help="regex: only the points of the grid whose label matches, e.g. "
+                   "'^decode B8 ctx4096$' (ignored with --smoke, whose tiny grid always runs)")
     args = p.parse_args()
     bench = Bench("attention", args)
     bench.meta["dynamo"] = strict_dynamo()
@@ -235,8 +239,12 @@ def main():
             raise SystemExit("bench_attention needs a CUDA GPU (use --smoke on CPU)")
         cfg = dict(Hq=28, Hkv=4, D=128, dtype=torch.bfloat16)
         grid = QUICK if args.quick else FULL
+    points = [(label, seqs) for label, seqs in cases(grid, args.smoke)
+              if args.smoke or not args.cases or re.search(args.cases, label)]
+    if not points:
+        raise SystemExit(f"--cases {args.cases!r} matches no point of the grid")
     t0 = time.perf_counter()
-    for label, seqs in cases(grid, args.smoke):
+    for label, seqs in points:
         run_point(bench, label, seqs, cfg, args, gen)
     bench.finish()
     summarize(bench)

@@ -153,3 +153,14 @@ def test_commit_stamp_round_trip_and_staleness(tmp_path):
     assert pv.stamp_commit(str(stamp), str(tmp_path / "t")) == "abc123-modified"
     assert pv.stamp_commit(str(tmp_path / "missing")) is None
 
+
+def test_gpu_check_plan_fits():
+    """benchmarks/gpu_check.sh --plan: both commands fit their budgets and 8 files, every file they run exists."""
+    import subprocess
+
+    for extra, budget in (([], 420), (["--second"], 180)):
+        out = subprocess.run(["bash", os.path.join(h.ROOT, "benchmarks", "gpu_check.sh"), "--plan", *extra],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        last = out.stdout.strip().splitlines()[-1]
+        assert last.startswith("plan: ") and f"budget {budget} s, 3 files" in last, last
