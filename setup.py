@@ -2,14 +2,15 @@
 
 A plain ``pip install -e .`` builds nothing: the CUDA extension is compiled just in time on first use
 (``pd_kernels/_cuda_ext.py``). ``PD_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .`` builds it
-ahead of time as ``pd_kernels._C`` against the installed torch; ``PD_KERNELS_CUDA_ARCH`` (default ``9.0a``)
-and ``MAX_JOBS`` apply.
+ahead of time as ``pd_kernels._C`` against the installed torch, with the JIT build's nvcc flags
+(``_cuda_ext.NVCC_FLAGS``); ``PD_KERNELS_CUDA_ARCH`` (default ``9.0a``) and ``MAX_JOBS`` apply.
 
 A wheel or a non-editable ``pip install .`` ships the CUDA sources as package data: ``build_py`` copies the
 repository's top-level ``csrc/`` into the built package as ``pd_kernels/csrc/``, where the JIT build of an
 installed package finds them (``_cuda_ext.source_dir``). ``MANIFEST.in`` puts ``csrc/`` into the sdist.
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
@@ -55,16 +56,15 @@ ext_modules, cmdclass = [], {"build_py": BuildPyWithCsrc}
 if os.environ.get("PD_KERNELS_BUILD_CUDA", "0") == "1":
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    gencode = []
-    for arch in os.environ.get("PD_KERNELS_CUDA_ARCH", "9.0a").replace(",", ";").split(";"):
-        if arch.strip():
-            num = arch.strip().replace(".", "")
-            gencode.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    # the nvcc flags have one home, pd_kernels/_cuda_ext.py (loaded by path: the package is not installed yet)
+    spec = importlib.util.spec_from_file_location("_pd_kernels_cuda_ext", os.path.join(HERE, "pd_kernels", "_cuda_ext.py"))
+    cuda_ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_ext)
     ext_modules = [CUDAExtension(
         "pd_kernels._C",
         sources=sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/bindings/*.cpp")),
         include_dirs=[CSRC],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *gencode]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": [*cuda_ext.NVCC_FLAGS, *cuda_ext.arch_flags()]},
     )]
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 

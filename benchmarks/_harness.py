@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -43,8 +42,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.benchmark import Measurement, Timer
 
+from benchmarks.provenance import commit_id
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMIT_FILE = os.path.join(ROOT, ".pd_kernels_commit")
 
 
 @dataclass
@@ -93,28 +93,6 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 # ---- environment -----------------------------------------------------------------------------------------
-def commit() -> str:
-    """The commit the figures belong to: ``$PD_KERNELS_COMMIT``; else ``git rev-parse HEAD`` (``-dirty`` with
-    uncommitted changes to tracked files); else the first line of :data:`COMMIT_FILE` (a copy of the tree
-    without ``.git``: write it with ``git rev-parse HEAD > .pd_kernels_commit`` before copying); else unknown."""
-    env = os.environ.get("PD_KERNELS_COMMIT")
-    if env:
-        return env
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        with open(COMMIT_FILE) as f:
-            return f.readline().strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def _nvml_handle():
     """(pynvml, handle) of the current CUDA device, matched by PCI bus id where torch exposes it."""
     import pynvml
@@ -134,9 +112,15 @@ def _nvml_handle():
 
 def environment() -> dict:
     """Versions, commit, date and the device (GPU name, driver, clocks, power limit, memory, L2 via NVML)."""
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "commit": commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "host": platform.node(), "cpu_count": os.cpu_count()}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "commit": commit_id(),   # $PD_KERNELS_COMMIT, git, or the stamp benchmarks/COMMIT (provenance.py)
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+    }
     for mod in ("triton", "transformers"):
         try:
             env[mod] = __import__(mod).__version__

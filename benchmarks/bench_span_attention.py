@@ -35,12 +35,14 @@ alone, without a GPU. ``keys/CTA``: most keys one decode CTA reads.
     python benchmarks/bench_span_attention.py --out benchmarks/results/attention_h100.json     # full sweep
     python benchmarks/bench_span_attention.py --what plans --out benchmarks/results/attention_plan.json  # any machine
     python benchmarks/bench_span_attention.py --smoke          # CPU: checks the script only (interpreter)
+    python benchmarks/bench_span_attention.py --quick --cases 'S8x80 P2048|^decode B8 ctx4096'   # some points only
 """
 from __future__ import annotations
 
 import itertools
 import math
 import os
+import re
 import sys
 import time
 
@@ -307,6 +309,8 @@ def main(argv=None):
     p.add_argument("--what", default="plans,time", help="parts to run: plans (counts, any machine), time")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (long compiles)")
+    p.add_argument("--cases", default="", help="regex: only the timed points of the grid whose label matches, "
+                   "e.g. '^decode B8 ctx4096$' (ignored with --smoke, whose tiny grid always runs)")
     args = p.parse_args(argv)
     what = set(args.what.split(","))
     if "time" in what and not (args.smoke or torch.cuda.is_available()):
@@ -322,7 +326,11 @@ def main(argv=None):
             cfg, grid = dict(Hq=4, Hkv=1, D=64, dtype=torch.float32), SMOKE
         else:
             cfg, grid = dict(Hq=28, Hkv=4, D=128, dtype=torch.bfloat16), QUICK if args.quick else FULL
-        for label, seqs in cases(grid, args.smoke):
+        points = [(label, seqs) for label, seqs in cases(grid, args.smoke)
+                  if args.smoke or not args.cases or re.search(args.cases, label)]
+        if not points:
+            raise SystemExit(f"--cases {args.cases!r} matches no point of the grid")
+        for label, seqs in points:
             run_point(bench, label, seqs, cfg, args, gen)
     bench.finish(["part", "case", "impl", "median_ms", "TFLOP/s", "Tq", "keys", "pairs", "layout_build_ms",
                   "mask_build_ms", "flex_compiled", "error"], only=True)

@@ -23,3 +23,12 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("--bench-quick"):
         os.environ["PD_BENCH_QUICK"] = "1"
+
+
+def pytest_benchmark_update_commit_info(config, commit_info):
+    """pytest-benchmark asks git; where the tree has no ``.git`` (a GPU machine's copy) the commit comes from
+    ``benchmarks/provenance.py`` ($PD_KERNELS_COMMIT or the stamp benchmarks/COMMIT), as in every other JSON."""
+    if commit_info.get("id") in (None, "unknown", "unversioned"):
+        from benchmarks.provenance import commit_id
+
+        commit_info["id"] = commit_id()

@@ -54,13 +54,16 @@ __device__ __forceinline__ uint32_t fmix32(uint32_t h) {
 
 // Gumbel noise of 32 random bits (reference.token_confidence.gumbel_from_bits): x = fp32(2r + 1) 2^-33 in (0, 1/2]
 // with r the low 31 bits; E = -log(x) (top bit 0, u = x) or -log1p(-x) (top bit 1, u = 1 - x: exact near
-// u = 1, where -log of a rounded u gives 0 and, with approximate logs, a negative E); g = -log(E). log1pf is
-// the accurate libdevice function even under --use_fast_math; logf becomes __logf there, whose error (a few
-// ulp away from 1, 2^-21.4 absolute near 1) stays far below the spacing of the keys.
+// u = 1, where -log of a rounded u gives 0 and, with approximate logs, a negative E); g = -log(E). Both logs
+// are libdevice's accurate __nv_logf / __nv_log1pf (what torch's CUDA log and Triton's libdevice.log compute),
+// called by name: --use_fast_math turns a plain logf into __logf (lg2.approx, 2^-21.4 absolute error near 1,
+// where g is near 0), but never a direct libdevice call, so the noise does not depend on the build flags.
+extern "C" __device__ float __nv_logf(float);
+extern "C" __device__ float __nv_log1pf(float);
 __device__ __forceinline__ float gumbel(uint32_t bits) {
   const float x = __uint2float_rn((bits << 1) | 1u) * 1.16415321826934814453125e-10f;
-  const float e = (bits & 0x80000000u) ? -log1pf(-x) : -logf(x);
-  return -logf(e);
+  const float e = (bits & 0x80000000u) ? -__nv_log1pf(-x) : -__nv_logf(x);
+  return -__nv_logf(e);
 }
 
 __device__ __forceinline__ float ex2(float x) {

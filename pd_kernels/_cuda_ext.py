@@ -66,7 +66,15 @@ def sources() -> list[str]:
     return sorted(glob.glob(os.path.join(d, "*.cu"))) + sorted(glob.glob(os.path.join(d, "bindings", "*.cpp")))
 
 
-def _arch_flags() -> list[str]:
+#: nvcc flags of every build of ``csrc/`` besides the arch flags: the JIT build here, the ahead-of-time build in
+#: ``setup.py`` and the compile check ``.ci/check_cuda.sh`` all read this one tuple. ``--use_fast_math`` turns a
+#: plain ``logf`` into ``__logf``: code that must match the reference to the bit calls libdevice by name
+#: (``__nv_logf`` in the Gumbel noise of ``csrc/unmask.cu``), which the flag never rewrites.
+NVCC_FLAGS = ("-O3", "--use_fast_math", "-lineinfo")
+
+
+def arch_flags() -> list[str]:
+    """``-gencode`` flags for ``$PD_KERNELS_CUDA_ARCH`` (default ``9.0a``; a list such as ``"8.0;9.0a"``)."""
     flags = []
     for arch in os.environ.get("PD_KERNELS_CUDA_ARCH", "9.0a").replace(",", ";").split(";"):
         arch = arch.strip()
@@ -99,7 +107,7 @@ def _build() -> None:
         sources=sources(),
         extra_include_paths=[source_dir()],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", *_arch_flags()],
+        extra_cuda_cflags=[*NVCC_FLAGS, *arch_flags()],
         build_directory=build_dir,
         is_python_module=False,
         verbose=os.environ.get("PD_KERNELS_BUILD_VERBOSE", "0") not in ("", "0"),

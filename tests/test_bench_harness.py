@@ -134,21 +134,6 @@ def test_bench_rows_json_and_checkpoints(tmp_path, capsys):
     assert "impl" in printed and "boom" in printed and "timer" not in printed
 
 
-def test_commit_from_environment_git_or_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("PD_KERNELS_COMMIT", "abc123")
-    assert h.commit() == "abc123"
-    monkeypatch.delenv("PD_KERNELS_COMMIT")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=h.ROOT, capture_output=True, text=True)
-    if head.returncode == 0:
-        assert h.commit().startswith(head.stdout.strip())
-    # a copy of the tree without .git (the GPU machine's): the file at the repository root
-    monkeypatch.setattr(h, "ROOT", str(tmp_path))
-    monkeypatch.setattr(h, "COMMIT_FILE", str(tmp_path / ".pd_kernels_commit"))
-    assert h.commit() == "unknown"
-    (tmp_path / ".pd_kernels_commit").write_text("def456\n")
-    assert h.commit() == "def456"
-
-
 @cpu_only
 def test_gpu_sampler_without_gpu():
     s = h.GpuSampler(interval=0.01).start()
@@ -192,3 +177,35 @@ def test_strict_dynamo_makes_a_fallback_an_error():
         for k, v in saved.items():
             setattr(c, k, v)
         torch._dynamo.reset()
+
+
+def test_commit_stamp_round_trip_and_staleness(tmp_path):
+    """benchmarks/provenance.py: a stamp written here vouches for this tree; a changed file makes it say so."""
+    from benchmarks import provenance as pv
+
+    if pv.git_commit() is None:
+        pytest.skip("needs a git checkout")
+    stamp = tmp_path / "COMMIT"
+    head = pv.write_stamp(str(stamp))
+    assert pv.stamp_commit(str(stamp)) == head
+    # a copy of the tree as stamped, then changed: the stamp is no longer believed as is
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_text("one")
+    h = pv._sha256("a.txt", str(tmp_path / "t"))
+    stamp.write_text(f"commit abc123\ndirty 1\n{h}  a.txt\n")
+    assert pv.stamp_commit(str(stamp), str(tmp_path / "t")) == "abc123-dirty"
+    (tmp_path / "t" / "a.txt").write_text("two")
+    assert pv.stamp_commit(str(stamp), str(tmp_path / "t")) == "abc123-modified"
+    assert pv.stamp_commit(str(tmp_path / "missing")) is None
+
+
+def test_gpu_check_plan_fits():
+    """benchmarks/gpu_check.sh --plan: both commands fit their budgets and 8 files, every file they run exists."""
+    import subprocess
+
+    for extra, budget in (([], 420), (["--second"], 180)):
+        out = subprocess.run(["bash", os.path.join(h.ROOT, "benchmarks", "gpu_check.sh"), "--plan", *extra],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        last = out.stdout.strip().splitlines()[-1]
+        assert last.startswith("plan: ") and f"budget {budget} s, 3 files" in last, last

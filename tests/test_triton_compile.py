@@ -344,6 +344,11 @@ def _cases():
     c["attn-fp16-D128-G4-narrow"] = _attention("fp16", 128, 4, "narrow")
     c["attn-fp16-D128-G4-wide"] = _attention("fp16", 128, 4, "wide")
     c["attn-fp16-D64-G7-wide"] = _attention("fp16", 64, 7, "wide")
+    # the largest tiles: fp32 (the IEEE dot, no tensor cores) and D = 256, whose shared memory and registers
+    # the kernel configurations were chosen for (span_attention.kernel_configs)
+    for dt, D in (("fp32", 128), ("fp32", 256), ("bf16", 256)):
+        for klass in ("narrow", "wide"):
+            c[f"attn-{dt}-D{D}-G4-{klass}"] = _attention(dt, D, 4, klass)
     # token choice: every KIND x SAMPLE x SPLIT at V = 152064 in bf16 with one suppressed id; then the
     # variants the options add (no id, a floor, per-row keys), other dtypes and a small vocabulary
     for kind in ("prob", "margin", "neg_entropy"):
@@ -472,9 +477,18 @@ def _report(config, res: dict, wall: float) -> None:
             tr.write_line(line)
 
 
-# Launches allowed to spill, each with its reason (none): an entry is applied as xfail(strict=True), so a kernel
-# that stops spilling makes its entry fail until it is removed.
-KNOWN_SPILLS: dict[str, str] = {}
+# Launches allowed to spill, each with its reason: an entry is applied as xfail(strict=True), so a kernel that
+# stops spilling makes its entry fail until it is removed.
+_FP32_WIDE = ("fp32 wide tiles: the IEEE (FMA) dot of a 128-row tile holds each thread's query rows over the whole "
+              "head dim; every configuration tried spills (a test path: production attention is 16-bit)")
+KNOWN_SPILLS: dict[str, str] = {
+    "attn-fp32-D128-G4-wide/span_attn_fwd_kernel": _FP32_WIDE,
+    "attn-fp32-D256-G4-wide/span_attn_fwd_kernel": _FP32_WIDE,
+}
+
+# Shared memory one thread block may use on sm_90 (227 KB, with the opt-in Triton makes): a launch needing more
+# is refused by the driver on an H100 / H200, whatever the compile said.
+SM90_MAX_SHARED = 232448
 
 
 @pytest.mark.parametrize("sid", sorted(SPECS))
@@ -483,6 +497,8 @@ def test_compiles_for_sm90(compiled, sid, record_property):
     assert r["ok"], f"{sid} does not compile for sm_90:\n{r['error']}"
     assert r["has_entry"] and r["ptx_chars"] > 0, f"{sid}: no PTX kernel entry"
     assert r["cubin_bytes"] > 0, f"{sid}: no cubin"
+    assert r["shared"] <= SM90_MAX_SHARED, (
+        f"{sid} needs {r['shared']} bytes of shared memory; an sm_90 block has {SM90_MAX_SHARED}: it would not launch")
     for k in ("n_regs", "stack", "spill_stores", "spill_loads", "shared", "sass_fast", "sass_slow"):
         record_property(k, r.get(k))
 
@@ -512,3 +528,38 @@ def test_every_kernel_covered():
              if s["kernel"] == "_row_kernel" and s["args"]["x_ptr"] == {"ptr": "bfloat16"}
              and s["args"]["BLOCK_V"] == 4096}
     assert len(kinds) == 12, sorted(kinds)
+
+
+def test_attention_config_falls_back_when_shared_memory_is_refused(monkeypatch):
+    """A configuration Triton refuses at launch for lack of shared memory (another GPU, taller tiles) is
+    replaced by the next, smaller one, and later plans start there; when none fits, a clear error."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(sak, "_CONFIG_LEVEL", {})
+    tried = []
+
+    class Refusing:
+        def __init__(self, limit):
+            self.limit = limit
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages):
+                BLOCK_N = args[-6]
+                tried.append((BLOCK_N, num_warps, num_stages))
+                need = BLOCK_N * num_stages
+                if need > self.limit:
+                    raise OutOfResources(need, self.limit, "shared memory")
+            return launch
+
+    merges = []
+    monkeypatch.setattr(sak, "_span_attn_merge_kernel", _Recorder(sak, "merge", sak._span_attn_merge_kernel, merges))
+    monkeypatch.setattr(sak, "_span_attn_fwd_kernel", Refusing(limit=64))   # wide bf16 D128 prefers 64 x 3 stages
+    _attention("bf16", 128, 4, "wide")()
+    configs = sak.kernel_configs(128, 128, False, True)
+    assert tried == configs[:3] and configs[2] == (64, 8, 1), tried       # 64 x 3, 64 x 2, 64 x 1 (fits)
+    tried.clear()
+    _attention("bf16", 128, 4, "wide")()                                   # a new plan starts where it fitted
+    assert tried == [(64, 8, 1)]
+    monkeypatch.setattr(sak, "_span_attn_fwd_kernel", Refusing(limit=8))
+    with pytest.raises(RuntimeError, match="no kernel configuration fits .* head dim 128"):
+        _attention("bf16", 128, 4, "wide")()

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ...layout import MERGE_COLS, SPLIT_BLOCK_N, UNIT_COLS, AttentionPlan
 
@@ -215,50 +216,95 @@ def _span_attn_merge_kernel(op_ptr, ml_ptr, mrg_ptr, o_ptr, s_ot, s_oh,
     _store_normalised(o_ptr + (o_row * s_ot + o_head * s_oh)[:, None] + o_d[None, :], acc, l_i, m_out)
 
 
-def kernel_config(block_m: int, head_dim: int, split: bool, on_gpu: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of a class launch. The narrow (split) class uses the plan's
-    ``SPLIT_BLOCK_N`` everywhere: its split points are counted in those blocks."""
-    if split:
-        bn = SPLIT_BLOCK_N
-    elif not on_gpu:
-        bn = 64
-    else:
-        # Hopper: 128 x 64 blocks at D=128 (FlashAttention-2 style tile), wider key blocks for small D
-        bn = 64 if head_dim > 64 else 128
+def kernel_configs(block_m: int, head_dim: int, split: bool, on_gpu: bool, fp32: bool = False) -> list:
+    """``(BLOCK_N, num_warps, num_stages)`` candidates of a class launch, preferred first, then ever smaller
+    shared-memory footprints (fewer stages, then, for the wide class, narrower key blocks).
+
+    The narrow (split) class uses the plan's ``SPLIT_BLOCK_N`` everywhere: its split points are counted in those
+    blocks. Preferred on a GPU, per sm_90 compiles (``tests/test_triton_compile.py`` prints and bounds each
+    launch's shared memory by the 227 KB a Hopper block may use; registers and spills likewise):
+
+    * 16-bit wide tiles (128 rows): 128 x 64 key blocks at D = 128 (FlashAttention-2 style), 128 keys for
+      D <= 64, 32 for D > 128 (64 keys x 2 stages spilled and took 197 KB at D = 256; 32 x 3 stages: 131 KB,
+      no spill), 8 warps, 3 stages;
+    * fp32 (``input_precision="ieee"``: no tensor-core path, the FMA dot holds each thread's rows of Q over the
+      whole head dim): 16-key blocks, 16 warps, 1 stage past D = 64. The 16-bit configuration spilled kilobytes
+      there, took 41-218 s to compile, and at D = 256 needed 289 KB of shared memory (no launch at all). fp32
+      wide tiles still spill (a test path, not a production one);
+    * narrow tiles (16 rows): 4 warps, 3 stages up to D = 128; past it 2 stages, and 8 warps for fp32.
+
+    :func:`span_attention_triton` starts with the first and moves down the list when Triton refuses a launch
+    for lack of shared memory (another GPU; a group size past 128, whose tiles are taller)."""
     if not on_gpu:
-        return bn, 4, 1  # interpreter: cost is per program and loop step
-    warps = 8 if block_m >= 128 else 4
-    stages = 3 if head_dim <= 128 else 2
-    return bn, warps, stages
+        return [(SPLIT_BLOCK_N if split else 64, 4, 1)]  # interpreter: cost is per program and loop step
+    if split:
+        first = (SPLIT_BLOCK_N, 8 if fp32 and head_dim > 128 else 4, 3 if head_dim <= 128 else 2)
+    elif fp32:
+        first = (16, 16, 2 if head_dim <= 64 else 1)
+    else:
+        first = (128 if head_dim <= 64 else 64 if head_dim <= 128 else 32, 8, 3)
+    bn, warps, stages = first
+    out = [first] + [(bn, warps, s) for s in range(stages - 1, 0, -1)]
+    while not split and bn > 16:
+        bn //= 2
+        out.append((bn, warps, 1))
+    return out
+
+
+def kernel_config(block_m: int, head_dim: int, split: bool, on_gpu: bool, fp32: bool = False) -> tuple[int, int, int]:
+    """The preferred ``(BLOCK_N, num_warps, num_stages)`` of :func:`kernel_configs`."""
+    return kernel_configs(block_m, head_dim, split, on_gpu, fp32)[0]
+
+
+# (device index, block_m, head dim, split, fp32) -> index into kernel_configs: set when Triton refused a launch
+# for lack of shared memory, so later plans start at the configuration that fitted.
+_CONFIG_LEVEL: dict[tuple, int] = {}
 
 
 def _launches(q, k_cache, v_cache, block_table, out, plan: AttentionPlan, on_gpu: bool) -> list:
     """What the launches of ``plan`` need besides the call's tensors and scale: ``(forward?, grid, table,
-    workspace, trailing positional arguments (sizes, strides, constexprs), options)`` per launch. Depends only
-    on the plan and the tensors' geometry (shapes, strides, dtype), so :func:`span_attention_triton` computes
-    it once per plan and geometry."""
+    workspace, trailing positional arguments (sizes, strides, constexprs), options, config key)`` per launch.
+    Depends only on the plan, the tensors' geometry (shapes, strides, dtype) and the configurations that fit,
+    so :func:`span_attention_triton` computes it once per plan and geometry."""
     Tq, Hq, D = q.shape
     P, PAGE, Hkv, _ = k_cache.shape
     G = Hq // Hkv
     BLOCK_D = max(16, 1 << (D - 1).bit_length())
     ieee = q.dtype == torch.float32
+    dev = q.device.index if q.device.type == "cuda" else -1
     s_q, s_o, s_k, s_v = q.stride(), out.stride(), k_cache.stride(), v_cache.stride()
     strides = (s_q[0], s_q[1], s_o[0], s_o[1], s_k[0], s_k[1], s_k[2], s_v[0], s_v[1], s_v[2], block_table.stride(0))
     out_l = []
     for cp in (plan.narrow, plan.wide):
         if cp.max_units == 0:
             continue
-        bn, warps, stages = kernel_config(cp.block_m, D, cp.split, on_gpu)
+        ckey = (dev, cp.block_m, D, cp.split, ieee)
+        configs = kernel_configs(cp.block_m, D, cp.split, on_gpu, ieee)
+        bn, warps, stages = configs[min(_CONFIG_LEVEL.get(ckey, 0), len(configs) - 1)]
         ws = plan.workspace(Hkv, D) if cp.split else None
         # positional, in the kernel's order: constexprs too (a positional call is cheaper than keywords)
         out_l.append((True, (cp.max_units, Hkv), cp.units, ws,
                       strides + (Hkv, G, D, BLOCK_D, cp.block_m, bn, cp.tokens_per_tile, PAGE, cp.split, ieee,
-                                 UNIT_COLS), dict(num_warps=warps, num_stages=stages)))
+                                 UNIT_COLS), dict(num_warps=warps, num_stages=stages), ckey))
         if cp.split and cp.max_merge:
             out_l.append((False, (cp.max_merge, Hkv), cp.merge, ws,
                           (s_o[0], s_o[1], Hkv, G, D, BLOCK_D, cp.block_m, cp.tokens_per_tile, MERGE_COLS),
-                          dict(num_warps=4 if cp.block_m * BLOCK_D >= 2048 * 4 else 2)))
+                          dict(num_warps=4 if cp.block_m * BLOCK_D >= 2048 * 4 else 2), None))
     return out_l
+
+
+def _next_config(ckey, err, q) -> None:
+    """A launch of the configuration ``ckey`` stands at was refused for lack of shared memory: move that key to
+    the next candidate, or raise a clear error when none is left."""
+    _, block_m, D, split, fp32 = ckey
+    configs = kernel_configs(block_m, D, split, True, fp32)
+    level = _CONFIG_LEVEL.get(ckey, 0) + 1
+    if level >= len(configs):
+        raise RuntimeError(
+            f"span_attention (triton): no kernel configuration fits this GPU's shared memory for {block_m}-row "
+            f"{'narrow' if split else 'wide'} tiles at head dim {D} ({q.dtype}); tried (BLOCK_N, warps, stages) "
+            f"{configs}; the last: {err}") from err
+    _CONFIG_LEVEL[ckey] = level
 
 
 def span_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -281,11 +327,30 @@ def span_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         launches = plan.launch_cache[key] = _launches(q, k_cache, v_cache, block_table, out, plan, on_gpu)
     qk_scale = scale * LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
     P = k_cache.shape[0]
+    while True:
+        try:
+            _launch_all(launches, q, k_cache, v_cache, block_table, q_pos, out, P, qk_scale)
+            return
+        except OutOfResources as e:
+            # Triton refuses a configuration at its first launch, before it runs: the launches before it were
+            # complete (and recomputing them gives the same output), so all are redone with the next candidate
+            ckey = getattr(e, "pd_key", None)   # the forward launch refused (a merge launch: not ours to fix)
+            if ckey is None:
+                raise
+            _next_config(ckey, e, q)
+            launches = plan.launch_cache[key] = _launches(q, k_cache, v_cache, block_table, out, plan, on_gpu)
+
+
+def _launch_all(launches, q, k_cache, v_cache, block_table, q_pos, out, P, qk_scale) -> None:
     # kernels are looked up at call time, never cached (benchmarks and tests swap them for stubs/recorders)
-    for fwd, grid, table, ws, tail, opts in launches:
+    for fwd, grid, table, ws, tail, opts, ckey in launches:
         if fwd:
             o_part, ml = ws if ws is not None else (out, out)   # unused without splits
-            _span_attn_fwd_kernel[grid](q, k_cache, v_cache, block_table, q_pos, table, out, o_part, ml, P, qk_scale,
-                                        *tail, **opts)
+            try:
+                _span_attn_fwd_kernel[grid](q, k_cache, v_cache, block_table, q_pos, table, out, o_part, ml, P,
+                                            qk_scale, *tail, **opts)
+            except OutOfResources as e:
+                e.pd_key = ckey   # which class's configuration was refused
+                raise
         else:
             _span_attn_merge_kernel[grid](ws[0], ws[1], table, out, *tail, **opts)
