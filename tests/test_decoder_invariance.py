@@ -47,6 +47,8 @@ def _alone(model, cfg, prompts, plans, **kw):
 
 
 def _check(model, cfg, prompts=PROMPTS, plans=PLANS, arrivals=("together", "reversed", "joining"), **kw):
+    if cfg.mode == "diffusion":   # no plan to force
+        plans = [None] * len(prompts)
     alone = _alone(model, cfg, prompts, plans, **kw)
     n = len(prompts)
     for arrival in arrivals:

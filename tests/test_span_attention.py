@@ -14,6 +14,7 @@ import torch
 
 import pd_kernels as pk
 from pd_kernels.layout import TILE_A, TILE_B, TILE_C, TILE_CAUSAL, TILE_NROWS, TILE_ROW0, TILE_SEQ
+from pd_kernels.layout.plan import _cdiv
 from pd_kernels.reference import span_attention_ref
 
 from conftest import triton_dtypes
@@ -50,7 +51,7 @@ def to_seq_queries(d):
 
 def make_cache(seq_lens, Hkv, D, page_size, dtype, rng, device="cpu", spare_pages=3):
     """Paged caches with the sequences' pages in shuffled order; unwritten slots are NaN."""
-    pages_per = [-(-n // page_size) for n in seq_lens]
+    pages_per = [_cdiv(n, page_size) for n in seq_lens]
     P = sum(pages_per) + spare_pages
     order = rng.permutation(P)
     max_pages = max(pages_per + [1]) + 1
@@ -533,7 +534,7 @@ def test_plan_units_cover_every_row_and_key_once(seed, G):
             r0, n = t[L.TILE_ROW0], t[L.TILE_NROWS]
             covered[r0:r0 + n] += 1
             assert n <= (geo.narrow_tokens if narrow else geo.wide_tokens)
-            nb = -(-t[L.TILE_A] // 64) - (-max(t[L.TILE_C] - t[L.TILE_B], 0) // 64)
+            nb = _cdiv(t[L.TILE_A], 64) + _cdiv(max(t[L.TILE_C] - t[L.TILE_B], 0), 64)
             if narrow:
                 assert [(u[L.UNIT_J0], u[L.UNIT_J1]) for u in us][0][0] == 0
                 ends = [u[L.UNIT_J1] for u in us]

@@ -1,10 +1,11 @@
 """Triton kernels for block-sparse span-isolated attention over the paged KV cache.
 
 The tiling plan (tile classes, tile heights, split points, table layouts) lives in
-:mod:`pd_kernels.layout.plan`; this module runs it, reading the tables' columns by the plan's names. One launch per tile class present (narrow: decode-shaped
-tiles, split over keys; wide: span / prefill tiles), plus a merge launch when narrow tiles were split.
+:mod:`pd_kernels.layout.plan`; this module runs it, reading the tables' columns by the plan's names. One launch
+per tile class present (narrow: decode-shaped tiles, split over keys; wide: span / prefill tiles), plus a merge
+launch when narrow tiles were split.
 
-Work unit: a row of the class's unit table (see :mod:`pd_kernels.layout`): a tile (up to ``T_TILE``
+Work unit: a row of the class's unit table (see :mod:`pd_kernels.layout.plan`): a tile (up to ``T_TILE``
 consecutive query rows of one segment of one sequence, all seeing the keys ``[0, a) U [b, c)``; a causal
 tile further limits each row to keys ``<= its position`` inside ``[b, c)``) and the key blocks
 ``[j0, j1)`` of the tile's block list (the ``n0`` blocks of ``[0, a)``, then the ``n1`` of ``[b, c)``).
