@@ -359,10 +359,11 @@ class ReferenceLoop:
         self._diffuse([(n - 1, n + D, D)], self.mask)
         ans = self.x[0, n:n + D].tolist()
         res.spans.append([ans])
+        # as the decoder: "length" when the budget cut the canvas or it holds no EOS
+        res.finish_reason = "eos" if tags.eos in ans and D >= (cfg.diffusion_len or 0) else "length"
         if tags.eos in ans:
             ans = ans[:ans.index(tags.eos)]
         res.answer = [t for t in ans if t not in tags.specials]
-        res.finish_reason = "eos"
 
     def _planned(self, forced_plans) -> None:
         cfg, tags, res = self.cfg, self.cfg.tags, self.res

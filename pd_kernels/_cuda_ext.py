@@ -69,7 +69,7 @@ def sources() -> list[str]:
 #: nvcc flags of every build of ``csrc/`` besides the arch flags: the JIT build here, the ahead-of-time build in
 #: ``setup.py`` and the compile check ``.ci/check_cuda.sh`` all read this one tuple. ``--use_fast_math`` turns a
 #: plain ``logf`` into ``__logf``: code that must match the reference to the bit calls libdevice by name
-#: (``__nv_logf`` in the Gumbel noise of ``csrc/unmask.cu``), which the flag never rewrites.
+#: (``__nv_logf`` in the Gumbel noise of ``csrc/token_confidence.cu``), which the flag never rewrites.
 NVCC_FLAGS = ("-O3", "--use_fast_math", "-lineinfo")
 
 

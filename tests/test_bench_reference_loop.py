@@ -55,9 +55,9 @@ def test_same_tokens_as_decoder(model, mode, policy):
     _check(model, mode, _cases(mode), policy=policy, tau=0.3, steps_ratio=0.5, length_scale=2)
 
 
-@pytest.mark.parametrize("confidence", ["margin", "neg_entropy"])
-def test_confidence_kinds(model, confidence):
-    _check(model, "pd", _cases("pd"), policy="pd_threshold", confidence=confidence, tau=0.05, length_scale=2)
+@pytest.mark.parametrize("confidence,tau", [("margin", 0.05), ("neg_entropy", -0.5)])   # tau in the confidence's range
+def test_confidence_kinds(model, confidence, tau):
+    _check(model, "pd", _cases("pd"), policy="pd_threshold", confidence=confidence, tau=tau, length_scale=2)
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.25])

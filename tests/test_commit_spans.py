@@ -649,7 +649,7 @@ def test_decoder_ends_a_span_without_valid_tokens(monkeypatch, static_step):
     left = res.sequence.count(TINY_TAGS.mask)
     assert 0 < left <= 10 and TINY_TAGS.mask not in res.answer
     assert any("no valid token" in e and f"with {left} masks" in e for e in res.stats.plan_errors)
-    assert res.finish_reason == "eos"
+    assert res.finish_reason == ("eos" if TINY_TAGS.eos in res.spans[0][0] else "no_token")   # no EOS: stopped
 
 
 def test_commit_refuses_2_31_rows():

@@ -31,6 +31,8 @@ def models():
 def _check_against_reference(models, mode, policy, confidence="prob", steps_ratio=1.0, backend="torch",
                              prompts=PROMPTS, plans=PLANS, **kw):
     m_kernel, m_ref = models
+    if mode == "diffusion":   # no plan to force
+        plans = [None] * len(prompts)
     opts = dict(KW, **kw)
     cfg = DecodeConfig(mode=mode, policy=policy, confidence=confidence, steps_ratio=steps_ratio, tags=T, **opts)
     res = generate(m_kernel, prompts, cfg, forced_plans=plans, backend=backend)
@@ -54,9 +56,10 @@ def test_matches_reference_torch(models, mode, policy):
         assert all(r.finish_reason == "eos" for r in res)
 
 
-@pytest.mark.parametrize("confidence", ["margin", "neg_entropy"])
-def test_confidence_kinds(models, confidence):
-    _check_against_reference(models, "pd", "pd_threshold", confidence=confidence, tau=0.01)
+@pytest.mark.parametrize("confidence,tau", [("margin", 0.01), ("neg_entropy", -0.5)])
+def test_confidence_kinds(models, confidence, tau):
+    """neg_entropy (<= 0) takes a negative tau: the threshold path commits rows of entropy <= 0.5 too."""
+    _check_against_reference(models, "pd", "pd_threshold", confidence=confidence, tau=tau)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.25])
@@ -194,23 +197,21 @@ def test_prefix_cache_equals_fresh_forward(models, refresh):
             for s in r.round_spans:
                 key = (r.idx, r.stats.rounds, s.start)
                 if not s.active and key not in seen.setdefault("last", {}):
-                    seen["last"][key] = prev["tok"][r.slot, s.start:s.start + s.length].clone()
+                    seen["last"][key] = prev["tok"][r.buffer_row, s.start:s.start + s.length].clone()
             if r.idx == 0 and r.phase == "plan" and r.stats.rounds == 1 and "cache" not in seen:
                 n = r.length - 1
                 seen["cache"] = [dec.cache.gather(r.seq, l)[0][:n].clone() for l in range(dec.cache.num_layers)]
-                seen["seq"] = dec.tokens[r.slot, :n].clone()
+                seen["seq"] = dec.tokens[r.buffer_row, :n].clone()
                 seen["spans"] = [(s.start, s.length) for s in r.round_spans]
                 seen["prefix"] = r.prefix
-        prev["tok"] = dec.tokens.clone()
 
     dec = Decoder(m_kernel, cfg, on_step=on_step)
-    prev["tok"] = None
-    orig = dec._admit
+    step = dec._step
 
-    def admit(r):
-        orig(r)
+    def step_after_admission():   # the token buffer as the step forwards it (admission writes the prompt)
         prev["tok"] = dec.tokens.clone()
-    dec._admit = admit
+        step()
+    dec._step = step_after_admission
     dec.generate(PROMPTS[:1], PLANS[:1])
     seq = seen["seq"].clone()
     stale = 0
@@ -272,6 +273,6 @@ def test_ar_row_without_a_token_ends_the_request(monkeypatch, mode, static):
     assert bad.finish_reason == "no_token" and bad.stats.critical_path == 4
     assert any("no valid AR token" in e for e in bad.stats.plan_errors)
     assert -1 not in bad.sequence and -1 not in bad.answer
-    assert int(dec._tok_store.min()) >= 0, "a -1 reached the token buffer"
+    assert int(dec.tokens_flat.min()) >= 0, "a -1 reached the token buffer"
     alone = Decoder(model, cfg, backend="torch", static_step=static).generate([PROMPTS[1]], [PLANS[1]], seeds=[1])[0]
     assert out[1].sequence == alone.sequence and out[1].finish_reason == alone.finish_reason

@@ -35,7 +35,9 @@ BAD_CONFIG = [
     ("diffusion_attention", "bidirectional"), ("answer_text", "text"),
 ]
 BAD_TYPES = [("steps_ratio", "1.0"), ("seed", 1.5), ("max_new_tokens", 12.0), ("top_k", True),
-             ("suppress_mask", "yes"), ("refresh_spans", 1), ("length_scale", "10"), ("tags", {"eos": 1})]
+             ("suppress_mask", "yes"), ("refresh_spans", 1), ("length_scale", "10"), ("tags", {"eos": 1}),
+             ("top_p", torch.tensor(0.5)), ("top_p", True), ("top_p", np.bool_(True)), ("top_p", np.array(0.5)),
+             ("top_p", 0.5 + 0j), ("tau", torch.tensor(0.5)), ("temperature", torch.tensor(1.0))]
 
 
 @pytest.mark.parametrize("field,value", BAD_CONFIG, ids=[f"{f}={v}" for f, v in BAD_CONFIG])
@@ -49,6 +51,27 @@ def test_bad_config_values(field, value):
 def test_bad_config_types(field, value):
     with pytest.raises(TypeError, match=field):
         DecodeConfig(**{field: value})
+
+
+@pytest.mark.parametrize("policy", ["threshold", "pd_threshold"])
+def test_tau_follows_the_confidence(policy):
+    """tau lies in the range of the confidence the threshold policies compare it with: [0, 1] for prob and
+    margin, <= 0 for neg_entropy (minus an entropy), so neg_entropy can be used with a threshold at all; the
+    schedule policy never reads tau (the default 0.9 stays valid with neg_entropy there)."""
+    ok = DecodeConfig(confidence="neg_entropy", policy=policy, tau=-0.5)
+    assert ok.tau == -0.5 and DecodeConfig(confidence="neg_entropy", policy=policy, tau=0).tau == 0
+    assert DecodeConfig(confidence="neg_entropy", policy=policy, tau=np.float32(-2.0)).tau == -2.0
+    with pytest.raises(ValueError, match=r"tau must be a finite number <= 0.0 with confidence='neg_entropy' "
+                                         r"\(minus an entropy.*got 0.9"):
+        DecodeConfig(confidence="neg_entropy", policy=policy)
+    with pytest.raises(ValueError, match="tau.*finite"):
+        DecodeConfig(confidence="neg_entropy", policy=policy, tau=-math.inf)
+    for conf in ("prob", "margin"):
+        with pytest.raises(ValueError, match=rf"tau must be a finite number \[0.0, 1.0\] with confidence='{conf}'"):
+            DecodeConfig(confidence=conf, policy=policy, tau=-0.5)
+    with pytest.raises(ValueError, match="neg_entropy"):
+        ok.replace(tau=0.3)
+    assert DecodeConfig(confidence="neg_entropy").tau == 0.9 and DecodeConfig.preset("reference").tau == 0.9
 
 
 def test_config_is_checked_on_replace_and_frozen():
@@ -195,7 +218,41 @@ def test_diffusion_len_is_capped_by_the_budget(model):
     r = generate(model, [[40, 41, 42]], cfg.replace(max_length=7))[0]
     assert len(r.sequence) == 7 and r.finish_reason == "length"
     r = generate(model, [[40, 41, 42]], cfg.replace(diffusion_len=5))[0]
-    assert len(r.sequence) == 3 + 5 and r.finish_reason == "eos"
+    assert len(r.sequence) == 3 + 5 and r.finish_reason == ("eos" if T.eos in r.spans[0][0] else "length")
+
+
+def _biased(model, tok, bias=100.0):
+    """A copy of the model whose LM head adds ``bias`` to the logit of ``tok`` (100: strongly prefers it)."""
+    m = copy.deepcopy(model)
+    head = m.get_output_embeddings()
+    new = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        new.weight.copy_(head.weight)
+        new.bias.zero_()
+        new.bias[tok] = bias
+    m.lm_head = new
+    return m
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_diffusion_finish_reason(model, static):
+    """mode="diffusion" ends with "eos" only when its canvas holds an EOS (the answer stops there), else with
+    "length" (the canvas ran out); it used to say "eos" either way."""
+    cfg = DecodeConfig(mode="diffusion", **dict(KW, diffusion_len=6))
+    r = generate(_biased(model, T.eos, -100.0), [[40, 41, 42]], cfg, static_step=static, backend="torch")[0]
+    assert T.eos not in r.spans[0][0] and r.finish_reason == "length" and len(r.answer) == 6
+    r = generate(_biased(model, T.eos), [[40, 41, 42]], cfg, static_step=static, backend="torch")[0]
+    assert r.spans[0][0] == [T.eos] * 6 and r.finish_reason == "eos" and r.answer == []
+
+
+def test_forced_plans_refused_in_diffusion_mode(model):
+    """mode="diffusion" writes no plan: a forced plan would be ignored, so it is refused (None entries pass)."""
+    cfg = DecodeConfig(mode="diffusion", **KW)
+    with pytest.raises(ValueError, match=r"forced_plans\[1\] is given, but mode='diffusion' writes no plan"):
+        generate(model, [[40, 41], [42]], cfg, forced_plans=[None, PLAN])
+    with pytest.raises(ValueError, match="mode='diffusion'"):
+        Decoder(model, cfg).stream([[40]], [PLAN])
+    assert len(generate(model, [[40, 41]], cfg, forced_plans=[None])) == 1
 
 
 def test_model_changed_after_the_decoder_was_made(model):
@@ -275,15 +332,7 @@ def test_ar_budget_costs_one_forward_per_token(model):
 
 def _mask_loving(model):
     """A copy of the model whose LM head strongly prefers MASK."""
-    m = copy.deepcopy(model)
-    head = m.get_output_embeddings()
-    new = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        new.weight.copy_(head.weight)
-        new.bias.zero_()
-        new.bias[T.mask] = 100.0
-    m.lm_head = new
-    return m
+    return _biased(model, T.mask)
 
 
 def test_mask_suppression(model):

@@ -31,6 +31,8 @@ def _result(r):
 
 
 def _compare(model, cfg, backend="torch", prompts=PROMPTS, plans=PLANS, max_batch=8, **static_kw):
+    if cfg.mode == "diffusion":   # no plan to force
+        plans = [None] * len(prompts)
     dyn = Decoder(model, cfg, backend=backend, max_batch=max_batch)
     a = dyn.generate(prompts, plans)
     st = Decoder(model, cfg, backend=backend, max_batch=max_batch, static_step=True, **static_kw)
@@ -50,7 +52,7 @@ def test_static_equals_dynamic_torch(model, mode, policy):
     assert st.graph_counts == {"captured": 0, "replayed": 0, "static_eager": st.step_index, "dynamic": 0}
     if mode in ("pd", "pd-da"):  # the forced multi-round plans really ran
         assert [r.stats.rounds for r in res] == [3, 1, 2] and [r.stats.spans for r in res] == [4, 3, 3]
-    assert len(st._buckets) >= 2  # several buckets were used (prefill, plan, diffusion steps)
+    assert len(st.runner.graphs.buckets) >= 2  # several buckets were used (prefill, plan, diffusion steps)
 
 
 def test_static_equals_dynamic_sampling_and_small_batch(model):
@@ -85,7 +87,7 @@ def test_bucket_overflow_falls_back_to_dynamic(model):
     _, st, _ = _compare(model, cfg, buckets=(8, 16))
     c = st.graph_counts
     assert c["dynamic"] >= 1 and c["static_eager"] >= 1 and c["dynamic"] + c["static_eager"] == st.step_index
-    assert all(q <= 16 and r <= 16 for q, r in st._buckets)
+    assert all(q <= 16 and r <= 16 for q, r in st.runner.graphs.buckets)
     with pytest.raises(ValueError, match="ascending"):
         Decoder(model, cfg, static_step=True, buckets=(32, 16))
     with pytest.raises(ValueError, match="ascending"):
@@ -96,14 +98,14 @@ def test_buffers_kept_across_generate_calls(model):
     cfg = DecodeConfig(mode="pd-da", policy="threshold", tags=T, **KW)
     dec = Decoder(model, cfg, static_step=True, backend="torch")
     a = dec.generate(PROMPTS, PLANS)
-    buckets = dict(dec._buckets)
+    buckets = dict(dec.runner.graphs.buckets)
     ptrs = (dec.tokens_flat.data_ptr(), dec.cache.k_cache.data_ptr(), dec.state.masks_left.data_ptr())
     b = dec.generate(PROMPTS, PLANS)
     assert [_result(x) for x in a] == [_result(y) for y in b]
     assert ptrs == (dec.tokens_flat.data_ptr(), dec.cache.k_cache.data_ptr(), dec.state.masks_left.data_ptr())
-    assert all(dec._buckets[k] is v for k, v in buckets.items())  # same buffers (graphs would replay)
+    assert all(dec.runner.graphs.buckets[k] is v for k, v in buckets.items())  # same buffers (graphs would replay)
     dec.generate(PROMPTS[:1], PLANS[:1])  # another geometry (batch 1): new buffers, old buckets dropped
-    assert dec.tokens.shape[0] == 1 and not any(buckets.get(k) is v for k, v in dec._buckets.items())
+    assert dec.tokens.shape[0] == 1 and not any(buckets.get(k) is v for k, v in dec.runner.graphs.buckets.items())
 
 
 def test_new_config_between_calls_is_not_stale(model):
@@ -124,10 +126,10 @@ def test_new_config_between_calls_is_not_stale(model):
         assert [_result(x) for x in got] != [_result(x) for x in old]   # the change matters on this model
     dec = Decoder(m, on, static_step=True, backend="torch")
     dec.generate(PROMPTS, PLANS)
-    buckets = dict(dec._buckets)
+    buckets = dict(dec.runner.graphs.buckets)
     dec.cfg = on.replace(max_rounds=5)   # nothing the step bakes in: the same buffers
     dec.generate(PROMPTS, PLANS)
-    assert all(dec._buckets[k] is v for k, v in buckets.items())
+    assert all(dec.runner.graphs.buckets[k] is v for k, v in buckets.items())
 
 
 def test_errors(model):
@@ -183,7 +185,7 @@ CAPTURE_CASES = {
     "ar": dict(mode="ar"),
     # the reference's top-p 0.95 (applied at temperature 0 too), neg_entropy, no MASK suppression (sampling is
     # left out here: the torch backend reads the RNG offset on the host; the GPU test replays it)
-    "reference-like": dict(mode="pd", top_p=0.95, confidence="neg_entropy", suppress_mask=False),
+    "reference-like": dict(mode="pd", top_p=0.95, confidence="neg_entropy", tau=-0.5, suppress_mask=False),
     "top_p+suppress": dict(mode="pd", top_p=0.95),
     "top_k+top_p+suppress": dict(mode="pd", top_p=0.9, top_k=5),
 }
@@ -195,14 +197,14 @@ def test_static_body_is_capturable(model, case):
     cfg = DecodeConfig(policy="pd_threshold", tags=T, **dict(KW, **case))
     dec = Decoder(model, cfg, static_step=True, backend="torch")
     traces = {}
-    body = dec._static_body
+    body = dec.runner.static_body
 
     def traced(bk):
         with _Trace() as tr:
             body(bk)
         traces.setdefault((bk.Q, bk.R), []).append(tr)
 
-    dec._static_body = traced
+    dec.runner.static_body = traced
     dec.generate(PROMPTS, PLANS)
     assert sum(len(v) for v in traces.values()) == dec.step_index
     repeated = 0
@@ -226,23 +228,24 @@ def test_static_body_is_capturable(model, case):
 def test_cuda_graphs_match_eager_on_gpu(mode):
     m = tiny_model(seed=1, device="cuda")
     cfg = DecodeConfig(mode=mode, policy="pd_threshold", tags=T, **KW)
-    ref = Decoder(m, cfg, max_batch=2).generate(PROMPTS, PLANS)
+    plans = PLANS if mode != "diffusion" else None
+    ref = Decoder(m, cfg, max_batch=2).generate(PROMPTS, plans)
     dec = Decoder(m, cfg, max_batch=2, cuda_graphs=True)
-    out = dec.generate(PROMPTS, PLANS)
+    out = dec.generate(PROMPTS, plans)
     assert [r.sequence for r in out] == [r.sequence for r in ref]
     assert [r.stats.critical_path for r in out] == [r.stats.critical_path for r in ref]
-    c = dict(dec.graph_counts)
+    c, buckets = dict(dec.graph_counts), dec.runner.graphs.buckets
     assert c["captured"] >= 1 and c["replayed"] >= 1 and c["dynamic"] == 0
-    assert c["captured"] == sum(b.graph is not None for b in dec._buckets.values())
-    assert c["static_eager"] == len(dec._buckets)  # one warm-up step per bucket, everything else replays
+    assert c["captured"] == sum(b.graph is not None for b in buckets.values())
+    assert c["static_eager"] == len(buckets)  # one warm-up step per bucket, everything else replays
     # same geometry: the second call keeps the buffers, so every step of it replays a graph (buckets used
     # once in the first call are captured now, on their first step)
-    had = sum(b.graph is not None for b in dec._buckets.values())
-    again = dec.generate(PROMPTS, PLANS)
+    had = sum(b.graph is not None for b in buckets.values())
+    again = dec.generate(PROMPTS, plans)
     assert [r.sequence for r in again] == [r.sequence for r in ref]
     assert dec.graph_counts["static_eager"] == c["static_eager"]
     assert dec.graph_counts["replayed"] == c["replayed"] + dec.step_index
-    assert dec.graph_counts["captured"] == c["captured"] + sum(b.graph is not None for b in dec._buckets.values()) - had
+    assert dec.graph_counts["captured"] == c["captured"] + sum(b.graph is not None for b in buckets.values()) - had
 
 
 def test_graph_capture_issues():

@@ -63,11 +63,12 @@ def _check_request(evs, res, mode):
 @pytest.mark.parametrize("mode", ["pd", "pd-da", "ar", "diffusion"])
 def test_stream_order_and_text(model, mode):
     cfg = DecodeConfig(mode=mode, policy="schedule", tags=T, **KW)
+    plans = PLANS if mode != "diffusion" else None   # no plan to force
     dec = Decoder(model, cfg, max_batch=2, backend="torch")
-    events = list(dec.stream(PROMPTS, PLANS))
+    events = list(dec.stream(PROMPTS, plans))
     results = {e.request: e.result for e in events if isinstance(e, RequestFinished)}
     assert sorted(results) == [0, 1, 2]
-    plain = generate(model, PROMPTS, cfg, forced_plans=PLANS, max_batch=2, backend="torch")
+    plain = generate(model, PROMPTS, cfg, forced_plans=plans, max_batch=2, backend="torch")
     assert [results[i].sequence for i in range(3)] == [r.sequence for r in plain]   # streaming changes nothing
     for i in range(3):
         committed = _check_request([e for e in events if e.request == i], results[i], mode)

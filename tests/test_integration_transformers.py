@@ -520,6 +520,42 @@ def test_enable_disable_enabled():
     assert m.config._attn_implementation == "sdpa"
 
 
+def test_enabled_blocks_from_many_threads():
+    """enabled() blocks opened and closed by several threads at once (the GIL switching threads inside the
+    counter's read-modify-write): the model stays on pd_kernels attention while any block is open, and its own
+    attention is back, with no block counted, once every thread is done."""
+    import sys
+    import threading
+
+    from pd_kernels.integrations.transformers import _USERS
+
+    m = tiny_model(seed=0, attn_implementation="eager")
+    errors, start = [], threading.Barrier(8)
+
+    def worker():
+        start.wait()
+        try:
+            for _ in range(300):
+                with enabled(m):
+                    if not is_enabled(m):
+                        errors.append("disabled while a block was open")
+        except Exception as e:   # a failure in a thread must fail the test
+            errors.append(repr(e))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # switch threads as often as possible: a lost update shows up quickly
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+    assert m.__dict__.get(_USERS, 0) == 0 and m.config._attn_implementation == "eager" and not is_enabled(m)
+
+
 def test_dream_loader_keeps_the_sliding_window(tmp_path):
     """A Dream/Qwen2 config that asks for sliding windows loads with them, and enable() then refuses it (it used
     to be dropped silently)."""

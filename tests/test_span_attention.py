@@ -220,7 +220,7 @@ def test_decode_split_keys(poison):
 def test_split_chunk_grows_past_max_splits(poison, monkeypatch):
     """Past MAX_SPLITS x chunk keys the chunk grows instead of the unit count (shrunk constants here so the
     interpreter stays fast): units are capped, every key is still covered once."""
-    import pd_kernels.layout as lay_mod
+    import pd_kernels.layout.plan as lay_mod
 
     monkeypatch.setattr(lay_mod, "SPLIT_CHUNK_BLOCKS", 1)
     monkeypatch.setattr(lay_mod, "MAX_SPLITS", 3)
@@ -516,7 +516,7 @@ def test_tile_geometry():
 def test_plan_units_cover_every_row_and_key_once(seed, G):
     """Every query row is in exactly one tile; a tile's units partition its key blocks in order; narrow
     tiles come from segments of <= T_n tokens, wide from longer ones; slots and merge rows are consistent."""
-    from pd_kernels import layout as L
+    from pd_kernels.layout import plan as L
 
     rng = np.random.default_rng(seed)
     descs = [random_seq(rng)[0] for _ in range(int(rng.integers(1, 9)))]
@@ -582,13 +582,43 @@ BATCH_LENS = [701, 144, 37, 74, 261]
 def test_plan_skips_empty_segment_rows():
     """A StaticSpanLayout's segment table has unused all-zero rows; the plan built from it (as opcheck and
     torch.compile see it, without the cached plan) must equal the plan of the real segments alone."""
-    from pd_kernels import layout as L
+    from pd_kernels.layout import plan as L
 
     layout = pk.SpanLayout.build([to_seq_queries(d) for d in BATCH_DESCS], "cpu", pad_to=200)
     padded = np.concatenate([layout._segs, np.zeros((3, 8), dtype=np.int64)])
     for G in (1, 4, 7):
         a, b = L._plan_arrays(layout._segs, L.tile_geometry(G)), L._plan_arrays(padded, L.tile_geometry(G))
         assert all(np.array_equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3] == b[3] and len(a[0]) > 0
+
+
+def test_plan_cache_is_explicit_and_bounded():
+    """Plans live in the layout's own LayoutPlans, found from ``segs_host`` (what the registered op receives)
+    through a weak identity map: no attribute on the tensor, the entry goes with the layout, a copy of the
+    table is planned from its content (never taken for the original), a static layout gives its fixed plan
+    only, and one layout keeps at most MAX_GROUPS plans."""
+    import gc
+
+    from pd_kernels.layout import plan as L
+
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in BATCH_DESCS], "cpu")
+    assert layout.segs_host.__dict__ == {}   # nothing hangs on the tensor
+    p = layout.plan(4)
+    assert L.plan_for(layout.segs_host, 4, "cpu") is p and layout.plan(4) is p
+    copy = layout.segs_host.clone()
+    q = L.plan_for(copy, 4, "cpu")
+    assert q is not p and L.plan_for(copy, 4, "cpu") is not q   # a table no layout made: not cached
+    assert all(torch.equal(x, y) for x, y in ((q.narrow.units, p.narrow.units), (q.wide.units, p.wide.units)))
+    for G in range(1, 9):
+        layout.plan(G)
+    assert len(layout._plans._by_group) == L.LayoutPlans.MAX_GROUPS
+    n = len(L._BY_TABLE)
+    del layout, p, q
+    gc.collect()
+    assert len(L._BY_TABLE) == n - 1
+    static = pk.StaticSpanLayout(16, 2, "cpu", group=4).update([pk.SeqQueries.causal(0, 8)])
+    assert L.plan_for(static.segs_host, 4, "cpu") is static.plan_fixed is static.plan(4)
+    with pytest.raises(ValueError, match="group=4"):
+        L.plan_for(static.segs_host, 2, "cpu")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -78,10 +78,10 @@ def batch_invariance(model, cfg, prompts, plans=None, *, seeds=None, arrivals=AR
     """Decode each request alone, then together in each way of ``arrivals`` (``"together"``: ``max_batch`` =
     all, ``"reversed"``: the same in reverse order, ``"joining"``: ``max_batch`` :data:`JOINING_BATCH`), and
     compare every request's :func:`fingerprint` with its run alone. ``plans``: forced plans per request (or
-    ``None``: the model writes its own); ``seeds``: one per request (or ``None``: ``cfg.seed``);
+    ``None``: the model writes its own; not used in ``mode="diffusion"``, which writes no plan); ``seeds``: one per request (or ``None``: ``cfg.seed``);
     ``decoder_kw``: :class:`~pd_kernels.Decoder` options (``backend``, ``static_step``, ...)."""
     n = len(prompts)
-    plans = [None] * n if plans is None else plans
+    plans = [None] * n if plans is None or cfg.mode == "diffusion" else plans
     seed = (lambda i: None) if seeds is None else (lambda i: [seeds[i]])
     res = Invariance([fingerprint(Decoder(model, cfg, **decoder_kw).generate([prompts[i]], [plans[i]],
                                                                             seeds=seed(i))[0]) for i in range(n)])

@@ -69,6 +69,15 @@ def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v).__name__ != "bool_"
 
 
+def _range_text(lo: float, hi: float, lo_open: bool) -> str:
+    """`` [lo, hi]`` / `` (lo, hi]`` / `` >= lo`` / `` > lo`` / `` <= hi`` / nothing, for an error message."""
+    if math.isfinite(lo) and math.isfinite(hi):
+        return f" {'(' if lo_open else '['}{lo}, {hi}]"
+    if math.isfinite(lo):
+        return f" {'>' if lo_open else '>='} {lo}"
+    return f" <= {hi}" if math.isfinite(hi) else ""
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Knobs of :func:`pd_kernels.decoder.generate` (validated on construction; :meth:`replace` re-validates).
@@ -80,7 +89,10 @@ class DecodeConfig:
             past 2^31 - 1 is clamped: every count >= the longest span commits the same way).
         policy: commit policy, ``"schedule" | "pd_threshold" | "threshold"`` (SPEC section 5).
         confidence: ``"prob" | "margin" | "neg_entropy"``.
-        tau: threshold of ``pd_threshold`` / ``threshold``, in [0, 1].
+        tau: threshold of ``pd_threshold`` / ``threshold``, in the range of the confidence it is compared with:
+            [0, 1] for ``prob`` and ``margin``; <= 0 for ``neg_entropy`` (minus an entropy, never above 0; with
+            the ``schedule`` policy, which never reads tau, any finite tau is kept, so the default 0.9 needs no
+            change there).
         temperature: 0 = greedy; > 0 samples (Gumbel-max) with a counter-based RNG. The noise of a position
             is keyed by (the request's seed, the request's own step counter, the absolute position), never by
             the batch, so a seeded request gives the same tokens alone or in any batch.
@@ -150,14 +162,19 @@ class DecodeConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"DecodeConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name, lo, hi, lo_open in (("steps_ratio", 0.0, math.inf, True), ("temperature", 0.0, math.inf, False),
-                                      ("tau", 0.0, 1.0, False), ("top_p", 0.0, 1.0, True),
+                                      ("tau",) + self._tau_range(), ("top_p", 0.0, 1.0, True),
                                       ("length_scale", 0.0, math.inf, True)):
             v = getattr(self, name)
             if not _is_real(v):
                 raise TypeError(f"DecodeConfig.{name} must be a number, got {type(v).__name__} {v!r}")
             if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-                rng = f"{'(' if lo_open else '['}{lo}, {hi}]" if math.isfinite(hi) else f"{'>' if lo_open else '>='} {lo}"
-                raise ValueError(f"DecodeConfig.{name} must be a finite number {rng}, got {v!r}")
+                why = ""
+                if name == "tau":
+                    why = f" with confidence={self.confidence!r}" + (
+                        f" (minus an entropy: never above 0) and policy={self.policy!r}"
+                        if self.confidence == "neg_entropy" and math.isfinite(hi) else "")
+                raise ValueError(f"DecodeConfig.{name} must be a finite number{_range_text(lo, hi, lo_open)}{why}, "
+                                 f"got {v!r}")
             object.__setattr__(self, name, int(v) if isinstance(v, numbers.Integral) else float(v))  # numpy -> Python
         try:   # the op's own bounds (1 / T must be a normal fp32), so a config never fails at its first step
             check_temperature(self.temperature)
@@ -186,6 +203,12 @@ class DecodeConfig:
         if self.diffusion_attention == "full" and self.mode != "diffusion":
             raise ValueError(f"DecodeConfig.diffusion_attention='full' is the diffusion baseline: it needs "
                              f"mode='diffusion', got mode={self.mode!r}")
+
+    def _tau_range(self) -> tuple[float, float, bool]:
+        """``(lo, hi, lo_open)`` of tau: the range of the confidence the threshold policies compare it with."""
+        if self.confidence != "neg_entropy":
+            return 0.0, 1.0, False
+        return -math.inf, (0.0 if self.policy != "schedule" else math.inf), False
 
     def replace(self, **kw) -> "DecodeConfig":
         """A copy with some fields changed (validated again)."""

@@ -72,8 +72,9 @@ def check_prompts(prompts, vocab: int) -> list[list[int]]:
     return [_as_ids(p, f"prompt {i}", vocab) for i, p in enumerate(prompts)]
 
 
-def check_forced_plans(forced_plans, n: int, vocab: int) -> list:
-    """``None`` or one entry per prompt: ``None`` or a list of rounds, each a list of token ids."""
+def check_forced_plans(forced_plans, n: int, vocab: int, mode: str) -> list:
+    """``None`` or one entry per prompt: ``None`` or a list of rounds, each a list of token ids. ``mode="diffusion"``
+    has no plan: an entry other than ``None`` is refused (it would be ignored)."""
     if forced_plans is None:
         return [None] * n
     if not isinstance(forced_plans, (list, tuple)):
@@ -85,6 +86,9 @@ def check_forced_plans(forced_plans, n: int, vocab: int) -> list:
         if f is None:
             out.append(None)
             continue
+        if mode == "diffusion":
+            raise ValueError(f"forced_plans[{i}] is given, but mode='diffusion' writes no plan (its answer is one "
+                             f"canvas of masks): pass None for it, or forced_plans=None")
         if not isinstance(f, (list, tuple)) or any(_is_int(t) for t in f):
             raise TypeError(f"forced_plans[{i}] must be None or a list of rounds (each a list of token ids), "
                             f"got {f!r:.80}")

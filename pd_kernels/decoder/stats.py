@@ -16,9 +16,11 @@ class RequestStats:
     over prompt and answer, no cache); ``seed``: the request's RNG seed. ``tokens``: plan tokens (terminators
     excluded), span tokens (masks committed), answer tokens. ``time_s``: wall time of the steps the request
     took part in, by phase (host clock; each step ends with a device read, so it includes the device time).
-    ``finish_reason``: ``"eos"``, ``"sync"`` (AR mode never), ``"length"`` (the budget), ``"max_rounds"``,
-    ``"no_plan"`` (a plan with no usable entry), ``"no_token"`` (an AR / plan row had no usable id: every id
-    suppressed, filtered, -inf or NaN; ``token_confidence`` returned -1, which is never written).
+    ``finish_reason``: ``"eos"``, ``"length"`` (the budget; ``mode="diffusion"``: also a canvas without EOS),
+    ``"max_rounds"`` (a round ending in ``<sync/>`` at the round cap), ``"no_plan"`` (a plan with no usable
+    entry), ``"no_token"`` (an AR / plan row had no usable id: every id suppressed, filtered, -inf or NaN;
+    ``token_confidence`` returned -1, which is never written; ``mode="diffusion"``: the canvas stopped with
+    masks, and no EOS, because its rows had none).
     """
     steps: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     time_s: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))

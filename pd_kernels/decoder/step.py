@@ -1,11 +1,11 @@
 """One description of a decoder step, consumed by both the dynamic and the static (CUDA-graph) step.
 
-A step forwards the packed queries of every running request as one batch-1 sequence. :class:`Piece` is one
-request's part of it (built by the loop from the request's phase, and kept while the request's state does not
-change); :func:`describe` concatenates the pieces into a :class:`StepDesc`:
+A step forwards the packed queries of every running request as one batch-1 sequence. :class:`StepPart` is one
+request's part of it (built by the scheduler from the request's phase, and kept while the request's state does
+not change); :func:`describe` concatenates the parts into a :class:`StepDesc`:
 
 * packed queries: ``in_idx`` (flat token-buffer index of each query), ``slots`` (its cache slot), and the
-  layout entries (``rows_of[i]`` = cache row, ``seqs[i]`` = :class:`~pd_kernels.SeqQueries`), requests in
+  layout entries (``cache_rows[i]`` = cache row, ``seqs[i]`` = :class:`~pd_kernels.SeqQueries`), requests in
   ascending cache row;
 * LM-head rows: ``rows`` (the packed query whose hidden state predicts the row's token: Dream shift),
   ``dst`` (flat token-buffer index the token goes to), **span rows first, then AR rows**; the rows of one span
@@ -15,14 +15,17 @@ change); :func:`describe` concatenates the pieces into a :class:`StepDesc`:
   of the predicted token: the noise of a row depends on its request, its request's own step count and the
   absolute position only, never on the batch, the packed row or the global step.
 
-The dynamic step uploads exactly these arrays; the static step pads them into the fixed buffers of a bucket
-(:meth:`Bucket.fill`): padding queries read a scratch token (``PAD``) and write no K/V, padding LM-head rows and
-the unused destination of real rows (a span row has no AR destination, an AR row no commit destination) point
-at distinct scratch elements. While no request changes state (a diffusion step in which no span finishes), the
-description is reused as is: only the RNG offsets advance (:meth:`StepDesc.tick`), and the static step skips
-repacking and the layout update.
+Both forms reach the device as a :class:`StepIO` (index tensors, and the buffers the step writes), which the one
+device step reads (:meth:`~pd_kernels.decoder.runner.ModelRunner.device_step`). The dynamic step uploads exactly
+these arrays; the static step pads them into the fixed buffers of a bucket
+(:meth:`~pd_kernels.decoder.graphs.Bucket.fill`): padding queries read a scratch token (``PAD``) and write no
+K/V, padding LM-head rows and the unused destination of real rows (a span row has no AR destination, an AR row
+no commit destination) point at distinct scratch elements. While no request changes state (a diffusion step in
+which no span finishes), the description is reused as is: only the RNG offsets advance (:meth:`StepDesc.tick`),
+and the static step skips repacking and the layout update.
 
-:func:`choose_tokens` is the one call of :func:`~pd_kernels.token_confidence` (both paths).
+:func:`choose_tokens` is the one call of :func:`~pd_kernels.token_confidence` and :func:`write_ar` the AR token
+write, both inside the one device step (:meth:`~pd_kernels.decoder.runner.ModelRunner.device_step`).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from ..ops import token_confidence
 
 
 @dataclass
-class Piece:
+class StepPart:
     """One request's part of a step. ``in_idx`` / ``slots``: its packed queries (flat token-buffer index, cache
     slot); per span row, grouped by span (``s_sids[j]`` has ``s_cnts[j]`` rows): ``s_q`` (query index relative
     to the request's first query), ``s_dst`` (flat token-buffer index of the predicted mask), ``s_pos`` (its
@@ -56,7 +59,7 @@ class Piece:
 class StepDesc:
     """What one step runs, host numpy arrays (int64); see the module docstring."""
     reqs: list
-    rows_of: list
+    cache_rows: list
     seqs: list
     in_idx: np.ndarray
     slots: np.ndarray
@@ -87,7 +90,7 @@ class StepDesc:
 
 
 def describe(entries, num_spans: int, gen: int) -> StepDesc:
-    """The :class:`StepDesc` of ``entries`` = ``[(request, piece)]`` in ascending cache row (``request.seq``);
+    """The :class:`StepDesc` of ``entries`` = ``[(request, part)]`` in ascending cache row (``request.seq``);
     ``request.steps`` (steps taken so far) and ``request.seed`` key the RNG."""
     in_idx, slots, s_rows, s_dst, s_seed, s_off = [], [], [], [], [], []
     a_rows, a_dst, a_seed, a_off, forced, val, ar_reqs = [], [], [], [], [], [], []
@@ -121,81 +124,48 @@ def describe(entries, num_spans: int, gen: int) -> StepDesc:
     def cat(parts, tail=()):
         return np.concatenate(parts + [np.asarray(tail, dtype=np.int64)]) if parts else np.asarray(tail, np.int64)
 
-    return StepDesc(reqs=[r for r, _ in entries], rows_of=[r.seq for r, _ in entries],
+    return StepDesc(reqs=[r for r, _ in entries], cache_rows=[r.seq for r, _ in entries],
                     seqs=[p.sq for _, p in entries], in_idx=cat(in_idx), slots=cat(slots), rows=cat(s_rows, a_rows),
                     dst=cat(s_dst, a_dst), seed=cat(s_seed, a_seed), offset=cat(s_off, a_off),
                     forced=np.asarray(forced, np.int64), val=np.asarray(val, np.int64), span_rows=span_rows,
                     span_ids=np.asarray(span_ids, np.int64), ar_reqs=ar_reqs, ns=row, na=len(ar_reqs), gen=gen)
 
 
-class Bucket:
-    """Fixed buffers of one static-step bucket: ``Q`` packed query rows, ``R`` LM-head rows, ``S`` spans; the
-    :class:`~pd_kernels.StaticSpanLayout` of its attention (``layout``) and its CUDA graph once captured.
+@dataclass(eq=False)
+class StepIO:
+    """The device form of a step: what the device step reads and where it writes (shapes: ``Q`` packed queries,
+    ``R`` LM-head rows, ``S`` span ids). The dynamic step makes one per step of exactly the description's size;
+    a bucket holds one over its fixed, padded buffers.
 
-    ``idx`` (int64, device) holds every index of a step, refilled by one host-to-device copy from ``staging``
-    (pinned on CUDA): ``in_idx [Q]``, ``slots [Q]``, then per LM-head row ``rows``, ``dst`` (the row's real
-    destination, read back after the step), ``s_dst`` (commit destination), ``ar_dst`` (AR write destination),
-    ``forced``, ``val``, ``seed``, ``offset`` (each ``[R]``), then ``span_rows [S, 2]`` (rows past the step's
-    are in no span's range: :func:`~pd_kernels.commit_spans` never looks at them).
-    Outputs: ``tok``, ``conf`` ``[R]``, ``read [R + S]`` (every row's token after the step, then every span's
-    ``masks_left``: what the host reads)."""
-
-    FIELDS = ("rows", "dst", "s_dst", "ar_dst", "forced", "val", "seed", "offset")
-
-    def __init__(self, Q: int, R: int, S: int, layout, device):
-        self.Q, self.R, self.S = Q, R, S
-        n = 2 * Q + len(self.FIELDS) * R + 2 * S
-        self.idx = torch.zeros(n, dtype=torch.int64, device=device)
-        self.staging = torch.zeros(n, dtype=torch.int64, pin_memory=device.type == "cuda")
-        self.host = self.staging.numpy()
-
-        def views(buf):
-            v = {"in_idx": buf[:Q], "slots": buf[Q:2 * Q]}
-            for i, f in enumerate(self.FIELDS):
-                v[f] = buf[2 * Q + i * R:2 * Q + (i + 1) * R]
-            v["span_rows"] = buf[2 * Q + len(self.FIELDS) * R:].reshape(S, 2)
-            return v
-
-        self.h = views(self.host)
-        for name, t in views(self.idx).items():
-            setattr(self, name, t)
-        self.span_rows32 = torch.zeros(S, 2, dtype=torch.int32, device=device)
-        self.tok = torch.zeros(R, dtype=torch.int64, device=device)
-        self.conf = torch.zeros(R, dtype=torch.float32, device=device)
-        self.committed = torch.zeros(S, dtype=torch.int32, device=device)
-        self.all_done = torch.zeros(1, dtype=torch.bool, device=device)
-        self.read = torch.zeros(R + S, dtype=torch.int64, device=device)
-        self.read_host = torch.zeros(R + S, dtype=torch.int64, pin_memory=device.type == "cuda")
-        self.layout = layout
-        self.filled = None      # (id, gen) of the description last packed here
-        self.calls = 0
-        self.graph = None
-
-    def fill(self, desc: StepDesc, scratch: int, pad: int) -> bool:
-        """Pad ``desc`` into the staging buffer. Returns True when the layout must be updated too (a new
-        description; a reused one only rewrites the RNG offsets)."""
-        h, Q, R = self.h, self.Q, self.R
-        nq, nr, ns = desc.nq, desc.nr, desc.ns
-        if self.filled == (id(desc), desc.gen):
-            h["offset"][:nr] = desc.offset
-            return False
-        spare = np.arange(scratch, scratch + R, dtype=np.int64)  # row k's unused destination: scratch element k
-        h["in_idx"][:nq], h["in_idx"][nq:] = desc.in_idx, scratch   # padding queries read PAD ...
-        h["slots"][:nq], h["slots"][nq:] = desc.slots, -1            # ... and write no K/V
-        h["rows"][:nr], h["rows"][nr:] = desc.rows, 0
-        h["dst"][:] = spare
-        h["dst"][:nr] = desc.dst
-        h["s_dst"][:] = spare
-        h["s_dst"][:ns] = desc.dst[:ns]
-        h["ar_dst"][:] = spare
-        h["ar_dst"][ns:nr] = desc.dst[ns:]
-        h["forced"][:], h["val"][:] = 1, pad                         # non-AR rows write PAD into their spare
-        h["forced"][ns:nr], h["val"][ns:nr] = desc.forced, desc.val
-        h["seed"][:nr], h["seed"][nr:] = desc.seed, 0
-        h["offset"][:nr], h["offset"][nr:] = desc.offset, 0
-        h["span_rows"][:] = desc.span_rows
-        self.filled = (id(desc), desc.gen)
-        return True
+    ``in_idx`` / ``slots`` ``[Q]``: flat token-buffer index and cache slot (-1: no K/V) of each query;
+    ``rows`` ``[R]``: the packed query each LM-head row reads; ``dst`` ``[R]``: where each row's token is read
+    back from after the step; ``seed`` / ``offset`` ``[R]``: RNG keys. ``span`` and ``ar`` select the LM-head
+    rows that :func:`~pd_kernels.commit_spans` and the AR write see (dynamic: the span rows and the AR rows;
+    a bucket: all ``R``, every row carrying a commit and an AR destination, the unused one a scratch element):
+    ``s_dst`` (commit destinations), ``ar_dst`` / ``forced`` / ``val`` (AR write). ``span_rows`` int64
+    ``[S, 2]`` (first row, count) per span id, refilled on the device into ``span_rows32`` (what
+    ``commit_spans`` takes). ``read`` ``[R + S]``: every row's token after the step (an AR row without a
+    token: -1), then every span's ``masks_left``. ``tok_conf`` / ``commit_out``: ``out=`` buffers (None:
+    allocated)."""
+    layout: object
+    block_table: torch.Tensor
+    in_idx: torch.Tensor
+    slots: torch.Tensor
+    rows: torch.Tensor
+    dst: torch.Tensor
+    seed: torch.Tensor
+    offset: torch.Tensor
+    span: slice
+    s_dst: torch.Tensor
+    ar: slice
+    ar_dst: torch.Tensor
+    forced: torch.Tensor
+    val: torch.Tensor
+    span_rows: torch.Tensor
+    span_rows32: torch.Tensor
+    read: torch.Tensor
+    tok_conf: tuple | None = None
+    commit_out: tuple | None = None
 
 
 # ---- the one token_confidence call of a step ---------------------------------------------------------------

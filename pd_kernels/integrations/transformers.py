@@ -41,6 +41,7 @@ _PREVIOUS = "_pd_kernels_previous_attn"      # attribute on an enabled model: th
 _HEAD_CHECKED = "_pd_kernels_head_checked"   # attribute: the LM-head self-check of an unverified model passed
 _USERS = "_pd_kernels_users"                 # attribute: open ``enabled()`` blocks on the model
 _AUTO = "_pd_kernels_auto"                   # attribute: enabled by an ``enabled()`` block, not by hand
+_ENABLED_LOCK = threading.RLock()            # guards the counting and switching of ``enabled()`` blocks
 
 #: ``config.model_type`` of the families whose pd_kernels path is tested against transformers' own forward
 #: and greedy ``generate`` (tests/test_integration_transformers.py). Features of these families that the
@@ -363,17 +364,20 @@ def enabled(model, *, allow_unverified: bool = False):
     """``with enabled(model): ...`` runs the block with pd_kernels attention and restores the model's own
     attention afterwards (also on an exception). A model that was already enabled by hand (:func:`enable`) stays
     enabled. Blocks may overlap without nesting (two :meth:`~pd_kernels.Decoder.stream` iterators on one model,
-    closed in either order): the model's own attention comes back when the last open block ends."""
-    if not is_enabled(model):
-        enable(model, allow_unverified=allow_unverified)
-        model.__dict__[_AUTO] = True
-    model.__dict__[_USERS] = model.__dict__.get(_USERS, 0) + 1
+    closed in either order), also from several threads (the count and the switch are taken under one lock): the
+    model's own attention comes back when the last open block ends."""
+    with _ENABLED_LOCK:
+        if not is_enabled(model):
+            enable(model, allow_unverified=allow_unverified)
+            model.__dict__[_AUTO] = True
+        model.__dict__[_USERS] = model.__dict__.get(_USERS, 0) + 1
     try:
         yield model
     finally:
-        users = model.__dict__[_USERS] = max(model.__dict__.get(_USERS, 1) - 1, 0)
-        if users == 0 and model.__dict__.get(_AUTO, False):
-            disable(model)
+        with _ENABLED_LOCK:
+            users = model.__dict__[_USERS] = max(model.__dict__.get(_USERS, 1) - 1, 0)
+            if users == 0 and model.__dict__.get(_AUTO, False):
+                disable(model)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Triton kernels for block-sparse span-isolated attention over the paged KV cache.
 
 The tiling plan (tile classes, tile heights, split points, table layouts) lives in
-:mod:`pd_kernels.layout`; this module runs it. One launch per tile class present (narrow: decode-shaped
-tiles, split over keys; wide: span / prefill tiles), plus a merge launch when narrow tiles were split.
+:mod:`pd_kernels.layout.plan`; this module runs it, reading the tables' columns by the plan's names. One launch
+per tile class present (narrow: decode-shaped tiles, split over keys; wide: span / prefill tiles), plus a merge
+launch when narrow tiles were split.
 
-Work unit: a row of the class's unit table (see :mod:`pd_kernels.layout`): a tile (up to ``T_TILE``
+Work unit: a row of the class's unit table (see :mod:`pd_kernels.layout.plan`): a tile (up to ``T_TILE``
 consecutive query rows of one segment of one sequence, all seeing the keys ``[0, a) U [b, c)``; a causal
 tile further limits each row to keys ``<= its position`` inside ``[b, c)``) and the key blocks
 ``[j0, j1)`` of the tile's block list (the ``n0`` blocks of ``[0, a)``, then the ``n1`` of ``[b, c)``).
@@ -41,9 +42,15 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ...layout import MERGE_COLS, SPLIT_BLOCK_N, UNIT_COLS, AttentionPlan
+from ...layout.plan import (MERGE_COLS, MERGE_NROWS, MERGE_NSPLITS, MERGE_ROW0, MERGE_SLOT0, SPLIT_BLOCK_N, TILE_A,
+                            TILE_B, TILE_C, TILE_CAUSAL, TILE_NROWS, TILE_ROW0, TILE_SEQ, UNIT_COLS, UNIT_J0, UNIT_J1,
+                            UNIT_SLOT, AttentionPlan)
 
 LOG2E = 1.4426950408889634
+# the plan's table columns, as constexprs (a @triton.jit function reads module globals only as constexprs)
+C_SEQ, C_ROW0, C_NROWS, C_A, C_B, C_C, C_CAUSAL, C_J0, C_J1, C_SLOT = map(tl.constexpr, (
+    TILE_SEQ, TILE_ROW0, TILE_NROWS, TILE_A, TILE_B, TILE_C, TILE_CAUSAL, UNIT_J0, UNIT_J1, UNIT_SLOT))
+M_ROW0, M_NROWS, M_SLOT0, M_NSPLITS = map(tl.constexpr, (MERGE_ROW0, MERGE_NROWS, MERGE_SLOT0, MERGE_NSPLITS))
 
 
 @triton.jit
@@ -122,16 +129,16 @@ def _span_attn_fwd_kernel(
     # (inside the table) but takes no rows and no key blocks: it loads nothing more and writes nothing
     live = pid < tl.load(unit_ptr)
     p_u = unit_ptr + (pid + 1) * UCOLS
-    seq = tl.load(p_u + 0)
-    row0 = tl.load(p_u + 1)
-    nrows = tl.where(live, tl.load(p_u + 2), 0)
-    a = tl.load(p_u + 3)
-    b = tl.load(p_u + 4)
-    c = tl.load(p_u + 5)
-    causal = tl.load(p_u + 6)
-    j0 = tl.load(p_u + 7)
-    j1 = tl.where(live, tl.load(p_u + 8), 0)
-    slot = tl.load(p_u + 9)
+    seq = tl.load(p_u + C_SEQ)
+    row0 = tl.load(p_u + C_ROW0)
+    nrows = tl.where(live, tl.load(p_u + C_NROWS), 0)
+    a = tl.load(p_u + C_A)
+    b = tl.load(p_u + C_B)
+    c = tl.load(p_u + C_C)
+    causal = tl.load(p_u + C_CAUSAL)
+    j0 = tl.load(p_u + C_J0)
+    j1 = tl.where(live, tl.load(p_u + C_J1), 0)
+    slot = tl.load(p_u + C_SLOT)
 
     m_row = (o_tok < nrows) & (o_m < T_TILE * G)   # T_TILE * G: a tile's query-head rows
     o_row = (row0 + o_tok).to(tl.int64)
@@ -191,10 +198,10 @@ def _span_attn_merge_kernel(op_ptr, ml_ptr, mrg_ptr, o_ptr, s_ot, s_oh,
     o_head = (kvh * G + o_hh).to(tl.int64)
     live = pid < tl.load(mrg_ptr)                     # header row: the step's split tiles
     p_e = mrg_ptr + (pid + 1) * MCOLS
-    row0 = tl.load(p_e + 0)
-    nrows = tl.where(live, tl.load(p_e + 1), 0)
-    slot0 = tl.load(p_e + 2)
-    nsplit = tl.where(live, tl.load(p_e + 3), 0)
+    row0 = tl.load(p_e + M_ROW0)
+    nrows = tl.where(live, tl.load(p_e + M_NROWS), 0)
+    slot0 = tl.load(p_e + M_SLOT0)
+    nsplit = tl.where(live, tl.load(p_e + M_NSPLITS), 0)
     m_row = (o_tok < nrows) & (o_m < T_TILE * G)   # T_TILE * G: a tile's query-head rows
     m_out = m_row[:, None] & m_d[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -311,7 +318,7 @@ def span_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           q_pos: torch.Tensor, plan: AttentionPlan, out: torch.Tensor, scale: float,
                           on_gpu: bool | None = None) -> None:
     """Shapes as :func:`pd_kernels.span_attention` (validated); ``plan`` is the layout's
-    :class:`~pd_kernels.layout.AttentionPlan` for ``G = Hq / Hkv``. Launches the narrow class (and the merge
+    :class:`~pd_kernels.layout.plan.AttentionPlan` for ``G = Hq / Hkv``. Launches the narrow class (and the merge
     of its split tiles) and the wide class, each only when it may have units. ``on_gpu``: the kernel
     configuration to use (default: ``q.is_cuda``; the ahead-of-time compile test passes True on meta
     tensors).
