@@ -30,22 +30,22 @@ from .tokenizer import TinyTokenizer
 class TrainConfig:
     """Everything that determines the trained model (saved with the checkpoint)."""
     seed: int = 0
-    steps: int = 6000
+    steps: int = 9000
     batch_size: int = 32
-    lr: float = 3e-3
-    min_lr: float = 1e-4
-    warmup: int = 60
+    lr: float = 2e-3
+    min_lr: float = 5e-5
+    warmup: int = 200
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    hidden_size: int = 128
-    num_layers: int = 3
-    num_heads: int = 4
-    num_kv_heads: int = 4
-    intermediate_size: int = 384
+    hidden_size: int = 192
+    num_layers: int = 6
+    num_heads: int = 6
+    num_kv_heads: int = 6
+    intermediate_size: int = 576
     rope_theta: float = 1000.0
-    diffusion_len: int = 26
-    formats: dict = field(default_factory=lambda: {"ar": 0.35, "pd": 0.3, "pd-da": 0.15, "diffusion": 0.2})
-    threads: int = 1
+    diffusion_len: int = 58
+    formats: dict = field(default_factory=lambda: {"ar": 0.3, "pd": 0.35, "pd-da": 0.15, "diffusion": 0.2})
+    threads: int = 2
 
 
 def model_config(cfg: TrainConfig, vocab_size: int):
