@@ -30,7 +30,7 @@ from .tokenizer import TinyTokenizer
 class TrainConfig:
     """Everything that determines the trained model (saved with the checkpoint)."""
     seed: int = 0
-    steps: int = 9000
+    steps: int = 10000
     batch_size: int = 32
     lr: float = 2e-3
     min_lr: float = 5e-5
