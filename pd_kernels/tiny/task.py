@@ -50,7 +50,8 @@ SEP = ";"
 LENGTH_SCALE = 2        # masks per announced unit (DecodeConfig.length_scale of the tiny model)
 MAX_PARTS = 5           # parts per prompt (independent ones, then at most one ``then`` part)
 MAX_ROUND_PARTS = 4     # independent parts (spans of round 1)
-PLANNED_ITEMS = (9, 11, 13)   # list lengths of planned parts (one length per prompt)
+PLANNED_ITEMS = (5, 7, 9, 11, 13)   # list lengths of planned parts (one length per prompt) ...
+LENGTH_WEIGHTS = (1, 1, 2, 3, 3)    # ... drawn with these weights
 SHORT_MAX = 3           # a one-part prompt with at most this many letters is answered without a plan
 EVAL_BUCKETS = 10       # one prompt in EVAL_BUCKETS (by a hash of its text) is held out of training
 
@@ -189,7 +190,7 @@ class TaskGenerator:
 
     #: (kind, weight): ``"k"`` = k independent parts (one round of k spans); ``"dependent"`` = one to three
     #: independent parts and a ``then`` part (a <sync/> round); ``"short"`` = one part of 1..SHORT_MAX letters
-    KINDS = (("1", 0.05), ("2", 0.15), ("3", 0.30), ("4", 0.35), ("dependent", 0.10), ("short", 0.05))
+    KINDS = (("1", 0.03), ("2", 0.12), ("3", 0.30), ("4", 0.45), ("dependent", 0.07), ("short", 0.03))
 
     def __init__(self, seed: int, split: str = "train"):
         if split not in ("train", "eval"):
@@ -210,7 +211,7 @@ class TaskGenerator:
         kind = next((k for k, w in self._cum if r < w), "short")
         if kind == "short":
             return Example(tuple(self._parts(1, self.rng.randint(1, SHORT_MAX))))
-        n = self.rng.choice(PLANNED_ITEMS)
+        n = self.rng.choices(PLANNED_ITEMS, LENGTH_WEIGHTS)[0]
         if kind == "dependent":
             parts = self._parts(self.rng.randint(1, MAX_ROUND_PARTS - 1), n)
             return Example(tuple(parts + [Part(self.rng.choice(OPS), (), then=True)]))

@@ -30,18 +30,18 @@ from .tokenizer import TinyTokenizer
 class TrainConfig:
     """Everything that determines the trained model (saved with the checkpoint)."""
     seed: int = 0
-    steps: int = 10000
+    steps: int = 12000
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 2.5e-3
     min_lr: float = 5e-5
     warmup: int = 200
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    hidden_size: int = 192
-    num_layers: int = 6
-    num_heads: int = 6
-    num_kv_heads: int = 6
-    intermediate_size: int = 576
+    hidden_size: int = 160
+    num_layers: int = 5
+    num_heads: int = 5
+    num_kv_heads: int = 5
+    intermediate_size: int = 480
     rope_theta: float = 1000.0
     diffusion_len: int = 58
     formats: dict = field(default_factory=lambda: {"ar": 0.3, "pd": 0.35, "pd-da": 0.15, "diffusion": 0.2})
