@@ -15,26 +15,27 @@ A part's answer is its letters followed by ``;``; the whole answer is the parts'
 
 Planned-diffusion layout (the training format, SPEC section 9, and what the model writes at inference): the
 independent parts form round 1; a ``then`` part is in the round after. Each round's plan has one entry per
-part, ``<promise>-<topic> OP N </topic>`` (the topic is the operation, ``N = (letters + 1) / LENGTH_SCALE``);
-the span is the part's answer. Rounds end with ``<sync/>``, the last one with EOS. A single part of at most
-``SHORT_MAX`` letters is answered directly, with no plan.
+part, ``<promise>-<topic> N </topic>`` (no topic words: ``N = (letters + 1) / LENGTH_SCALE``); the span is the
+part's answer. Rounds end with ``<sync/>``, the last one with EOS. A single part of at most ``SHORT_MAX``
+letters is answered directly, with no plan.
 
-Why the task looks like this (version 5; a model of about two million parameters trained in under two hours
-on two CPU cores; version 4, with 3-7 letters and at most two spans a round, could not show the method's
-trade: its answers of about 12 tokens cost AR about 12 forwards, and a PD plan of two entries alone costs 9):
+Why the task looks like this (version 5; a model of 1.6 million parameters trained in about two hours on two
+CPU cores; version 4, with 3-7 letters and at most two spans a round, could not show the method's trade: its
+answers of about 12 tokens cost AR about 12 forwards, while a PD plan of two entries alone cost 9):
 
-* answers are long against their plans: two to four spans of 10-14 tokens, each announced by a 4-token plan
-  entry, so a plan is a small part of the critical path and the spans' parallelism decides it;
+* answers are long against their plans: mostly three or four spans of 6-14 tokens, each announced by a
+  3-token plan entry, so the plan is a small part of the critical path and the spans' parallelism decides it;
 * letters are distinct across the prompt, so a letter names its part and its place: the next letter of an
-  answer is found by content (the letter after / before the one just written, or the next larger one), in
-  AR and inside a span alike, whatever the list's length;
-* the independent parts of a prompt have one length, an odd number of letters (9, 11 or 13): every span of a
+  answer is found by content (the letter before / after the one just written, or the next larger one), in AR
+  and inside a span alike, whatever the list's length;
+* the independent parts of a prompt have one length, an odd number of letters (5 to 13): every span of a
   round has the same length and its answer fills it exactly. Under PD a span sees the prefix and itself only,
   so its position is all that tells it which plan entry it fills; with equal spans, span ``j`` starts
   ``j x (span + 2)`` tokens after the plan, a regular lattice with a margin of half a span, instead of a sum
   of the earlier spans' lengths (which a tiny model did not learn to count). Both ends of every span are
-  anchored (the first letter and the ``;``), so a span fills from both ends at once;
-* the plan entry is four tokens (one topic word), the same for every span count.
+  anchored (its first letter and the ``;``), so a span fills from both ends at once;
+* the training starts on short prompts (:class:`~pd_kernels.tiny.train.TrainConfig`'s ``curriculum``): with
+  the long ones from the first step the model stayed on a loss plateau.
 """
 from __future__ import annotations
 
