@@ -17,12 +17,13 @@ def _run(args, timeout=240):
 def test_demo_default_runs_the_shipped_model_and_checks_its_answer():
     """The default: the shipped tiny planned-diffusion model writes its own plan (no forced plan) on a held-out
     prompt; the answer is checked against the task's ground truth and every mode is compared on the prompt."""
+    from pd_kernels.cli.demo import TINY_PD_PROMPT
     from pd_kernels.tiny import task
 
     out = _run(["demo", "--plain"])
     assert "tiny planned-diffusion model (shipped)" in out
     assert "round 1: plan <promise>-<topic>" in out and "span 0" in out and "span 1" in out
-    ex = task.parse_prompt("rev h o e k c ; sort n d j f b i g ; then rev")
+    ex = task.parse_prompt(TINY_PD_PROMPT)
     truth = [ln for ln in out.splitlines() if ln.startswith("ground truth: ")]
     assert len(truth) == 1 and truth[0].startswith("ground truth: " + " ".join(ex.answer) + "  -> ")
     verdict = truth[0].rsplit("-> ", 1)[1]
@@ -33,6 +34,10 @@ def test_demo_default_runs_the_shipped_model_and_checks_its_answer():
     assert set(table) == {"ar", "pd", "pd-da", "diffusion"}, out
     assert all(row[1] in ("ok", "WRONG") for row in table.values())
     assert f"critical path: pd {table['pd'][2]} vs AR {table['ar'][2]} steps" in out
+    # the default prompt is held out of training and shows the trade: every mode right, PD in fewer forwards
+    assert task.is_held_out(ex) and "policy: threshold (tau 0.9)" in out
+    assert all(row[1] == "ok" for row in table.values()), out
+    assert int(table["pd"][2]) < int(table["ar"][2]) and "x fewer sequential forward passes than AR" in out
 
 
 def test_demo_task_prompt_and_bad_task_prompt():

@@ -11,7 +11,7 @@ there is one, else the CPU with the torch backend. Prints, from the decoder's st
 the plan the model writes, the spans filling in (coloured and updated in place on a terminal) and each span as
 soon as it is final, in order, while later ones are still diffusing; whether the answer matches the task's
 ground truth; then a stats table: critical path (sequential forward passes) of AR, PD, PD-DA and diffusion on
-that prompt. ``--prompt`` takes a task prompt in the task's words (``"rev h o e ; sort k d a f b ; then rev"``).
+that prompt. ``--prompt`` takes a task prompt in the task's words (``"rev h o e k c ; sort n d J f b ; then rev"``).
 ``--model random``: a tiny random-weight Qwen2 with a forced two-round plan (random weights plan nothing
 sensible), PD against AR for the same number of answer tokens. ``--check-batch`` then checks that a request's
 tokens do not depend on its batch (:mod:`.check_batch`, the scenario the tests run too). ``--model PATH`` runs a

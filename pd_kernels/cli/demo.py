@@ -23,7 +23,7 @@ from .common import CLIError, UsageError, resolve_device
 from .live import Live
 
 HELP = "run planned diffusion live (the shipped tiny planned-diffusion model by default)"
-TINY_PD_PROMPT = "rev h o e k c ; sort n d j f b i g ; then rev"  # held out of training
+TINY_PD_PROMPT = "rev X Z q l E n k ; sort H z C f g r p ; rev W b I Q o d A"  # held out of training (task.is_held_out)
 RANDOM_PROMPT = "tell me three things about planned diffusion"
 CHECKPOINT_PROMPT = "Give three tips for staying healthy."
 
@@ -51,8 +51,9 @@ def arguments(d: argparse.ArgumentParser) -> None:
                         "the tiny planned-diffusion model shipped in the package; `random`: a tiny random-weight "
                         "model with a forced plan (./random for a directory of that name)")
     d.add_argument("--prompt", default=None, help="the user prompt (default: a fixed example); for the tiny "
-                   "planned-diffusion model a task in its words, e.g. 'rev h o e ; sort k d a f b ; then rev' "
-                   "(parts of 3, 5 or 7 distinct letters a-p, or one part of 1-2)")
+                   "planned-diffusion model a task in its words, e.g. 'rev h o e k c ; sort n d J f b ; then rev' "
+                   "(1-4 parts of the same odd number, 5-13, of distinct letters a-z A-Z, and at most one "
+                   "'then OP' part last; or one part of 1-3 letters)")
     d.add_argument("--mode", default="pd", choices=MODES,
                    help="decoding mode: ar (autoregressive baseline), pd (planned diffusion), pd-da (spans of a "
                         "round see each other), diffusion (no plan). Default: pd")
@@ -60,8 +61,9 @@ def arguments(d: argparse.ArgumentParser) -> None:
                    help="diffusion steps per round = ratio x longest span (> 0; default 1.0)")
     d.add_argument("--tau", type=float, default=0.9,
                    help="confidence threshold of the threshold policies, in [0, 1] (default 0.9)")
-    d.add_argument("--policy", default="schedule", choices=POLICIES,
-                   help="commit policy of a diffusion step (default: schedule)")
+    d.add_argument("--policy", default=None, choices=POLICIES,
+                   help="commit policy of a diffusion step (default: threshold for the tiny planned-diffusion "
+                        "model, its setting at half of AR's critical path; schedule for the others)")
     d.add_argument("--length-scale", type=float, default=None,
                    help="mask tokens per unit a plan entry announces (> 0, may be a float: int(N x scale) masks; "
                         "default 10, random tiny model 8, trained tiny model 2)")
@@ -112,6 +114,7 @@ class Setup:
     raw_answer: bool = False  # print the generated sequence, not the answer (tag ids are stand-ins)
     diffusion_len: int | None = None  # answer length of --mode diffusion (default: --max-new-tokens)
     tiny: object = None       # the trained tiny model's (TinyPD, task example): ground truth and every mode
+    policy: str = "schedule"  # the commit policy when --policy is not given
 
 
 def _prompt_text(args, default: str) -> str:
@@ -149,7 +152,7 @@ def _tiny_pd_setup(args, path: str) -> Setup:
     tp = load_checkpoint(path, device=resolve_device(args.device)).tiny
     title = f"tiny planned-diffusion model {'(shipped)' if args.model is None else args.model}"
     return Setup(tp.model, tp.tokenizer.decode, tp.tokenizer.tags, tp.prompt_ids(ex.prompt, args.mode), None,
-                 tp.length_scale, title, [], diffusion_len=tp.diffusion_len, tiny=(tp, ex))
+                 tp.length_scale, title, [], diffusion_len=tp.diffusion_len, tiny=(tp, ex), policy="threshold")
 
 
 def _checkpoint_setup(args) -> Setup:
@@ -238,7 +241,11 @@ def demo(args) -> int:
     for note in s.notes:
         print(note)
     print(f"prompt: {s.decode(s.prompt)}")
-    cfg = base.replace(tags=s.tags, length_scale=args.length_scale or s.length_scale, diffusion_len=s.diffusion_len)
+    cfg = base.replace(tags=s.tags, length_scale=args.length_scale or s.length_scale, diffusion_len=s.diffusion_len,
+                       policy=args.policy or s.policy)
+    if args.mode != "ar":
+        print(f"policy: {cfg.policy}" + (f" (tau {cfg.tau:g})" if cfg.policy != "schedule" else
+                                         f" (steps ratio {cfg.steps_ratio:g})"))
     live = Live(s.decode, s.tags, tty) if args.mode != "ar" else None
     res = None
     for ev in Decoder(s.model, cfg, backend=backend).stream([s.prompt], s.forced):

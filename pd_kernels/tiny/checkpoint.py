@@ -47,11 +47,12 @@ class TinyPD:
 
 
 def save(model, tok: TinyTokenizer, out_dir: str, *, diffusion_len: int, extra: dict | None = None) -> None:
-    """Write ``model`` (a transformers Qwen2 model), the tokenizer files and ``pd_kernels.json`` (with
+    """Write ``model`` (a transformers Qwen2 model; its weights in fp16), the tokenizer files and ``pd_kernels.json`` (with
     ``extra``, e.g. the training configuration and loss history) to ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     model.config._attn_implementation = "sdpa"
-    model.save_pretrained(out_dir)
+    # weights in fp16 (half the file; :func:`load` upcasts to fp32): the shipped checkpoint stays under 8 MB
+    copy.deepcopy(model).to(torch.float16).save_pretrained(out_dir)
     tok.save(out_dir)
     meta = {"tags": dataclasses.asdict(tok.tags), "length_scale": task.LENGTH_SCALE,
             "diffusion_len": diffusion_len, **(extra or {})}

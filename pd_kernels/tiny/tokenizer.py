@@ -67,7 +67,7 @@ class TinyTokenizer:
         """The training sequence of ``example`` in format ``fmt`` -> ``(ids, response_start)``.
 
         * ``ar``: prompt ``<ar>`` answer EOS;
-        * ``pd``: prompt ``<pd>``, then per round the plan (``<promise>-<topic> OP N </topic>`` per part), one
+        * ``pd``: prompt ``<pd>``, then per round the plan (``<promise>-<topic> N </topic>`` per part), one
           ``<async>`` answer ``[PAD]``... ``</async>`` block per part, ``<sync/>`` between rounds, EOS at the end;
           a short example (``example.planned`` false): prompt ``<pd>`` answer EOS;
         * ``diffusion``: prompt ``<diffusion>`` answer EOS, then EOS up to ``diffusion_len`` answer tokens.
@@ -84,7 +84,7 @@ class TinyTokenizer:
             for r, idx in enumerate(rounds):
                 ns = [task.plan_length(len(parts[i])) for i in idx]
                 for i, n in zip(idx, ns):
-                    words += [T["promise"], example.parts[i].op, *str(n), T["topic_close"]]
+                    words += [T["promise"], *str(n), T["topic_close"]]
                 for i, n in zip(idx, ns):
                     words += [T["async_open"], *parts[i], *[T["pad"]] * (n * task.LENGTH_SCALE - len(parts[i])),
                               T["async_close"]]
