@@ -44,6 +44,7 @@ def _cases2() -> dict:
     c["neg_entropy-greedy-topk1"] = _case(257, kind="neg_entropy", top_k=1)
     c["margin-T0.7-topk-over-a-slice"] = _case(257, kind="margin", T=0.7, top_k=200, top_p=0.95)
     c["prob-T0.7-row-keys"] = _case(257, T=0.7, row_keys=True)
+    c["neg_entropy-T0.7-one-element-offset"] = _case(257, kind="neg_entropy", T=0.7, row_keys="one")
     c["margin-T1.3-row-keys-topk7"] = _case(257, kind="margin", T=1.3, row_keys=True, top_k=7)
     c["prob-greedy-fp16"] = _case(257, dtype=torch.float16)
     c["neg_entropy-T0.7-bf16"] = _case(257, kind="neg_entropy", T=0.7, dtype=torch.bfloat16)
@@ -100,7 +101,9 @@ def _case_inputs(case, world):
     sup = torch.tensor([1, b, V + 3], dtype=case["kw"].get("sup_dtype", torch.int64))
     kw = {k: v for k, v in case["kw"].items() if k not in ("sup_dtype", "row_keys", "mesh")}
     kw.update(confidence=case["kind"], temperature=case["T"], suppress_ids=sup)
-    if case["kw"].get("row_keys"):
+    if case["kw"].get("row_keys") == "one":   # one-element offset: counter = offset + row
+        kw.update(seed=7, offset=torch.tensor([1 << 33], dtype=torch.int64))
+    elif case["kw"].get("row_keys"):
         kw.update(seed=torch.arange(N_ROWS, dtype=torch.int64) * 7919 + 3,
                   offset=torch.arange(N_ROWS, dtype=torch.int64) + (1 << 40))
     else:
