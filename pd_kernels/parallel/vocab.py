@@ -56,8 +56,8 @@ from .._checks import FLOAT_DTYPES, debug_enabled
 # Not exported at package level yet: the one place this module reaches into the op's modules (the seed / offset,
 # temperature and suppressed-id checks, the kinds, and the counter-based hash, computed here for the shard's global
 # columns only).
-from ..ops.unmask import _check_suppress, _key, check_temperature
-from ..reference.unmask import CONFIDENCE_KINDS, _fmix32, _mix32, gumbel_from_bits, row_state
+from ..ops.token_confidence import _check_suppress, _key, check_temperature
+from ..reference.token_confidence import CONFIDENCE_KINDS, _fmix32, _mix32, gumbel_from_bits, row_state
 from ..ops import token_confidence
 
 __all__ = ["token_confidence_vocab_parallel", "vocab_shard"]
@@ -232,7 +232,7 @@ def _combine_softmax(m_s: torch.Tensor, s_s: torch.Tensor):
 
 def _local_gumbel(seed, offset, N: int, start: int, local: int, dev) -> torch.Tensor:
     """The op's Gumbel noise of the global columns ``[start, start + local)``: fp32 ``[N, local]``, the same
-    numbers the gathered ``[N, V]`` noise holds there (``reference.unmask.random_bits`` with a column offset)."""
+    numbers the gathered ``[N, V]`` noise holds there (``reference.token_confidence.random_bits`` with a column offset)."""
     h = row_state(seed, offset, N, dev)
     cols = torch.arange(start, start + local, dtype=torch.int64, device=dev)
     return gumbel_from_bits(_fmix32(_mix32(h[:, None], cols[None, :])))
@@ -348,7 +348,7 @@ def token_confidence_vocab_parallel(local_logits: torch.Tensor, *, vocab_start: 
 
 def _filter_floor(z: torch.Tensor, inv_t, top_k: int, top_p: float, meta, group, world: int,
                   vocab_size: int) -> torch.Tensor:
-    """The op's top-k (and top-p) floor per row (:func:`pd_kernels.reference.unmask.filter_threshold`), fp32
+    """The op's top-k (and top-p) floor per row (:func:`pd_kernels.reference.token_confidence.filter_threshold`), fp32
     ``[N]``, from one all-gather of each shard's top-k logits (and its unfiltered softmax partials for top-p).
 
     ``z``: this shard's fp32 logits after suppression (``-inf``), NaN kept (it ranks above every number, as in
