@@ -112,6 +112,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> bool:
     False (nothing written) without matplotlib."""
     try:
         import matplotlib
+        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -128,10 +129,16 @@ def plot(rows: list[dict], path: str, title: str = "") -> bool:
     for r in rows:
         if r["mode"] == "ar":
             ax.plot(r["critical_path"], 100 * r["accuracy"], "*", color="black", ms=12, label="ar")
+            ax.axvline(r["critical_path"] / 2, color="gray", ls=":", lw=1, label="half of AR's path")
     ax.set_xscale("log")
+    ticks = [t for t in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500)
+             if min(r["critical_path"] for r in rows) / 1.5 <= t <= max(r["critical_path"] for r in rows) * 1.5]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("critical path (sequential forward passes per request, mean)")
     ax.set_ylabel("exact match (%)")
-    ax.set_ylim(-2, 102)
+    low = min(100 * r["accuracy"] for r in rows)
+    ax.set_ylim(max(-2.0, 5 * (low // 5) - 5), 101)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
     if title:
