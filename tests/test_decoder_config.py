@@ -9,7 +9,7 @@ import torch
 
 from pd_kernels._checks import cdiv
 from pd_kernels.decoder import ControlTags, DecodeConfig, Decoder, generate, make_plan, parse_plan
-from pd_kernels.models import TINY_TAGS, ToyTokenizer, tiny_model
+from pd_kernels.models import TINY_TAGS, SyllableTokenizer, tiny_model
 
 T = TINY_TAGS
 KW = dict(length_scale=4, max_new_tokens=40, tags=T)
@@ -387,7 +387,7 @@ def test_reference_answer_text(model):
     """``answer_text="reference"``: plan text outside its entries is kept, and ``text`` joins the pieces with a
     space as the reference's clean_text does; ours keeps the spans only."""
     plan = [[60, 61] + make_plan(T, [1], terminator=None) + [62] + make_plan(T, [1], terminator="eos")]
-    tok = ToyTokenizer(T)
+    tok = SyllableTokenizer(T)
     ours = generate(model, [[40, 41]], DecodeConfig(mode="pd", **KW), forced_plans=[plan])[0]
     ref = generate(model, [[40, 41]], DecodeConfig(mode="pd", answer_text="reference", **KW), forced_plans=[plan])[0]
     s0, s1 = ([t for t in s if t not in T.specials] for s in ref.spans[0])
@@ -404,5 +404,5 @@ def test_reference_preset_runs(model):
     cfg = DecodeConfig.preset("reference", tags=T, length_scale=4, max_length=48)
     r = generate(model, [[40, 41]], cfg, forced_plans=[PLAN])[0]
     assert len(r.sequence) <= 48 and r.finish_reason in ("eos", "length")
-    assert r.answer_text == "reference" and isinstance(r.text(ToyTokenizer(T).decode), str)
+    assert r.answer_text == "reference" and isinstance(r.text(SyllableTokenizer(T).decode), str)
     assert generate(model, [[40, 41]], cfg, forced_plans=[PLAN], static_step=True)[0].sequence == r.sequence

@@ -35,7 +35,7 @@ def test_demo_default_runs_the_shipped_model_and_checks_its_answer():
     assert all(row[1] in ("ok", "WRONG") for row in table.values())
     assert f"critical path: pd {table['pd'][2]} vs AR {table['ar'][2]} steps" in out
     # the default prompt is held out of training and shows the trade: every mode right, PD in fewer forwards
-    assert task.is_held_out(ex) and "policy: threshold (tau 0.9)" in out
+    assert task.is_held_out(ex) and "policy: threshold (tau 0.999)" in out
     assert all(row[1] == "ok" for row in table.values()), out
     assert int(table["pd"][2]) < int(table["ar"][2]) and "x fewer sequential forward passes than AR" in out
 

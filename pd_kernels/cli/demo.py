@@ -23,6 +23,9 @@ from .common import CLIError, UsageError, resolve_device
 from .live import Live
 
 HELP = "run planned diffusion live (the shipped tiny planned-diffusion model by default)"
+#: the tiny model's default threshold: PD at 0.41x AR's critical path, 2 points under AR's exact match on the
+#: 200 held-out prompts of the quality sweep (tau 0.9: 0.34x, 3 points under)
+TINY_PD_TAU = 0.999
 TINY_PD_PROMPT = "rev X Z q l E n k ; sort H z C f g r p ; rev W b I Q o d A"  # held out of training (task.is_held_out)
 RANDOM_PROMPT = "tell me three things about planned diffusion"
 CHECKPOINT_PROMPT = "Give three tips for staying healthy."
@@ -59,8 +62,9 @@ def arguments(d: argparse.ArgumentParser) -> None:
                         "round see each other), diffusion (no plan). Default: pd")
     d.add_argument("--steps-ratio", type=float, default=1.0,
                    help="diffusion steps per round = ratio x longest span (> 0; default 1.0)")
-    d.add_argument("--tau", type=float, default=0.9,
-                   help="confidence threshold of the threshold policies, in [0, 1] (default 0.9)")
+    d.add_argument("--tau", type=float, default=None,
+                   help="confidence threshold of the threshold policies, in [0, 1] (default 0.999 for the tiny "
+                        "planned-diffusion model, 0.9 for the others)")
     d.add_argument("--policy", default=None, choices=POLICIES,
                    help="commit policy of a diffusion step (default: threshold for the tiny planned-diffusion "
                         "model, its setting at half of AR's critical path; schedule for the others)")
@@ -115,6 +119,7 @@ class Setup:
     diffusion_len: int | None = None  # answer length of --mode diffusion (default: --max-new-tokens)
     tiny: object = None       # the trained tiny model's (TinyPD, task example): ground truth and every mode
     policy: str = "schedule"  # the commit policy when --policy is not given
+    tau: float = 0.9          # the threshold when --tau is not given
 
 
 def _prompt_text(args, default: str) -> str:
@@ -126,12 +131,12 @@ def _prompt_text(args, default: str) -> str:
 
 
 def _random_setup(args) -> Setup:
-    from ..models import TINY_TAGS, ToyTokenizer, tiny_model
+    from ..models import TINY_TAGS, SyllableTokenizer, tiny_model
 
     if args.tag:
         raise CLIError("--tag applies to --model checkpoints (the built-in model has fixed tag ids)")
     model = tiny_model(seed=0, device=resolve_device(args.device))
-    tok, T = ToyTokenizer(TINY_TAGS), TINY_TAGS
+    tok, T = SyllableTokenizer(TINY_TAGS), TINY_TAGS
     prompt = tok.encode(_prompt_text(args, RANDOM_PROMPT))
     plan = [make_plan(T, [3, 2, 4], topic_tokens=[[101, 102], [103], [104, 105]], terminator="sync"),
             make_plan(T, [2, 3], topic_tokens=[[106], [107, 108]], terminator="eos")]
@@ -152,7 +157,8 @@ def _tiny_pd_setup(args, path: str) -> Setup:
     tp = load_checkpoint(path, device=resolve_device(args.device)).tiny
     title = f"tiny planned-diffusion model {'(shipped)' if args.model is None else args.model}"
     return Setup(tp.model, tp.tokenizer.decode, tp.tokenizer.tags, tp.prompt_ids(ex.prompt, args.mode), None,
-                 tp.length_scale, title, [], diffusion_len=tp.diffusion_len, tiny=(tp, ex), policy="threshold")
+                 tp.length_scale, title, [], diffusion_len=tp.diffusion_len, tiny=(tp, ex), policy="threshold",
+                 tau=TINY_PD_TAU)
 
 
 def _checkpoint_setup(args) -> Setup:
@@ -242,7 +248,7 @@ def demo(args) -> int:
         print(note)
     print(f"prompt: {s.decode(s.prompt)}")
     cfg = base.replace(tags=s.tags, length_scale=args.length_scale or s.length_scale, diffusion_len=s.diffusion_len,
-                       policy=args.policy or s.policy)
+                       policy=args.policy or s.policy, tau=s.tau if args.tau is None else args.tau)
     if args.mode != "ar":
         print(f"policy: {cfg.policy}" + (f" (tau {cfg.tau:g})" if cfg.policy != "schedule" else
                                          f" (steps ratio {cfg.steps_ratio:g})"))

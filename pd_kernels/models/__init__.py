@@ -7,7 +7,7 @@
 """
 import os
 
-from .tiny import TINY_TAGS, ToyTokenizer, dream_shaped_config, tiny_config, tiny_model
+from .tiny import TINY_TAGS, SyllableTokenizer, dream_shaped_config, tiny_config, tiny_model
 
 TINY_PD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_pd")
 
@@ -31,5 +31,5 @@ def load_tiny_pd(path: str | None = None, *, device="cpu", dtype=None):
     return load(path or tiny_pd_path(), device=device, dtype=dtype or torch.float32)
 
 
-__all__ = ["TINY_TAGS", "ToyTokenizer", "tiny_config", "tiny_model", "dream_shaped_config", "tiny_pd_path",
+__all__ = ["TINY_TAGS", "SyllableTokenizer", "tiny_config", "tiny_model", "dream_shaped_config", "tiny_pd_path",
            "load_tiny_pd", "TINY_PD_DIR"]

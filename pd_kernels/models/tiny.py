@@ -62,8 +62,11 @@ def tiny_model(config=None, *, seed: int = 0, dtype: torch.dtype = torch.float32
     return model.to(device=device, dtype=dtype).eval()
 
 
-class ToyTokenizer:
-    """Readable names for the tiny model's ids (no real tokenizer ships with random weights)."""
+class SyllableTokenizer:
+    """Readable names for the ids of the random-weight tiny model (:func:`tiny_model`), which ships no tokenizer:
+    each id is shown as two syllables, a control tag by its text. Not a real tokenizer (``encode`` hashes
+    words to ids). The trained tiny planned-diffusion model's word-level tokenizer is
+    :class:`pd_kernels.tiny.tokenizer.TinyTokenizer`."""
     _SYL = ["ka", "lo", "mi", "nu", "pe", "ra", "si", "to", "vu", "we", "xa", "yo", "ze", "bi", "do", "fu"]
 
     def __init__(self, tags: ControlTags = TINY_TAGS):

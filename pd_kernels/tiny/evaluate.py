@@ -42,7 +42,7 @@ def summarize(rows: list[dict]) -> dict:
 
 # ---- the quality / latency sweep ----------------------------------------------------------------------
 STEPS_RATIOS = (0.25, 0.5, 0.75, 1.0)
-TAUS = (0.5, 0.7, 0.9, 0.95)
+TAUS = (0.5, 0.9, 0.99, 0.999)
 EVAL_SEED = 1234
 
 
