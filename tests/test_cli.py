@@ -62,7 +62,7 @@ def test_every_option_has_help():
     (["--max-new-tokens", "many"], "--max-new-tokens: invalid int value: 'many'"),
     (["--steps-ratio", "0"], "--steps-ratio: must be a finite number > 0"),
     (["--steps-ratio", "inf"], "--steps-ratio: must be a finite number > 0"),
-    (["--tau", "1.5"], r"--tau: must be a finite number \[0\.0, 1\.0\], got 1\.5"),
+    (["--tau", "1.5"], r"--tau: must be a finite number \[0\.0, 1\.0\] with confidence='prob', got 1\.5"),
     (["--temperature", "1e-40"], "argument --temperature: .*too small"),   # the op's bound: 1 / T a normal fp32
     (["--seed", str(2**63)], r"--seed: must be < 2\^63"),
     (["--tag", "nonsense"], "--tag: expected NAME=TOKEN or NAME=ID"),
