@@ -246,7 +246,8 @@ def test_edge_values_that_used_to_fail_or_overrun(capsys):
         assert rc == 0, err
         answers.append(next(ln for ln in out.splitlines() if ln.startswith("answer")))
     assert answers[0] == answers[1]
-    rc, out, err = _main(capsys, "demo", "--mode", "diffusion", "--max-new-tokens", "6", "--plain", "--no-baseline")
+    rc, out, err = _main(capsys, "demo", "--mode", "diffusion", "--max-new-tokens", "6", "--policy", "schedule",
+                         "--plain", "--no-baseline")
     assert rc == 0, err
     assert "answer (length):" in out and "\ndiffusion" in out
     row = next(ln for ln in out.splitlines() if ln.startswith("diffusion"))

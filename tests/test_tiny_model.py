@@ -51,7 +51,8 @@ def test_train_and_eval_commands(tmp_path, capsys):
     assert main(["train", "--out", str(out), "--steps", "2", "--batch-size", "4", "--eval", "0",
                  "--no-progress"]) == 0
     meta = json.loads((out / META_FILE).read_text())
-    assert meta["train_config"] == {**dataclasses.asdict(TrainConfig()), "steps": 2, "batch_size": 4}
+    want = {**dataclasses.asdict(TrainConfig()), "steps": 2, "batch_size": 4}
+    assert meta["train_config"] == json.loads(json.dumps(want))   # as JSON keeps it (tuples become lists)
     assert main(["eval", "--model", str(out), "--n", "2", "--quick", "--out", str(tmp_path / "q"),
                  "--device", "cpu"]) == 0
     doc = json.loads((tmp_path / "q" / "quality.json").read_text())
