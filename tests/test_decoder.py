@@ -237,7 +237,8 @@ def test_prefix_cache_equals_fresh_forward(models, refresh):
 def test_demo_runs(capsys):
     from pd_kernels.__main__ import main
 
-    assert main(["demo", "--plain", "--no-baseline", "--max-new-tokens", "200"]) == 0
+    assert main(["demo", "--plain", "--no-baseline", "--max-new-tokens", "200",
+                 "--prompt", "rev I u O L B y F Y p ; rev a D n l P t C X W ; then rev"]) == 0   # two rounds
     out = capsys.readouterr().out
     assert "round 2: plan" in out and "span 1" in out and "crit.path" in out and "answer (eos)" in out
 
