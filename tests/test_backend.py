@@ -5,7 +5,7 @@ import torch
 import pd_kernels as pk
 from pd_kernels import _backend
 
-from conftest import HAS_GPU
+from conftest import DEVICE, HAS_GPU, INTERPRET, triton_dtypes
 
 OP = "paged_kv_write"
 
@@ -42,7 +42,7 @@ def test_environment_flags_follow_every_change(monkeypatch):
 
 
 def test_precedence(monkeypatch):
-    cpu = torch.device("cpu")
+    cpu, dev = torch.device("cpu"), torch.device(DEVICE)
     monkeypatch.setenv("PD_KERNELS_BACKEND", "torch")
     assert _backend.current_backend() == "torch"
     pk.set_backend("triton")
@@ -52,7 +52,7 @@ def test_precedence(monkeypatch):
             assert _backend.current_backend() == "torch"
             with pk.use_backend("auto"):
                 assert _backend.resolve(OP, None, cpu) == "torch"
-            assert _backend.resolve(OP, "triton", cpu) == "triton"   # the argument wins
+            assert _backend.resolve(OP, "triton", dev) == "triton"   # the argument wins
         assert _backend.current_backend() == "triton"
     finally:
         pk.set_backend(None)
@@ -67,7 +67,6 @@ def test_unknown_backend_names():
             pass
 
 
-@pytest.mark.skipif(HAS_GPU, reason="checks the CPU-only error path")
 def test_cuda_on_cpu_tensors_is_a_clear_error():
     with pytest.raises(pk.BackendUnavailable, match="needs CUDA tensors"):
         _backend.resolve(OP, "cuda", torch.device("cpu"))
@@ -91,12 +90,23 @@ def test_env_var_reaches_the_op(monkeypatch):
     real = _backend.resolve
     monkeypatch.setattr(_backend, "resolve", lambda op, req, dev: seen.append(real(op, req, dev)) or seen[-1])
     monkeypatch.setenv("PD_KERNELS_BACKEND", "triton")
-    c = pk.PagedKVCache(1, 1, 64, num_pages=2, page_size=4, dtype=torch.float32, device="cpu")
+    c = pk.PagedKVCache(1, 1, 64, num_pages=2, page_size=4, dtype=torch.float32, device=DEVICE)
     s = c.add_sequence()
-    k = torch.randn(3, 1, 64)
+    k = torch.randn(3, 1, 64, device=DEVICE)
     pk.paged_kv_write(k, k, c.k_cache[0], c.v_cache[0], c.reserve(s, 3))
     assert seen == ["triton"]
     assert torch.equal(c.gather(s, 0)[0], k)
+
+
+def test_the_test_device_runs_every_kernel_backend(device):
+    """The one test device (tests/conftest.py) is CUDA wherever torch sees a GPU, and the Triton backend
+    accepts tensors on it as the process is set up (compiled on a GPU, interpreted on the CPU): a kernel test
+    that makes its tensors on ``device`` never fails for the wrong reason. bf16 is tested unless Triton is
+    interpreted."""
+    assert device == DEVICE == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert _backend.resolve(OP, "triton", torch.device(device)) == "triton"
+    assert INTERPRET == (device == "cpu")
+    assert (torch.bfloat16 in triton_dtypes()) == (not INTERPRET)
 
 
 def test_import_needs_no_cuda():

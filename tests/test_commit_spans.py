@@ -16,17 +16,13 @@ from pd_kernels.reference.commit_spans import (POLICIES, commit_spans_ref, pd_th
                                                span_row_range)
 
 from _csrc import cuda_enum, enum_of
-from conftest import HAS_GPU, INT_POISON
+from conftest import DEVICE, HAS_GPU, INT_POISON
 
 BACKENDS = ["triton"] + (["cuda"] if HAS_GPU else [])
 TAUS = [0.0, 0.5, 0.9, 1.0]
 MASK = 151666
 AWKWARD = [1, 7, 63, 97, 130, 433]
 G = 8  # guard elements / guard rows on each side
-
-
-def _device():
-    return "cuda" if HAS_GPU else "cpu"
 
 
 class Mix:
@@ -288,7 +284,7 @@ def test_pd_threshold_budget():
 @pytest.mark.parametrize("policy", POLICIES)
 def test_awkward_mix_matches_reference(backend, policy, tau):
     """Spans of 1, 7, 63, 97, 130, 433 rows: several steps of a round (every pass and every chunk loop)."""
-    mix = Mix(AWKWARD, seed=POLICIES.index(policy) * 10 + TAUS.index(tau), device=_device())
+    mix = Mix(AWKWARD, seed=POLICIES.index(policy) * 10 + TAUS.index(tau), device=DEVICE)
     steps = [2, 3, 5, 4, 3, 6]
     _run(mix, steps, policy, tau, backend, max_iters=4)
 
@@ -302,7 +298,7 @@ def test_random_mixes_whole_rounds(backend, seed):
     lens = torch.randint(1, 201, (n_sp,), generator=g).tolist()
     policy = POLICIES[seed % 3]
     tau = TAUS[(seed * 7) % 4]
-    mix = Mix(lens, seed=seed, device=_device(), committed_frac=0.0)
+    mix = Mix(lens, seed=seed, device=DEVICE, committed_frac=0.0)
     steps = torch.randint(1, 6, (n_sp,), generator=g).tolist()
     iters, st = _run(mix, steps, policy, tau, backend, max_iters=200, neg_frac=0.0)
     assert int(st.masks_left.sum()) == 3 and iters < 200  # only the idle span with masks but no rows is left
@@ -314,7 +310,7 @@ def test_random_mixes_whole_rounds(backend, seed):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_round_until_done(backend, policy):
     """Small spans until all_done (negative tokens included: they commit in a later step)."""
-    mix = Mix([10, 23, 4, 1], seed=7, extra=1, device=_device())
+    mix = Mix([10, 23, 4, 1], seed=7, extra=1, device=DEVICE)
     iters, st = _run(mix, [4, 7, 4, 1], policy, 0.9, backend, max_iters=300, neg_frac=0.2)
     assert int(st.masks_left.sum()) == 0 and iters < 300
 
@@ -323,7 +319,7 @@ def test_round_until_done(backend, policy):
 def test_commit_of_a_span_ignores_other_spans(backend):
     """A span's commit depends on its own rows only: the same span alone, or next to other spans whose
     rows change, gives the same tokens and counters."""
-    dev = _device()
+    dev = DEVICE
     mix = Mix([40, 130, 7], seed=3, extra=0, device=dev, committed_frac=0.0)
     tok, conf = mix.rows()
     target = mix.sid[1]
@@ -356,7 +352,7 @@ def test_bad_span_ranges_are_clipped(backend, monkeypatch):
     """Without PD_KERNELS_DEBUG, span ranges outside [0, N) are clipped (as the reference): the guard rows
     around the row tensors, which point at MASK bait with a valid token, are never read."""
     monkeypatch.setenv("PD_KERNELS_DEBUG", "0")
-    dev = _device()
+    dev = DEVICE
     mix = Mix([5, 9, 12, 6], seed=11, extra=1, device=dev, committed_frac=0.0)
     N = mix.N
     sr = mix.span_rows.clone()
@@ -376,7 +372,7 @@ def test_bad_span_ranges_are_clipped(backend, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
 def test_all_done_many_spans(backend):
     """all_done from the last program of the launch: 300 span ids, few with rows, idle spans with masks."""
-    dev = _device()
+    dev = DEVICE
     S = 300
     seq = torch.full((40,), MASK, dtype=torch.int64, device=dev)
     dst = torch.arange(40, device=dev)
@@ -409,7 +405,7 @@ def test_all_done_many_spans(backend):
 @pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
 def test_strided_row_tensors(backend):
     """Row tensors and span ranges given as strided views are read as their values (copied when needed)."""
-    dev = _device()
+    dev = DEVICE
     mix = Mix([6, 11], seed=5, extra=1, device=dev)
     tok, conf = mix.rows()
     tok2 = torch.stack([tok, tok * 0 + 77], 1)[:, 0]
@@ -429,7 +425,7 @@ def test_strided_row_tensors(backend):
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
 def test_opcheck_commit(backend):
-    dev = _device()
+    dev = DEVICE
     mix = Mix([5, 3], seed=0, extra=1, device=dev)
     tok, conf = mix.rows()
     st = mix.state([2, 2])
@@ -548,7 +544,7 @@ def test_debug_checks(backend, device, monkeypatch):
 def test_extreme_counters_match_reference(backend, policy, counters):
     """Any int32 counters give the reference's (Python int) budget: Triton computed ``steps - k`` and
     ``per + deferred`` in int32, which wrapped (a negative budget, a negative ``deferred``)."""
-    device = _device() if backend != "torch" else "cpu"
+    device = DEVICE if backend != "torch" else "cpu"
     steps, k, dfr = counters
     mask = 99
     N = 7
@@ -587,7 +583,7 @@ def test_reset_refuses_steps_below_one(steps):
 def test_debug_refuses_a_nonzero_arrival_counter(backend, monkeypatch):
     """A state whose ``arrivals`` is not 0 (the kernels' counter, 0 between calls) made Triton's ``all_done``
     True while spans still had masks: PD_KERNELS_DEBUG=1 says so."""
-    device = _device() if backend != "torch" else "cpu"
+    device = DEVICE if backend != "torch" else "cpu"
     state = SpanState.new(2, device)
     state.reset([0, 1], [2, 2], [2, 2])
     state.arrivals.fill_(5)

@@ -15,6 +15,8 @@ from pd_kernels import PagedKVCache, SeqQueries, SpanLayout, StaticSpanLayout
 from pd_kernels.integrations.transformers import StepContext, enable, forward_hidden, model_geometry
 from pd_kernels.models import tiny_model
 
+from conftest import DEVICE
+
 PS, L = 8, 300
 STEPS = [  # two sequences per step; decode keys up to 299 -> narrow tiles of 2 split units
     [SeqQueries.causal(0, 20), SeqQueries.causal(0, 299)],
@@ -36,15 +38,15 @@ class _Counting:
 
 
 def _setup():
-    eager = enable(tiny_model(seed=2))
-    compiled = enable(tiny_model(seed=2))
+    eager = enable(tiny_model(seed=2, device=DEVICE))
+    compiled = enable(tiny_model(seed=2, device=DEVICE))
     g = model_geometry(eager)
     cache = PagedKVCache(g["num_layers"], g["num_kv_heads"], g["head_dim"], 96, PS, max_seqs=2, dtype=torch.float32,
-                         device="cpu")
+                         device=DEVICE)
     seqs = [cache.add_sequence(), cache.add_sequence()]
     for s in seqs:
         cache.reserve(s, L)
-    ids = torch.randint(0, 200, (2, L), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 200, (2, L), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     return eager, compiled, cache, cache.block_tables(seqs), ids, g
 
 
@@ -64,10 +66,10 @@ def test_compiled_model_matches_eager(backend, static):
     counting = _Counting("aot_eager")
     compiled.get_decoder().compile(fullgraph=True, backend=counting)
     group = g["num_heads"] // g["num_kv_heads"]
-    st = StaticSpanLayout(320, 2, "cpu", group=group, max_segments=8, max_kv=L) if static else None
+    st = StaticSpanLayout(320, 2, DEVICE, group=group, max_segments=8, max_kv=L) if static else None
     with torch.no_grad():
         for seqs in STEPS:
-            layout = st.update(seqs) if static else SpanLayout.build(seqs, "cpu")
+            layout = st.update(seqs) if static else SpanLayout.build(seqs, DEVICE)
             h_e = _step(eager, cache, bt, ids, layout, backend)
             h_c = _step(compiled, cache, bt, ids, layout, backend)
             assert torch.equal(h_e, h_c), (seqs, (h_e - h_c).abs().max())
@@ -85,7 +87,7 @@ def test_compiled_model_default_backend():
     compiled.get_decoder().compile(fullgraph=True, backend=counting)
     with torch.no_grad():
         for seqs in STEPS[:3]:
-            layout = SpanLayout.build(seqs, "cpu")
+            layout = SpanLayout.build(seqs, DEVICE)
             h_e = _step(eager, cache, bt, ids, layout, "triton")
             h_c = _step(compiled, cache, bt, ids, layout, "triton")
             # inductor fuses the model's other ops (norms, MLP): rounding may differ from eager
@@ -99,7 +101,7 @@ def test_registered_op_checks_the_layout_at_run_time():
     torch._dynamo.reset()
     _, compiled, cache, bt, ids, _ = _setup()
     compiled.get_decoder().compile(fullgraph=True, backend="aot_eager")
-    layout = SpanLayout.build([SeqQueries.causal(0, 12), SeqQueries.causal(0, 3)], "cpu")
+    layout = SpanLayout.build([SeqQueries.causal(0, 12), SeqQueries.causal(0, 3)], DEVICE)
     with torch.no_grad(), pytest.raises(ValueError, match=r"past the cache: \(sequence, keys needed\) \[\(0, 12\)\]"):
         _step(compiled, cache, bt, ids, layout, "triton", bt_attn=bt[:, :1].contiguous())
     np.testing.assert_equal(layout.kv_host.numpy(), [12, 3])

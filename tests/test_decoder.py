@@ -12,6 +12,8 @@ from pd_kernels.decoder import DecodeConfig, Decoder, generate, make_plan, parse
 from pd_kernels.models import TINY_TAGS, tiny_model
 from reference_decoder import ReferenceDecoder
 
+from conftest import DEVICE
+
 T = TINY_TAGS
 PROMPTS = [[40, 41, 42, 43, 44], [50, 60, 70], [33, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100]]
 PLANS = [
@@ -25,7 +27,8 @@ KW = dict(length_scale=4, max_new_tokens=80, tau=0.05, diffusion_len=12)
 
 @pytest.fixture(scope="module")
 def models():
-    return tiny_model(seed=1), tiny_model(seed=1)  # kernel path, reference (same weights)
+    # kernel path, reference (same weights), on the test device
+    return tiny_model(seed=1, device=DEVICE), tiny_model(seed=1, device=DEVICE)
 
 
 def _check_against_reference(models, mode, policy, confidence="prob", steps_ratio=1.0, backend="torch",

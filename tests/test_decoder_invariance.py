@@ -17,6 +17,8 @@ from pd_kernels.cli.check_batch import ARRIVALS, batch_invariance, fingerprint, 
 from pd_kernels.decoder import DecodeConfig, Decoder
 from pd_kernels.models import TINY_TAGS, tiny_model
 
+from conftest import DEVICE
+
 T = TINY_TAGS
 PROMPTS = scenario_prompts(list(range(40, 60)))   # the scenario --check-batch runs too: 8 lengths, 8 plans
 PLANS = scenario_plans(T)
@@ -26,7 +28,7 @@ POLICY = {"pd": "threshold", "pd-da": "pd_threshold", "ar": "schedule", "diffusi
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(seed=3)
+    return tiny_model(seed=3, device=DEVICE)
 
 
 def _alone(model, cfg, prompts, plans, **kw):

@@ -16,12 +16,14 @@ from pd_kernels.decoder import DecodeConfig, Decoder
 from pd_kernels.models import TINY_TAGS, tiny_model
 from test_decoder import KW, PLANS, PROMPTS
 
+from conftest import DEVICE
+
 T = TINY_TAGS
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(seed=1)
+    return tiny_model(seed=1, device=DEVICE)
 
 
 def _result(r):
@@ -135,7 +137,7 @@ def test_new_config_between_calls_is_not_stale(model):
 def test_errors(model):
     cfg = DecodeConfig(mode="pd", tags=T, **KW)
     with pytest.raises(ValueError, match="cuda_graphs=True needs a model on a CUDA device"):
-        Decoder(model, cfg, cuda_graphs=True)
+        Decoder(tiny_model(seed=1), cfg, cuda_graphs=True)   # a CPU model, whatever DEVICE is
     with pytest.raises(ValueError, match="static_step=False"):
         Decoder(model, cfg, cuda_graphs=True, static_step=False)
     dec = Decoder(model, cfg, backend="torch")

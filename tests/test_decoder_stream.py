@@ -8,6 +8,9 @@ from pd_kernels.models import TINY_TAGS, tiny_model
 from test_decoder import KW, PLANS, PROMPTS
 
 T = TINY_TAGS
+# The event stream is host logic over the torch backend, the same on any device: checked on the CPU only,
+# so the GPU session spends its minutes on kernel tests.
+pytestmark = pytest.mark.cpu_only
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 import pd_kernels as pk
 from pd_kernels.reference import span_attention_ref
 
+from conftest import DEVICE
 from test_span_attention import check_against_truth, make_cache, to_seq_queries
 
 
@@ -77,7 +78,7 @@ STATIC_CASES = [  # (G, Hkv, D, dtype, page_size, max_pos, max_kv)
 def test_static_equals_dynamic_over_refills(G, Hkv, D, dtype, page_size, max_pos, max_kv, poison):
     B, N, S = 4, 56, 10
     rng = np.random.default_rng(G * 100 + D + max_pos)
-    static = pk.StaticSpanLayout(N, B, "cpu", group=G, max_segments=S, max_kv=max_kv)
+    static = pk.StaticSpanLayout(N, B, DEVICE, group=G, max_segments=S, max_kv=max_kv)
     assert static.num_queries == N and static.num_seqs == B
     first = ptrs(static)
     ws, split_seen = None, 0
@@ -99,7 +100,7 @@ def test_static_equals_dynamic_over_refills(G, Hkv, D, dtype, page_size, max_pos
         split_seen += sp.num_slots
 
         kc, vc, bt = make_cache(lens, Hkv, D, page_size, dtype, rng)
-        q = torch.randn(N, G * Hkv, D, generator=torch.Generator().manual_seed(step)).to(dtype)
+        q = torch.randn(N, G * Hkv, D, generator=torch.Generator().manual_seed(step)).to(DEVICE, dtype)
         o_static = pk.span_attention(q, kc, vc, bt, static, out=poison(torch.empty_like(q)), backend="triton")
         w = sp.workspace(Hkv, D)
         ws = ws or [t.data_ptr() for t in w]
@@ -116,12 +117,12 @@ def test_static_equals_dynamic_over_refills(G, Hkv, D, dtype, page_size, max_pos
 def test_torch_backend_and_copy_from(poison):
     B, N = 3, 40
     rng = np.random.default_rng(9)
-    static = pk.StaticSpanLayout(N, B, "cpu", group=2)
+    static = pk.StaticSpanLayout(N, B, DEVICE, group=2)
     descs, seqs, lens = random_step(rng, B, N, N)
-    dyn = pk.SpanLayout.build(seqs, "cpu")
+    dyn = pk.SpanLayout.build(seqs, DEVICE)
     assert static.copy_from(dyn) is static and static.seqs == tuple(seqs)
     kc, vc, bt = make_cache(lens, 2, 64, 16, torch.float32, rng)
-    q = torch.randn(N, 4, 64)
+    q = torch.randn(N, 4, 64, device=DEVICE)
     o = pk.span_attention(q, kc, vc, bt, static, out=poison(torch.empty_like(q)), backend="torch")
     torch.testing.assert_close(o, span_attention_ref(q, kc, vc, bt, static), rtol=0, atol=0)
     o_tr = pk.span_attention(q, kc, vc, bt, static, backend="triton")
@@ -133,8 +134,8 @@ def test_torch_backend_and_copy_from(poison):
 def test_padding_rows_zero_and_rows_past_the_count_unread(poison):
     rng = np.random.default_rng(4)
     kc, vc, bt = make_cache([300, 12], 1, 64, 16, torch.float32, rng)
-    static = pk.StaticSpanLayout(24, 2, "cpu", group=4, max_segments=4, max_kv=300)
-    q = torch.randn(24, 4, 64)
+    static = pk.StaticSpanLayout(24, 2, DEVICE, group=4, max_segments=4, max_kv=300)
+    q = torch.randn(24, 4, 64, device=DEVICE)
     # a step with no queries at all: every row is padding and outputs 0
     static.update([])
     o = pk.span_attention(q, kc, vc, bt, static, out=poison(torch.empty_like(q)), backend="triton")
@@ -147,7 +148,7 @@ def test_padding_rows_zero_and_rows_past_the_count_unread(poison):
     assert p.num_units[0] < p.narrow.max_units and p.num_units[1] < p.wide.max_units
     o = pk.span_attention(q, kc, vc, bt, static, out=poison(torch.empty_like(q)), backend="triton")
     assert (o[4:] == 0).all()
-    ref = pk.span_attention(q[:4].contiguous(), kc, vc, bt, pk.SpanLayout.build(seqs, "cpu"), backend="torch")
+    ref = pk.span_attention(q[:4].contiguous(), kc, vc, bt, pk.SpanLayout.build(seqs, DEVICE), backend="torch")
     torch.testing.assert_close(o[:4], ref, rtol=1e-5, atol=1e-5)
     # rows past each header count are never read: garbage there (rows / slots far out of range) changes nothing
     for t in (p.narrow.units, p.wide.units, p.narrow.merge):
@@ -208,10 +209,10 @@ def test_bad_static_layouts_raise():
         pk.StaticSpanLayout(8, 2, "cpu", max_kv=0)
     rng = np.random.default_rng(0)
     kc, vc, bt = make_cache([20, 8], 2, 64, 16, torch.float32, rng)
-    static = pk.StaticSpanLayout(16, 2, "cpu", group=4).update([pk.SeqQueries.causal(0, 8)])
-    q = torch.randn(16, 8, 64)
+    static = pk.StaticSpanLayout(16, 2, DEVICE, group=4).update([pk.SeqQueries.causal(0, 8)])
+    q = torch.randn(16, 8, 64, device=DEVICE)
     with pytest.raises(ValueError, match="group=4"):
-        pk.span_attention(torch.randn(16, 4, 64), kc, vc, bt, static, backend="triton")
+        pk.span_attention(torch.randn(16, 4, 64, device=DEVICE), kc, vc, bt, static, backend="triton")
     with pytest.raises(ValueError, match="block_table has 1 rows but the layout has 2"):
         pk.span_attention(q, kc, vc, bt[:1], static, backend="triton")
     with pytest.raises(ValueError, match="query rows"):
@@ -224,10 +225,10 @@ def test_opcheck_static():
     rng = np.random.default_rng(2)
     kc, vc, bt = make_cache([300, 9], 1, 64, 16, torch.float32, rng, spare_pages=1)
     kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
-    static = pk.StaticSpanLayout(24, 2, "cpu", group=4, max_segments=3, max_kv=300)
+    static = pk.StaticSpanLayout(24, 2, DEVICE, group=4, max_segments=3, max_kv=300)
     static.update([pk.SeqQueries.causal(299, 1), pk.SeqQueries.causal(5, 4)])
     assert static.plan(4).num_slots == 2
-    q = torch.randn(24, 4, 64)
+    q = torch.randn(24, 4, 64, device=DEVICE)
     torch.library.opcheck(torch.ops.pd_kernels.span_attention.default,
                           (q, kc, vc, bt, static.q_pos, static.q_seq, static.q_kv, static.segs_host, static.kv_host,
                            torch.zeros_like(q), 0.125, "triton"))

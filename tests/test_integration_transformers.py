@@ -17,6 +17,8 @@ from pd_kernels.integrations.transformers import (VERIFIED_MODEL_TYPES, StepCont
                                                   logits_for_rows, model_geometry, pd_kernels_attention)
 from pd_kernels.models import tiny_config, tiny_model
 
+from conftest import DEVICE
+
 
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -29,8 +31,8 @@ def _llama():
 
 
 def _run(model, cache, seq, seqs: SeqQueries, ids_full, backend):
-    """One pd_kernels step for a single sequence whose full token list is ids_full."""
-    layout = SpanLayout.build([seqs], "cpu")
+    """One pd_kernels step for a single sequence whose full token list is ids_full (on the cache's device)."""
+    layout = SpanLayout.build([seqs], cache.k_cache.device)
     pos = layout.q_pos.long()
     slots = cache.slot_mapping(seq, 0, cache.seq_len(seq))[pos]
     ctx = StepContext(cache, layout, slots, cache.block_tables([seq]), backend)
@@ -38,10 +40,10 @@ def _run(model, cache, seq, seqs: SeqQueries, ids_full, backend):
 
 
 def _fresh(model_sdpa, ids, vis):
-    L = ids.shape[0]
-    mask = torch.zeros(L, L).masked_fill(~vis, float("-inf"))[None, None]
+    L, dev = ids.shape[0], ids.device
+    mask = torch.zeros(L, L, device=dev).masked_fill(~vis.to(dev), float("-inf"))[None, None]
     with torch.no_grad():
-        out = model_sdpa.model(input_ids=ids[None], attention_mask=mask, position_ids=torch.arange(L)[None],
+        out = model_sdpa.model(input_ids=ids[None], attention_mask=mask, position_ids=torch.arange(L, device=dev)[None],
                                use_cache=True)
     return out.last_hidden_state[0], out.past_key_values
 
@@ -55,15 +57,16 @@ def test_prefill_then_spans_match_dense_sdpa(family, mode, backend):
     else:
         m_pd, m_ref = _llama(), _llama()
         m_ref.load_state_dict(m_pd.state_dict())
+    m_pd, m_ref = m_pd.to(DEVICE), m_ref.to(DEVICE)
     enable(m_pd)
     assert is_enabled(m_pd) and not is_enabled(m_ref)
     g = model_geometry(m_pd)
     cache = PagedKVCache(g["num_layers"], g["num_kv_heads"], g["head_dim"], 16, 8, max_seqs=2,
-                         dtype=torch.float32, device="cpu")
+                         dtype=torch.float32, device=DEVICE)
     seq = cache.add_sequence()
     P, lens = 11, [5, 9, 3]
     L = P + sum(lens)
-    ids = torch.randint(0, 100, (L,), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 100, (L,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     cache.reserve(seq, L)
     with torch.no_grad():
         h_pre, _ = _run(m_pd, cache, seq, SeqQueries.causal(0, P), ids, backend)
@@ -90,7 +93,7 @@ def test_prefill_then_spans_match_dense_sdpa(family, mode, backend):
     pos = layout.q_pos.long()
     torch.testing.assert_close(h_span, h_ref[pos], atol=2e-5, rtol=1e-4)
     # cache after the step == fresh forward (keys after RoPE, values) at every written position
-    written = torch.cat([torch.arange(P), pos])
+    written = torch.cat([torch.arange(P, device=pos.device), pos])
     for l in range(g["num_layers"]):
         k, v = cache.gather(seq, l)
         torch.testing.assert_close(k[written], kv.layers[l].keys[0].transpose(0, 1)[written], atol=2e-5, rtol=1e-4)

@@ -265,12 +265,12 @@ def test_cache_layer_index_is_checked(bad):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("shape", [(4, 2, 0), (4, 0, 8)])
-def test_empty_head_geometry_is_an_error(shape, backend):
+def test_empty_head_geometry_is_an_error(shape, backend, device):
     """A head dim or head count of 0 is refused with a clear error (Triton used to divide by zero)."""
-    k = torch.zeros(shape)
-    kc = torch.zeros(2, 4, shape[1], shape[2])
+    k = torch.zeros(shape, device=device)
+    kc = torch.zeros(2, 4, shape[1], shape[2], device=device)
     with pytest.raises(ValueError, match="head dim >= 1"):
-        pk.paged_kv_write(k, k.clone(), kc, kc.clone(), torch.arange(4), backend=backend)
+        pk.paged_kv_write(k, k.clone(), kc, kc.clone(), torch.arange(4, device=device), backend=backend)
 
 
 # ---- adversarial inputs (review of the op boundary) --------------------------------------------------
@@ -296,44 +296,45 @@ def test_cuda_path_casts_k_and_v_each(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_k_and_v_of_different_dtypes(backend):
+def test_k_and_v_of_different_dtypes(backend, device):
     """k fp32, v fp16 into an fp32 cache: each is cast on its own, the same on every backend."""
-    k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8).half()
-    kc, vc = poison_(torch.empty(2, 4, 2, 8)), poison_(torch.empty(2, 4, 2, 8))
-    slots = torch.tensor([0, 3, -1, 6, 7])
-    ek, ev = _oracle(k, v, kc, vc, slots)
+    k, v = torch.randn(5, 2, 8, device=device), torch.randn(5, 2, 8, device=device).half()
+    kc, vc = poison_(torch.empty(2, 4, 2, 8, device=device)), poison_(torch.empty(2, 4, 2, 8, device=device))
+    slots = torch.tensor([0, 3, -1, 6, 7], device=device)
+    ek, ev = _oracle(k.cpu(), v.cpu(), kc.cpu(), vc.cpu(), slots.cpu())
     pk.paged_kv_write(k, v, kc, vc, slots, backend=backend)
     _assert_same(kc, ek)
     _assert_same(vc, ev)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_cache_memory_is_checked(backend):
+def test_cache_memory_is_checked(backend, device):
     """One tensor as both caches (V would overwrite K), or a cache whose elements share memory (an expanded
     view: Triton wrote it racily, torch failed inside index_put): a clear error, nothing written."""
-    k = torch.randn(3, 2, 8)
-    kc = torch.zeros(2, 4, 2, 8)
+    k = torch.randn(3, 2, 8, device=device)
+    kc = torch.zeros(2, 4, 2, 8, device=device)
+    slots = torch.arange(3, device=device)
     with pytest.raises(ValueError, match="share memory"):
-        pk.paged_kv_write(k, k, kc, kc, torch.arange(3), backend=backend)
-    pool = torch.zeros(3, 4, 2, 8)
+        pk.paged_kv_write(k, k, kc, kc, slots, backend=backend)
+    pool = torch.zeros(3, 4, 2, 8, device=device)
     with pytest.raises(ValueError, match="share memory"):      # shifted by one page: half of each overlaps
-        pk.paged_kv_write(k, k, pool[:2], pool[1:], torch.arange(3), backend=backend)
-    exp_k = torch.zeros(2, 4, 1, 8).expand(2, 4, 2, 8)
-    exp_v = torch.zeros(2, 4, 1, 8).expand(2, 4, 2, 8)
+        pk.paged_kv_write(k, k, pool[:2], pool[1:], slots, backend=backend)
+    exp_k = torch.zeros(2, 4, 1, 8, device=device).expand(2, 4, 2, 8)
+    exp_v = torch.zeros(2, 4, 1, 8, device=device).expand(2, 4, 2, 8)
     with pytest.raises(ValueError, match="overlap in memory"):
-        pk.paged_kv_write(k, k, exp_k, exp_v, torch.arange(3), backend=backend)
+        pk.paged_kv_write(k, k, exp_k, exp_v, slots, backend=backend)
     assert not exp_k.any() and not exp_v.any()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_repeated_slots_raise_in_debug(backend, monkeypatch):
-    k = torch.randn(4, 2, 8)
-    kc, vc = torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8)
-    slots = torch.tensor([1, 5, -1, 5])
+def test_repeated_slots_raise_in_debug(backend, device, monkeypatch):
+    k = torch.randn(4, 2, 8, device=device)
+    kc, vc = torch.zeros(2, 4, 2, 8, device=device), torch.zeros(2, 4, 2, 8, device=device)
+    slots = torch.tensor([1, 5, -1, 5], device=device)
     monkeypatch.setenv("PD_KERNELS_DEBUG", "1")
     with pytest.raises(ValueError, match=r"slots \[5\] appear more than once"):
         pk.paged_kv_write(k, k, kc, vc, slots, backend=backend)
-    pk.paged_kv_write(k, k, kc, vc, torch.tensor([1, 5, -1, -1]), backend=backend)   # -1 may repeat
+    pk.paged_kv_write(k, k, kc, vc, torch.tensor([1, 5, -1, -1], device=device), backend=backend)  # -1 may repeat
     monkeypatch.setenv("PD_KERNELS_DEBUG", "0")
     pk.paged_kv_write(k, k, kc, vc, slots, backend=backend)   # unspecified winner, but no error, in bounds
     assert torch.equal(kc.view(-1, 2, 8)[5], k[1]) or torch.equal(kc.view(-1, 2, 8)[5], k[3])
@@ -379,7 +380,7 @@ def test_cache_methods_check_their_ints():
     assert c.seq_len(s) == 5 and c.slot_mapping(s, 1, 3).tolist() == c.slot_mapping(s, 0, 5)[1:4].tolist()
 
 
-@pytest.mark.skipif(HAS_GPU, reason="checks the CPU interpreter")
+@pytest.mark.cpu_only
 def test_cast_into_bf16_in_the_interpreter_raises():
     """The interpreter truncates fp32 -> bf16 (39 of 80 values differed from torch by one bf16 ulp): a clear
     error instead of a silently different cache; a bf16 -> bf16 copy stays allowed (exact)."""

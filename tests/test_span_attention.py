@@ -17,7 +17,7 @@ from pd_kernels._checks import cdiv
 from pd_kernels.layout import TILE_A, TILE_B, TILE_C, TILE_CAUSAL, TILE_NROWS, TILE_ROW0, TILE_SEQ
 from pd_kernels.reference import span_attention_ref
 
-from conftest import triton_dtypes
+from conftest import DEVICE, triton_dtypes
 
 # lengths around the kernel's key block (64) and the query tiles (128 // G tokens: 128, 32, 18)
 EDGE_LENS = [1, 2, 17, 18, 19, 31, 32, 33, 63, 64, 65, 127, 128, 129]
@@ -49,7 +49,7 @@ def to_seq_queries(d):
     return pk.SeqQueries.spans(d["prefix"], d["lens"], d["active"], d["mode"])
 
 
-def make_cache(seq_lens, Hkv, D, page_size, dtype, rng, device="cpu", spare_pages=3):
+def make_cache(seq_lens, Hkv, D, page_size, dtype, rng, device=DEVICE, spare_pages=3):
     """Paged caches with the sequences' pages in shuffled order; unwritten slots are NaN."""
     pages_per = [cdiv(n, page_size) for n in seq_lens]
     P = sum(pages_per) + spare_pages
@@ -70,7 +70,7 @@ def make_cache(seq_lens, Hkv, D, page_size, dtype, rng, device="cpu", spare_page
     return k_cache.to(device), v_cache.to(device), bt.to(device)
 
 
-def make_case(seed, *, G, D, page_size, dtype, Hkv=1, nseq=None, small=False, force_mode=None, device="cpu"):
+def make_case(seed, *, G, D, page_size, dtype, Hkv=1, nseq=None, small=False, force_mode=None, device=DEVICE):
     rng = np.random.default_rng(seed)
     nseq = nseq or int(rng.integers(1, 7))
     descs, lens = zip(*[random_seq(rng, small=small) for _ in range(nseq)])
@@ -134,7 +134,9 @@ def torch_in_dtype(descs, layout, q, k_cache, v_cache, bt, scale):
 
 
 def check_against_truth(o, descs, layout, q, k_cache, v_cache, bt):
-    """Kernel error vs the fp64 reference within 2x the error of torch doing it in the same dtype."""
+    """Kernel error vs the fp64 reference within 2x the error of torch doing it in the same dtype (both
+    references computed on the CPU)."""
+    o, q, k_cache, v_cache, bt = (t.cpu() for t in (o, q, k_cache, v_cache, bt))
     scale = 1.0 / math.sqrt(q.shape[-1])
     truth = span_attention_ref(q.double(), k_cache.double(), v_cache.double(), bt, layout)
     lowp = torch_in_dtype(descs, layout, q, k_cache, v_cache, bt, scale)
@@ -178,8 +180,8 @@ def test_pd_vs_pd_da(mode, poison):
     kc, vc, bt = make_cache([45 + sum(lens)], 1, 64, 16, dtype, rng)
     outs = {}
     for d in descs:
-        layout = pk.SpanLayout.build([to_seq_queries(d)], "cpu")
-        q = torch.randn(layout.num_queries, 4, 64, generator=torch.Generator().manual_seed(1))
+        layout = pk.SpanLayout.build([to_seq_queries(d)], DEVICE)
+        q = torch.randn(layout.num_queries, 4, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
         outs[d["mode"]] = run_kernel(q, kc, vc, bt, layout, poison)
         if d["mode"] == mode:
             check_against_truth(outs[mode], [d], layout, q, kc, vc, bt)
@@ -195,8 +197,8 @@ def test_causal_prefill_and_decode(dtype, poison):
              dict(kind="causal", start=63, length=1)]
     rng = np.random.default_rng(3)
     kc, vc, bt = make_cache([d["start"] + d["length"] for d in descs], 1, 64, 16, dtype, rng)
-    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu")
-    q = torch.randn(layout.num_queries, 7, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], DEVICE)
+    q = torch.randn(layout.num_queries, 7, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
     o = run_kernel(q, kc, vc, bt, layout, poison)
     check_against_truth(o, descs, layout, q, kc, vc, bt)
 
@@ -208,8 +210,8 @@ def test_decode_split_keys(poison):
     descs.append(dict(kind="spans", prefix=130, lens=[20, 1], active=[False, True], mode="pd"))  # 1-token span
     rng = np.random.default_rng(11)
     kc, vc, bt = make_cache([701, 6, 130, 257, 151], 2, 64, 64, torch.float32, rng)
-    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu")
-    q = torch.randn(layout.num_queries, 8, 64, generator=torch.Generator().manual_seed(4))
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], DEVICE)
+    q = torch.randn(layout.num_queries, 8, 64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     o = run_kernel(q, kc, vc, bt, layout, poison)
     plan = layout.plan(4)
     # 701 keys: 11 blocks -> 3 units; 130: 3 blocks -> 1; 257: 5 blocks -> 2; the span: 3 + 1 blocks -> 1
@@ -227,12 +229,12 @@ def test_split_chunk_grows_past_max_splits(poison, monkeypatch):
     descs = [dict(kind="causal", start=s, length=1) for s in (64 * 7 + 3, 100, 64 * 2)]
     rng = np.random.default_rng(12)
     kc, vc, bt = make_cache([64 * 7 + 4, 101, 129], 1, 64, 16, torch.float32, rng)
-    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu")
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], DEVICE)
     units = lay_mod._plan_arrays(layout._segs, lay_mod.tile_geometry(7))[0]
     # 8 blocks -> chunk 3 -> 3 units (3, 3, 2 blocks); 2 blocks -> 2 units; 3 blocks -> 3 units
     assert [(int(u[lay_mod.UNIT_J0]), int(u[lay_mod.UNIT_J1])) for u in units] == \
         [(0, 3), (3, 6), (6, 8), (0, 1), (1, 2), (0, 1), (1, 2), (2, 3)]
-    q = torch.randn(layout.num_queries, 7, 64, generator=torch.Generator().manual_seed(5))
+    q = torch.randn(layout.num_queries, 7, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     o = run_kernel(q, kc, vc, bt, layout, poison)
     check_against_truth(o, descs, layout, q, kc, vc, bt)
 
@@ -243,9 +245,9 @@ def test_padding_rows_are_zero_and_strided_q(poison):
              dict(kind="causal", start=3, length=4)]
     rng = np.random.default_rng(5)
     kc, vc, bt = make_cache([24, 7], 1, 64, 16, torch.float32, rng)
-    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu", pad_to=40)
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], DEVICE, pad_to=40)
     assert layout.num_queries == 40 and layout.num_real_queries == 18
-    qkv = torch.randn(40, 4 + 2, 64)
+    qkv = torch.randn(40, 4 + 2, 64).to(DEVICE)
     q = qkv[:, :4]
     assert not q.is_contiguous()
     o = run_kernel(q, kc, vc, bt, layout, poison)
@@ -270,6 +272,7 @@ def test_vs_flex_attention(seed, poison):
     descs, layout, q, kc, vc, bt = make_case(seed, G=G, D=D, page_size=16, dtype=torch.float32, Hkv=Hkv,
                                              nseq=3, small=True, force_mode=["pd", "pd-da", None][seed % 3])
     o = run_kernel(q, kc, vc, bt, layout, poison)
+    o, q, kc, vc, bt = (t.cpu() for t in (o, q, kc, vc, bt))   # the oracle runs on the CPU
     row = 0
     for b, d in enumerate(descs):
         L = max(layout.kv_lens[b], 1)
@@ -388,7 +391,7 @@ def test_bad_layouts_raise():
 
 def test_bad_inputs_raise():
     rng = np.random.default_rng(0)
-    kc, vc, bt = make_cache([40, 20], 2, 64, 16, torch.float32, rng)
+    kc, vc, bt = make_cache([40, 20], 2, 64, 16, torch.float32, rng, device="cpu")   # torch backend's checks
     lay = pk.SpanLayout.build([pk.SeqQueries.spans(20, [10, 10]), pk.SeqQueries.causal(0, 20)], "cpu")
     q = torch.randn(lay.num_queries, 8, 64)
     with pytest.raises(ValueError, match="block_table has 1 rows but the layout has 2"):
@@ -415,20 +418,21 @@ def test_out_sharing_memory_is_refused(backend, monkeypatch):
     tensor."""
     rng = np.random.default_rng(1)
     kc, vc, bt = make_cache([12], 2, 16, 4, torch.float32, rng)
-    lay = pk.SpanLayout.build([pk.SeqQueries.causal(0, 12)], "cpu")
-    q = torch.randn(12, 4, 16)
+    lay = pk.SpanLayout.build([pk.SeqQueries.causal(0, 12)], DEVICE)
+    q = torch.randn(12, 4, 16, device=DEVICE)
     monkeypatch.setenv("PD_KERNELS_DEBUG", "0")
     with pytest.raises(ValueError, match="out shares memory with q"):
         pk.span_attention(q, kc, vc, bt, lay, out=q, backend=backend)
     with pytest.raises(ValueError, match="out elements overlap"):
-        pk.span_attention(q, kc, vc, bt, lay, out=torch.empty(1, 4, 16).expand(12, 4, 16), backend=backend)
+        pk.span_attention(q, kc, vc, bt, lay, out=torch.empty(1, 4, 16, device=DEVICE).expand(12, 4, 16),
+                           backend=backend)
     monkeypatch.setenv("PD_KERNELS_DEBUG", "1")       # an out inside the cache: checked in debug mode
     with pytest.raises(ValueError, match="out shares memory with k_cache"):
         pk.span_attention(q, kc, vc, bt, lay, out=kc.view(-1)[:q.numel()].view(q.shape), backend=backend)
     with pytest.raises(ValueError, match="out shares memory with v_cache"):
         pk.span_attention(q, kc, vc, bt, lay, out=vc.view(-1)[-q.numel():].view(q.shape), backend=backend)
     # a separate buffer, strided (a slice of a wider one), is fine and exact
-    wide = torch.full((12, 4, 40), float("nan"))
+    wide = torch.full((12, 4, 40), float("nan"), device=DEVICE)
     o = pk.span_attention(q, kc, vc, bt, lay, out=wide[:, :, 8:24], backend=backend)
     torch.testing.assert_close(o, span_attention_ref(q, kc, vc, bt, lay), atol=1e-5, rtol=1e-5)
     assert wide[:, :, :8].isnan().all() and wide[:, :, 24:].isnan().all()
@@ -437,11 +441,11 @@ def test_out_sharing_memory_is_refused(backend, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cache_without_pages_is_refused(backend):
     """A cache of 0 pages failed deep inside the torch reference (IndexError) and ran on Triton."""
-    lay = pk.SpanLayout.build([pk.SeqQueries.causal(0, 3)], "cpu")
-    q = torch.randn(3, 2, 16)
-    bt = torch.zeros(1, 2, dtype=torch.int32)
+    lay = pk.SpanLayout.build([pk.SeqQueries.causal(0, 3)], DEVICE)
+    q = torch.randn(3, 2, 16, device=DEVICE)
+    bt = torch.zeros(1, 2, dtype=torch.int32, device=DEVICE)
     for shape in [(0, 4, 2, 16), (3, 0, 2, 16)]:
-        kc = torch.zeros(shape)
+        kc = torch.zeros(shape, device=DEVICE)
         with pytest.raises(ValueError, match="at least one page of at least one slot"):
             pk.span_attention(q, kc, kc.clone(), bt, lay, backend=backend)
 
@@ -453,10 +457,10 @@ def test_opcheck(backend):
     kc, vc, bt = make_cache([300, 9], 1, 64, 16, torch.float32, rng, spare_pages=1)
     kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)   # opcheck compares repeated runs
     # a wide span tile, a split decode tile, a causal chunk
-    lay = pk.SpanLayout.build([pk.SeqQueries.spans(12, [7, 11], mode="pd"), pk.SeqQueries.causal(5, 4)], "cpu")
-    lay2 = pk.SpanLayout.build([pk.SeqQueries.causal(299, 1), pk.SeqQueries.causal(5, 4)], "cpu")
+    lay = pk.SpanLayout.build([pk.SeqQueries.spans(12, [7, 11], mode="pd"), pk.SeqQueries.causal(5, 4)], DEVICE)
+    lay2 = pk.SpanLayout.build([pk.SeqQueries.causal(299, 1), pk.SeqQueries.causal(5, 4)], DEVICE)
     for layout in (lay, lay2):
-        q = torch.randn(layout.num_queries, 4, 64)
+        q = torch.randn(layout.num_queries, 4, 64, device=DEVICE)
         out = torch.zeros_like(q)
         torch.library.opcheck(torch.ops.pd_kernels.span_attention.default,
                               (q, kc, vc, bt, layout.q_pos, layout.q_seq, layout.q_kv, layout.segs_host,
@@ -493,12 +497,12 @@ def test_debug_mode_reports_bad_page_ids(device, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_debug_mode_raises_for_triton_too(backend, monkeypatch):
     P, ps, H, D = 4, 16, 1, 64
-    kc = torch.zeros(P, ps, H, D)
-    layout = pk.SpanLayout.build([pk.SeqQueries.causal(40, 1)], "cpu")
-    table = torch.tensor([[2, -1, 0, 0]], dtype=torch.int32)
+    kc = torch.zeros(P, ps, H, D, device=DEVICE)
+    layout = pk.SpanLayout.build([pk.SeqQueries.causal(40, 1)], DEVICE)
+    table = torch.tensor([[2, -1, 0, 0]], dtype=torch.int32, device=DEVICE)
     monkeypatch.setenv("PD_KERNELS_DEBUG", "1")
     with pytest.raises(IndexError, match=r"page ids \[-1\]"):
-        pk.span_attention(torch.randn(1, H, D), kc, kc, table, layout, backend=backend)
+        pk.span_attention(torch.randn(1, H, D, device=DEVICE), kc, kc, table, layout, backend=backend)
 
 
 # ---- the tiling plan -------------------------------------------------------------------------------------
@@ -559,12 +563,12 @@ def test_plan_units_cover_every_row_and_key_once(seed, G):
 def _alone_and_batched(descs, lens, G, Hkv, D, dtype, rng, backend, pad_to=None):
     """(outputs of each sequence alone, the batched output, layouts) on one shared cache."""
     kc, vc, bt = make_cache(lens, Hkv, D, 16, dtype, rng)
-    batch = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu", pad_to=pad_to)
-    q = torch.randn(batch.num_queries, G * Hkv, D, generator=torch.Generator().manual_seed(9)).to(dtype)
+    batch = pk.SpanLayout.build([to_seq_queries(d) for d in descs], DEVICE, pad_to=pad_to)
+    q = torch.randn(batch.num_queries, G * Hkv, D, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
     o_batch = pk.span_attention(q, kc, vc, bt, batch, backend=backend)
     alone, row = [], 0
     for b, d in enumerate(descs):
-        lay = pk.SpanLayout.build([to_seq_queries(d)], "cpu")
+        lay = pk.SpanLayout.build([to_seq_queries(d)], DEVICE)
         n = lay.num_queries
         alone.append((row, pk.span_attention(q[row:row + n].contiguous(), kc, vc, bt[b:b + 1], lay, backend=backend)))
         row += n
@@ -642,8 +646,8 @@ def _nan_case():
              dict(kind="causal", start=300, length=1)]
     rng = np.random.default_rng(8)
     kc, vc, bt = make_cache([62, 20, 301], 1, 64, 16, torch.float32, rng)
-    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu", pad_to=48)
-    q = torch.randn(48, 4, 64, generator=torch.Generator().manual_seed(3))
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], DEVICE, pad_to=48)
+    q = torch.randn(48, 4, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     return layout, q, kc, vc, bt
 
 
@@ -663,7 +667,7 @@ def test_nan_in_nan_out(backend):
     assert torch.isfinite(base).all() and (base[43:] == 0).all()
 
     def expect(o, bad_rows, heads=slice(None)):
-        bad = torch.zeros(o.shape[:2], dtype=torch.bool)
+        bad = torch.zeros(o.shape[:2], dtype=torch.bool, device=o.device)
         bad[bad_rows, heads] = True
         nonfinite = ~torch.isfinite(o).all(-1)
         assert torch.equal(nonfinite, bad), f"non-finite rows {nonfinite.any(-1).nonzero().flatten().tolist()}"
@@ -707,9 +711,10 @@ def test_out_of_range_page_ids_are_never_read(backend, poison):
     bad_pages = {(0, 1): -1, (1, 0): P, (2, 5): P + 7, (2, 17): 2**31 - 1, (3, 0): -5}
     for (b, j), v in bad_pages.items():
         bt[b, j] = v
-    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], "cpu")
-    q = torch.randn(layout.num_queries, 4, 64, generator=torch.Generator().manual_seed(6))
+    layout = pk.SpanLayout.build([to_seq_queries(d) for d in descs], DEVICE)
+    q = torch.randn(layout.num_queries, 4, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     o = pk.span_attention(q, kc, vc, bt, layout, out=poison(torch.empty_like(q)), backend=backend)
+    o, q, kc, vc, bt = (t.cpu() for t in (o, q, kc, vc, bt))   # the float64 truth runs on the CPU
     scale = 64 ** -0.5
     row = 0
     for b, d in enumerate(descs):
@@ -729,10 +734,10 @@ def test_out_of_range_page_ids_are_never_read(backend, poison):
     assert (o[-1] == 0).all()   # the last sequence's only key is on a bad page
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
+@pytest.mark.cpu_only
 def test_bf16_in_the_interpreter_raises():
     rng = np.random.default_rng(0)
-    kc, vc, bt = make_cache([20], 1, 64, 16, torch.bfloat16, rng)
+    kc, vc, bt = make_cache([20], 1, 64, 16, torch.bfloat16, rng, device="cpu")
     lay = pk.SpanLayout.build([pk.SeqQueries.causal(0, 20)], "cpu")
     q = torch.randn(20, 4, 64).bfloat16()
     with pytest.raises(pk.BackendUnavailable, match="interpreter"):

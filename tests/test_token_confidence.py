@@ -16,7 +16,7 @@ from pd_kernels.reference.token_confidence import (CONFIDENCE_KINDS, GUMBEL_MAX,
                                                    row_state, token_confidence_ref)
 
 from _csrc import cuda_enum, enum_of
-from conftest import HAS_GPU, triton_dtypes
+from conftest import DEVICE, HAS_GPU, triton_dtypes
 
 KINDS = CONFIDENCE_KINDS
 BACKENDS = ["triton"] + (["cuda"] if HAS_GPU else [])
@@ -29,9 +29,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")]
 
-
-def _device():
-    return "cuda" if HAS_GPU else "cpu"
 
 
 def make_logits(N: int, V: int, dtype, seed: int, *, specials: bool = True, scale: float = 3.0):
@@ -92,7 +89,7 @@ def _empty_out(N, dev, poison):
 @pytest.mark.parametrize("T", [0.0, 0.7], ids=["greedy", "T0.7"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_row_pass_matches_reference(backend, dtype, T, kind, poison):
-    dev = _device()
+    dev = DEVICE
     N, V = 13, 1000
     x = make_logits(N, V, dtype, seed=hash((kind, T, str(dtype))) % 1000).to(dev)
     sup = torch.tensor([7, 999], device=dev)
@@ -112,7 +109,7 @@ def test_bf16_rows(T, poison):
     an odd row stride (no pairs) and a column offset of one element (rows not 4-byte aligned) as well."""
     from pd_kernels.ops.triton.token_confidence import token_confidence_triton
 
-    dev = _device()
+    dev = DEVICE
     big = make_logits(7, 1202, torch.bfloat16, seed=21).to(dev)
     odd = make_logits(7, 1201, torch.bfloat16, seed=23).to(dev)
     sup = torch.tensor([7, 640], device=dev)
@@ -136,7 +133,7 @@ def test_bf16_rows(T, poison):
                                  (31, 31), (3, 257)], ids=lambda v: str(v))
 def test_row_pass_shapes(backend, N, V, poison):
     """Vocab sizes that are multiples of nothing, N from 1 (split V) to 257 (one program per row)."""
-    dev = _device()
+    dev = DEVICE
     x = make_logits(N, V, torch.float16, seed=N * 7 + V % 97).to(dev)
     tok, conf = _empty_out(N, dev, poison)
     kind = {50257: "margin", 151936: "neg_entropy"}.get(V, "neg_entropy" if V < 100 else "prob")
@@ -155,7 +152,7 @@ def test_split_merge_is_exact(num_splits, T):
     """Splitting V across programs and merging gives the same tokens, and the same conf up to rounding."""
     from pd_kernels.ops.triton.token_confidence import token_confidence_triton
 
-    dev = _device()
+    dev = DEVICE
     N, V = 6, 3000
     x = make_logits(N, V, torch.float32, seed=5).to(dev)
     for kind in (KINDS if num_splits == 2 else ["neg_entropy"]):
@@ -170,7 +167,7 @@ def test_split_merge_is_exact(num_splits, T):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_row_stride_and_gathered_rows(backend):
-    dev = _device()
+    dev = DEVICE
     big = make_logits(20, 1100, torch.float32, seed=9).to(dev)
     x = big[3:15:3, 50:1050]  # row stride 3300, column offset: no copy
     assert x.stride() == (3300, 1)
@@ -234,7 +231,7 @@ def test_row_pass_lane_merge(V, num_splits, poison):
     partial fourth chunk), with and without split-V, every kind, greedy and sampled, against the reference."""
     from pd_kernels.ops.triton.token_confidence import token_confidence_triton
 
-    dev = _device()
+    dev = DEVICE
     B = 32
     x = _lane_rows(V, B, seed=V).to(dev)
     N = x.shape[0]
@@ -267,7 +264,7 @@ def test_row_pass_lane_merge(V, num_splits, poison):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_nan_logits_defined(backend):
     """NaN logits are never chosen and make the row's confidence NaN (other rows unaffected)."""
-    dev = _device()
+    dev = DEVICE
     x = make_logits(4, 300, torch.float32, seed=1, specials=False)
     x[0, 10] = float("nan")
     x[0, 11] = x[0].nan_to_num(nan=-1e9).max() + 1
@@ -287,7 +284,7 @@ def test_nan_logits_defined(backend):
 def test_rows_without_usable_entry(backend, T, poison):
     """Issue 13: a row whose every entry is suppressed or -inf gets token -1 and confidence -inf on every
     backend (NaN when the row holds a NaN at an unsuppressed id); the other rows are unaffected."""
-    dev = _device()
+    dev = DEVICE
     V = 37
     x = make_logits(6, V, torch.float32, seed=2, specials=False)
     sup = torch.tensor([3, 4, 5], device=dev)
@@ -332,6 +329,7 @@ def _distinct_x() -> torch.Tensor:
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_only   # the formula in fp32 on the CPU: the same on any machine, too slow for a GPU session
 def test_gumbel_formula_exact_for_every_uniform():
     """The noise formula the kernels use (``gumbel_from_bits``), in fp32 on CPU, over every representable u of
     the 32-bit generator (both halves: u = x and u = 1 - x, x = fp32(2r + 1) 2^-33): finite, never decreasing
@@ -458,7 +456,7 @@ def test_deep_tail_token_is_drawn(backend):
     z = torch.full((1, V), float("-inf"))
     z[0, a] = 0.0
     z[0, c] = -20.5
-    dev = _device()
+    dev = DEVICE
     tok, conf = token_confidence(z.to(dev), temperature=1.0, seed=seed, offset=torch.tensor([ctr], device=dev),
                                  backend=backend)
     assert tok.item() == c, (tok.item(), c, a)
@@ -467,7 +465,7 @@ def test_deep_tail_token_is_drawn(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_sampling_reproducible(backend):
-    dev = _device()
+    dev = DEVICE
     x = make_logits(8, 700, torch.float32, seed=4, specials=False, scale=1.0).to(dev)
     a, _ = token_confidence(x, temperature=1.0, seed=42, offset=5, backend=backend)
     b, _ = token_confidence(x, temperature=1.0, seed=42, offset=5, backend=backend)
@@ -488,7 +486,7 @@ def test_sampling_reproducible(backend):
 def test_sampling_is_batch_invariant(backend, kind):
     """Per-row seeds and counters: permuting the rows (with their keys) permutes the results exactly, and a
     row alone gets the token it gets in the batch (its confidence up to the rounding of a different split)."""
-    dev = _device()
+    dev = DEVICE
     N, V = 7, 900
     x = make_logits(N, V, torch.float32, seed=11, specials=False, scale=1.5).to(dev)
     g = torch.Generator().manual_seed(3)
@@ -592,7 +590,7 @@ def test_filter_threshold_semantics():
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("T", [0.0, 0.9], ids=["greedy", "T0.9"])
 def test_top_k_top_p_match_reference(backend, T, poison):
-    dev = _device()
+    dev = DEVICE
     x = make_logits(9, 400, torch.float32, seed=8, specials=True, scale=2.0).to(dev)
     sup = torch.tensor([7], device=dev)
     for i, (top_k, top_p) in enumerate([(5, 1.0), (1, 1.0), (0, 0.9), (20, 0.8), (400, 1.0)]):
@@ -613,7 +611,7 @@ def test_top_k_top_p_match_reference(backend, T, poison):
 def test_top_p_at_temperature_zero(backend):
     """The PD reference's top-p at T = 0: a row whose top-1 probability exceeds p keeps only that token, so
     prob is exactly 1 and neg_entropy exactly 0 (rows then tie); filter_greedy=False ignores the filters."""
-    dev = _device()
+    dev = DEVICE
     x = torch.randn(4, 300, generator=torch.Generator().manual_seed(1))
     x[0, 17] = 12.0                      # p(top1) ~ 0.997 > 0.95
     x[1, 5] = x[1, 6] = 12.0             # two tied tokens share the mass: both kept, the lower id wins
@@ -687,7 +685,7 @@ def test_temperature_range_edges_agree(backend):
     """Extreme accepted temperatures give the reference's tokens and confidences: the largest, and tiny ones
     while ``z / T`` stays finite in fp32 (the reference scales first; beyond that, see the docstring)."""
     x = torch.randn(4, 40, generator=torch.Generator().manual_seed(3))
-    dev = _device() if backend != "torch" else "cpu"
+    dev = DEVICE if backend != "torch" else "cpu"
     for T in (1e-30, 2.0**126):
         t, c = token_confidence(x.to(dev), temperature=T, seed=5, backend=backend)
         rt, rc = token_confidence_ref(x, "prob", T, 5, 0)
@@ -699,7 +697,7 @@ def test_temperature_range_edges_agree(backend):
 def test_suppressed_ids_beyond_int32_are_ignored(backend, poison):
     """An int64 id of 2^32 + v is out of range (ignored, as documented), not column v: Triton cast ids to int32
     and suppressed v."""
-    dev = _device() if backend != "torch" else "cpu"
+    dev = DEVICE if backend != "torch" else "cpu"
     x = torch.randn(5, 70, generator=torch.Generator().manual_seed(1)).to(dev)
     top = x.argmax(1)
     for sup in (top + 2**32, top - 2**32, torch.tensor([-1, 70, 2**31 - 1, 2**31, 2**63 - 1], device=dev)):
@@ -716,7 +714,7 @@ def test_suppressed_ids_beyond_int32_are_ignored(backend, poison):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_out_sharing_memory_is_refused(backend):
-    dev = _device() if backend != "torch" else "cpu"
+    dev = DEVICE if backend != "torch" else "cpu"
     x = torch.randn(4, 10, device=dev)
     tok = torch.empty(4, dtype=torch.int64, device=dev)
     with pytest.raises(ValueError, match="share memory"):
@@ -731,7 +729,7 @@ def test_out_sharing_memory_is_refused(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_opcheck_token_confidence(backend):
-    dev = _device()
+    dev = DEVICE
     x = make_logits(3, 300, torch.float32, seed=2).to(dev)
     tok = torch.empty(3, dtype=torch.int64, device=dev)
     conf = torch.empty(3, device=dev)
