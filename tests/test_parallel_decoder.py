@@ -18,6 +18,7 @@ from pd_kernels.decoder import DecodeConfig, Decoder
 from pd_kernels.models import TINY_TAGS, tiny_config, tiny_model
 
 from _dist import dist_skip_reason, run_ranks
+from test_integration_transformers import _write_dream
 
 T = TINY_TAGS
 SEED = 3
@@ -53,6 +54,8 @@ CASES["hf-diffusion-sampled-static"] = ("hf", "diffusion", dict(temperature=1.0,
 CASES["hand-pd-greedy"] = ("hand", "pd", {}, {}, None)
 CASES["hand-pd-da-sampled"] = ("hand", "pd-da", dict(temperature=1.0, seed=11), {}, [5, 6, 7])
 CASES["auto-pd-greedy"] = ("auto", "pd", {}, {}, None)
+CASES["dream-pd-greedy"] = ("dream", "pd", {}, {}, None)
+CASES["dream-diffusion-sampled"] = ("dream", "diffusion", dict(temperature=1.0, seed=4), {}, [1, 2, 3])
 
 
 def _run_case(model, case) -> list:
@@ -136,7 +139,7 @@ def _errors(rank, world, mesh) -> dict:
     return out
 
 
-def _ranks(rank, world, path, names):
+def _ranks(rank, world, path, dream_path, names):
     for k, v in (("WORLD_SIZE", world), ("RANK", rank), ("LOCAL_RANK", rank)):
         os.environ[k] = str(v)   # transformers' tp_plan="auto" reads the world size from the environment
     from torch.distributed.device_mesh import init_device_mesh
@@ -149,6 +152,10 @@ def _ranks(rank, world, path, names):
               "hand": _hand_parallel(tiny_model(seed=SEED), mesh)}
     if any(CASES[n][0] == "auto" for n in names):
         models["auto"] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, tp_plan="auto")
+    if any(CASES[n][0] == "dream" for n in names):
+        from pd_kernels.integrations.dream import load_dream
+
+        models["dream"] = load_dream(dream_path, distributed_config=DistributedConfig(tp_size=world))
     out = {n: _run_case(models[CASES[n][0]].eval(), CASES[n]) for n in names}
     geo = Decoder(models["hf"], _cfg("pd"))
     out["_local"] = (geo.geo["num_kv_heads"], geo.tp.vocab_start, geo.tp.vocab_local, geo.vocab_parallel)
@@ -158,9 +165,10 @@ def _ranks(rank, world, path, names):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_tp")
+    path, dream = tmp_path_factory.mktemp("tiny_tp"), tmp_path_factory.mktemp("tiny_dream_tp")
     tiny_model(seed=SEED).save_pretrained(str(path))
-    return run_ranks(_ranks, 2, str(path), list(CASES), timeout=600)
+    _write_dream(dream, tiny_model(seed=SEED))   # sharded safetensors with Dream's rotary buffers
+    return run_ranks(_ranks, 2, str(path), str(dream), list(CASES), timeout=600)
 
 
 @pytest.fixture(scope="module")
