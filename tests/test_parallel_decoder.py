@@ -160,7 +160,21 @@ def _ranks(rank, world, path, dream_path, names):
     geo = Decoder(models["hf"], _cfg("pd"))
     out["_local"] = (geo.geo["num_kv_heads"], geo.tp.vocab_start, geo.tp.vocab_local, geo.vocab_parallel)
     out["_errors"] = _errors(rank, world, mesh)
+    out["_demo"] = _demo()
     return out
+
+
+def _demo() -> str:
+    """``torchrun --nproc-per-node 2 -m pd_kernels demo --model random`` on this rank: what it printed."""
+    import contextlib
+    import io
+
+    from pd_kernels.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["demo", "--model", "random", "--plain", "--max-new-tokens", "24", "--no-baseline"]) == 0
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +235,16 @@ def test_errors_name_the_problem(ranks, case, words):
         for w in words:
             assert w in msg, (case, r, msg)
 
+
+
+@needs_dist
+def test_demo_on_two_ranks(ranks, capsys):
+    """The demo under torchrun: the model sharded (the same answer as one process), only rank 0 prints."""
+    from pd_kernels.cli import main
+
+    assert main(["demo", "--model", "random", "--plain", "--max-new-tokens", "24", "--no-baseline"]) == 0
+    alone = capsys.readouterr().out
+    out = ranks[0]["_demo"]
+    assert "tensor-parallel on 2 ranks" in out and ranks[1]["_demo"] == ""
+    answer = [line for line in out.splitlines() if line.startswith("answer")]
+    assert answer and answer == [line for line in alone.splitlines() if line.startswith("answer")]

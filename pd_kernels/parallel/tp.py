@@ -104,25 +104,21 @@ class TensorParallel:
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         """``[N, V]`` from every rank's ``[N, vocab_local]`` slice (``Shard(0)`` split: ``ceil(V / world)`` columns
         per rank, padded): one ``all_gather``, no host read."""
-        import torch.distributed as dist
-
         N, V, w = local.shape[0], self.vocab_size, self.world
         chunk = -(-V // w)
         padded = torch.nn.functional.pad(local, (0, chunk - local.shape[1])).contiguous()
         out = torch.empty(w * N, chunk, dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(out, padded, group=self.group)
+        _all_gather_into(out, padded, self.group)
         return out.view(w, N, chunk).permute(1, 0, 2).reshape(N, w * chunk)[:, :V]
 
     # ---- checks across ranks ---------------------------------------------------------------------------------
     def agree(self, what: str, payload, device: torch.device) -> None:
         """Raise :class:`TensorParallelError` on every rank unless every rank passed an equal ``payload`` (compared
         by a 63-bit hash of its ``repr``: one ``all_gather`` of 8 bytes per rank and one host read)."""
-        import torch.distributed as dist
-
         h = int.from_bytes(hashlib.blake2b(repr(payload).encode(), digest_size=8).digest(), "little") >> 1
         mine = torch.tensor([h], dtype=torch.int64, device=device)
         every = torch.empty(self.world, dtype=torch.int64, device=device)
-        dist.all_gather_into_tensor(every, mine, group=self.group)
+        _all_gather_into(every, mine, self.group)
         got = every.cpu().tolist()
         if len(set(got)) > 1:
             ref = got[0]
@@ -134,6 +130,14 @@ class TensorParallel:
     def check_read(self, read: np.ndarray, step: int, device: torch.device) -> None:
         """``PD_KERNELS_DEBUG=1``: raise naming the ranks whose step read (tokens, ``masks_left``) differs."""
         self.agree(f"the tokens read at step {step} (a rank diverged)", np.ascontiguousarray(read).tobytes(), device)
+
+
+def _all_gather_into(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """``out`` = every rank's ``inp``, concatenated on dim 0 (``all_gather_single``, or its older name)."""
+    import torch.distributed as dist
+
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp, group=group)
 
 
 def _tp_mesh(model, dtensors: list):
@@ -246,3 +250,39 @@ def local_geometry(geo: dict, tp: TensorParallel | None) -> dict:
     if tp is None:
         return geo
     return {**geo, "num_heads": geo["num_heads"] // tp.world, "num_kv_heads": geo["num_kv_heads"] // tp.world}
+
+
+def parallelize(model, mesh=None):
+    """Shard a transformers decoder (Qwen2 / Llama module names: ``self_attn.{q,k,v,o}_proj``,
+    ``mlp.{gate,up,down}_proj``, ``lm_head``) over the 1-D ``mesh`` (default: every rank of the default group) in
+    the layout the decoder runs, with ``torch.distributed.tensor.parallel.parallelize_module``: q/k/v/gate/up
+    column-parallel, o/down row-parallel, the LM head by vocabulary (its own forward gathers the logits; the
+    decoder uses the local slice). Embeddings and norms stay replicated. Returns the model (changed in place).
+    What ``python -m pd_kernels demo`` does under ``torchrun``; a checkpoint can also be loaded sharded directly
+    (``from_pretrained(..., tp_plan="auto")``, :func:`~pd_kernels.integrations.dream.load_dream`)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from ..integrations.transformers import attention_modules
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise TensorParallelError("parallelize: no torch.distributed process group is initialized (run under "
+                                  "torchrun, or call torch.distributed.init_process_group first)")
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    names = {n for n, _ in model.named_modules()}
+    plan = {"lm_head": ColwiseParallel(output_layouts=Replicate())} if "lm_head" in names else {}
+    for i, _ in enumerate(attention_modules(model)):
+        base = f"model.layers.{i}."
+        for leaf, style in (("self_attn.q_proj", ColwiseParallel), ("self_attn.k_proj", ColwiseParallel),
+                            ("self_attn.v_proj", ColwiseParallel), ("self_attn.o_proj", RowwiseParallel),
+                            ("mlp.gate_proj", ColwiseParallel), ("mlp.up_proj", ColwiseParallel),
+                            ("mlp.down_proj", RowwiseParallel)):
+            if base + leaf not in names:
+                raise TensorParallelError(f"parallelize: {type(model).__name__} has no module {base + leaf}: only "
+                                          f"the Qwen2 / Llama module layout is known here")
+            plan[base + leaf] = style()
+    return parallelize_module(model, mesh, plan)
