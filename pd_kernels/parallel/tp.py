@@ -27,7 +27,12 @@ from the step's read of those tokens. What can still differ is the input: each c
 plans, the seeds): one ``all_gather`` of 8 bytes per rank, raising on every rank with the ranks that differ. With
 ``PD_KERNELS_DEBUG=1`` every step also gathers a hash of the step's read (tokens and ``masks_left``) and raises
 naming the rank whose tokens differ (a host sync per step: debug only). Collectives only ever carry fixed-size
-hashes before the ranks are known to agree: gloo hangs, not fails, when ranks disagree on tensor sizes.
+hashes before the ranks are known to agree: gloo hangs, not fails, when ranks disagree on tensor sizes. A rank that
+raises before the call's check (an argument only it finds bad) leaves the others waiting in that gather until the
+process group's timeout.
+
+Not run yet: NCCL on GPUs, and CUDA graphs (``cuda_graphs=True``) around the vocabulary-parallel collectives
+(gloo cannot be captured; the static step is tested without capture on gloo).
 """
 from __future__ import annotations
 
