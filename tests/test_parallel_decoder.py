@@ -108,6 +108,9 @@ def _errors(rank, world, mesh) -> dict:
                                    _cfg("pd")))
     catch("sequence-parallel", lambda: Decoder(_hand_parallel(build(), mesh, sequence_parallel=True), _cfg("pd")))
     model = _hand_parallel(build(), mesh)
+    model._tp_plan = {"model.norm": "sequence_parallel"}   # a transformers plan with a style the decoder does not run
+    catch("plan-style", lambda: Decoder(model, _cfg("pd")))
+    del model._tp_plan
     catch("vocab-parallel-true-replicated", lambda: Decoder(tiny_model(tiny_config(num_layers=1)), _cfg("pd"),
                                                             vocab_parallel=True))
     real = dist.is_initialized
@@ -221,6 +224,7 @@ def test_cache_holds_local_heads_and_vocab_slices(ranks):
     ("kv-heads", ["1 KV heads", "fewer than the 2", "replicated KV heads are not implemented"]),
     ("heads", ["3 attention heads and 3 KV heads are not both divisible by the 2"]),
     ("sequence-parallel", ["input_layernorm", "sequence parallel"]),
+    ("plan-style", ["style 'sequence_parallel' on 'model.norm'", "is not implemented"]),
     ("vocab-parallel-true-replicated", ["vocab_parallel=True needs a tensor-parallel model"]),
     ("no-group", ["no torch.distributed process group is initialized"]),
     ("prompts", ["ranks disagree on the Decoder call", "ranks [1] differ from rank 0"]),

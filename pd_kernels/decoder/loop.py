@@ -32,8 +32,8 @@ import time
 import torch
 
 from .._checks import debug_enabled
-from ..parallel.tp import local_geometry, tensor_parallel
 from ..integrations.transformers import check_model, enabled, graph_capture_issues, is_enabled, model_geometry
+from ..parallel.tp import local_geometry, tensor_parallel
 from .._checks import cdiv
 from .config import DecodeConfig
 from .graphs import DEFAULT_BUCKETS
@@ -341,6 +341,6 @@ def generate(model, prompts, config=None, *, forced_plans=None, seeds=None, on_e
              backend: str | None = None, on_step=None, cuda_graphs: bool = False, static_step: bool | None = None,
              buckets=None, vocab_parallel: bool | None = None) -> list[GenerationResult]:
     """Functional form of :meth:`Decoder.generate` (arguments as :class:`Decoder` and :meth:`Decoder.generate`)."""
-    return Decoder(model, config, max_batch=max_batch, backend=backend, on_step=on_step, cuda_graphs=cuda_graphs,
-                   static_step=static_step, buckets=buckets, vocab_parallel=vocab_parallel).generate(prompts, forced_plans, seeds=seeds,
-                                                                       on_event=on_event)
+    dec = Decoder(model, config, max_batch=max_batch, backend=backend, on_step=on_step, cuda_graphs=cuda_graphs,
+                  static_step=static_step, buckets=buckets, vocab_parallel=vocab_parallel)
+    return dec.generate(prompts, forced_plans, seeds=seeds, on_event=on_event)

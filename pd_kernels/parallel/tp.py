@@ -178,7 +178,8 @@ def _check_layout(model, dtensors: list) -> None:
     if other:
         k, v = next(iter(other.items()))
         raise TensorParallelError(f"tensor-parallel style {v!r} on {k!r} (model._tp_plan) is not implemented: the "
-                                  f"decoder runs column/row-wise attention and MLP ({', '.join(sorted(SUPPORTED_STYLES))})")
+                                  f"decoder runs column/row-wise attention and MLP "
+                                  f"({', '.join(sorted(SUPPORTED_STYLES))})")
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
     special = {id(getattr(head, "weight", None)): "LM head", id(getattr(emb, "weight", None)): "embedding"}
