@@ -28,6 +28,7 @@ give ``--model PATH`` (a Dream/Qwen2 checkpoint) to sweep real confidences.
     python benchmarks/bench_decoder.py --quick --out /tmp/out/decoder_quick.json --report /tmp/out/decoder_quick
     python benchmarks/bench_decoder.py --out benchmarks/results/decoder_h200.json   # + decoder_h200.md / _*.png
     python benchmarks/bench_decoder.py --smoke                 # CPU: tiny model, checks the script only
+    python benchmarks/bench_decoder.py --tp 1,2,4,8 --out /tmp/out/decoder_tp.json   # PD step vs TP size (GPUs)
 """
 from __future__ import annotations
 
@@ -109,6 +110,11 @@ def build_parser():
                         "(a few minutes on an H200)")
     p.add_argument("--backend", default=None)
     p.add_argument("--report", default=None, help="write <REPORT>.md and <REPORT>_*.png (default: next to --out)")
+    p.add_argument("--tp", default=None, metavar="SIZES",
+                   help="instead of the suite, the tensor-parallel axis (benchmarks/tp_axis.py): PD step latency at "
+                        "these TP sizes (e.g. 1,2,4,8; ranks on GPUs 0..N-1) as a ratio to TP 1; sizes beyond the "
+                        "GPUs here are skipped with a message")
+    p.add_argument("--tp-requests", type=int, default=2, help="workload requests decoded per TP size")
     return p
 
 
@@ -440,6 +446,20 @@ def main(argv=None):
     reqs = make_workload(params, tags, model.config.vocab_size)
     bench.meta["workload"] = {"params": params.as_dict(), "stats": summarize(reqs, tags, args.steps_ratio),
                               "requests": [r.as_dict() for r in reqs], "diffusion_len": diffusion_length(reqs)}
+    if args.tp:   # the tensor-parallel axis alone (each size in its own spawned ranks)
+        from benchmarks.tp_axis import tp_axis
+
+        D = diffusion_length(reqs)
+        cap = max(len(r.prompt) for r in reqs) + max(r.new_tokens("pd", tags, D) for r in reqs) + 8
+        del model
+        tp_axis(bench, args, reqs, tags, dict(steps_ratio=args.steps_ratio, policy=args.policy, tau=args.tau,
+                                              confidence=args.confidence, max_rounds=16, diffusion_len=D,
+                                              length_scale=params.length_scale,
+                                              max_new_tokens=cap - min(len(r.prompt) for r in reqs)))
+        bench.finish(["impl", "tp", "ms_per_step", "steps", "vs_tp1", "tokens_match_tp1", "skipped"], only=True)
+        if args.smoke:
+            print("(smoke run on CPU: gloo ranks on shared cores; these timings check that the axis runs)")
+        return
     facts = model_facts(model)
     bench.meta["model"] = dict(facts, name=args.model)
     bench.meta["config"] = {"steps_ratio": args.steps_ratio, "policy": args.policy, "tau": args.tau,

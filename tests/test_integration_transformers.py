@@ -134,7 +134,7 @@ def _write_dream(tmp_path, model, *, drop=None):
             part["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # Dream stores these: ignored
         save_file(part, str(tmp_path / f))
     (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+        json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
 
 
 def test_dream_loader(tmp_path):

@@ -233,6 +233,42 @@ def critical_path_line(mode: str, path: int, ar_path: int) -> str:
 
 
 def demo(args) -> int:
+    """The demo; under ``torchrun`` (``WORLD_SIZE`` > 1) on every rank, the model tensor-parallel
+    (:func:`_tensor_parallel`), only rank 0 printing."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _demo(args, None)
+    import contextlib
+    import torch
+    import torch.distributed as dist
+
+    device = resolve_device(args.device)
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    try:
+        with open(os.devnull, "w") as null, \
+                (contextlib.redirect_stdout(null) if dist.get_rank() else contextlib.nullcontext()):
+            return _demo(args, dist.get_world_size())
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def _tensor_parallel(model, world: int):
+    """The demo's model sharded over the ``world`` ranks (:func:`pd_kernels.parallel.tp.parallelize`)."""
+    from ..parallel.tp import TensorParallelError, parallelize
+
+    try:
+        return parallelize(model)
+    except TensorParallelError as e:
+        raise CLIError(f"tensor parallelism on {world} ranks: {e}") from None
+
+
+def _demo(args, world: int | None) -> int:
     from .. import __version__
 
     t_start = time.perf_counter()
@@ -240,10 +276,13 @@ def demo(args) -> int:
     s = _setup(args)
     if not s.prompt:
         raise CLIError("the prompt encodes to no tokens")
+    if world is not None:
+        s.model = _tensor_parallel(s.model, world)
     device = next(s.model.parameters()).device
     backend = args.backend or ("torch" if device.type == "cpu" else None)
     tty = sys.stdout.isatty() and not args.plain
-    print(f"pd_kernels {__version__} demo: {s.title} on {device.type} (backend {backend or 'auto'}), mode {args.mode}")
+    where = device.type + (f", tensor-parallel on {world} ranks" if world else "")
+    print(f"pd_kernels {__version__} demo: {s.title} on {where} (backend {backend or 'auto'}), mode {args.mode}")
     for note in s.notes:
         print(note)
     print(f"prompt: {s.decode(s.prompt)}")

@@ -33,6 +33,7 @@ import torch
 
 from .._checks import debug_enabled
 from ..integrations.transformers import check_model, enabled, graph_capture_issues, is_enabled, model_geometry
+from ..parallel.tp import local_geometry, tensor_parallel
 from .._checks import cdiv
 from .config import DecodeConfig
 from .graphs import DEFAULT_BUCKETS
@@ -63,6 +64,17 @@ class Decoder:
             capturing it (default: ``cuda_graphs``). Same tokens as the default dynamic step; works on CPU.
         buckets: ascending bucket sizes, used for both the packed query count and the LM-head row count
             (default 16, 32, ..., 2048). A step is padded up to the smallest bucket that holds it.
+        vocab_parallel: on a tensor-parallel model whose LM head is sharded by vocabulary, choose tokens from each
+            rank's logits slice with one small collective (:func:`~pd_kernels.parallel.token_confidence_vocab_parallel`)
+            instead of gathering ``[N, V]`` logits (``False``; same tokens). Default ``None``: on when the head is
+            sharded. ``True`` on any other model raises ``ValueError``.
+
+    **Tensor parallelism** (:mod:`pd_kernels.parallel.tp`): a model whose weights are DTensors (transformers'
+    ``DistributedConfig(tp_size=N)`` / ``tp_plan="auto"``, or ``parallelize_module`` in the same column/row-wise
+    layout) runs unchanged: every rank makes the same Decoder and calls it with the same arguments (checked at the
+    start of each call by a hash gathered from every rank), the cache holds this rank's KV heads, and every rank
+    reads the same tokens (with ``PD_KERNELS_DEBUG=1`` also checked every step). Layouts the decoder does not run
+    are refused with :class:`~pd_kernels.parallel.tp.TensorParallelError`.
 
     Parts (each its own module): the :class:`~pd_kernels.decoder.scheduler.Scheduler` (admission, the step
     description, advancing the requests of :mod:`~pd_kernels.decoder.request` from the step's read), the
@@ -102,7 +114,8 @@ class Decoder:
     """
 
     def __init__(self, model, config=None, *, max_batch: int = 8, backend: str | None = None, on_step=None,
-                 cuda_graphs: bool = False, static_step: bool | None = None, buckets=None):
+                 cuda_graphs: bool = False, static_step: bool | None = None, buckets=None,
+                 vocab_parallel: bool | None = None):
         config, max_batch = check_decoder_args(model, config, max_batch, backend, on_step, buckets)
         if not is_enabled(model):  # refuse what pd_kernels cannot run; generate() enables it and restores it
             check_model(model)
@@ -115,6 +128,15 @@ class Decoder:
         self.device, self.dtype = check_model_state(model)
         self.geo = model_geometry(model)
         self._check_tags()
+        # tensor parallelism: the mesh, the layout checked, the cache sized from this rank's heads
+        self.tp = tensor_parallel(model, self.geo)
+        self.geo = local_geometry(self.geo, self.tp)
+        if vocab_parallel not in (None, True, False):
+            raise TypeError(f"vocab_parallel must be None, True or False, got {vocab_parallel!r}")
+        if vocab_parallel and not (self.tp is not None and self.tp.head_sharded):
+            raise ValueError("vocab_parallel=True needs a tensor-parallel model whose LM head is sharded by "
+                             "vocabulary (DTensor Shard(0)); this model's is not")
+        self.vocab_parallel = self.tp is not None and self.tp.head_sharded and vocab_parallel is not False
         self.cuda_graphs = bool(cuda_graphs)
         self.static_step = self.cuda_graphs if static_step is None else bool(static_step)
         if self.cuda_graphs and not self.static_step:
@@ -136,7 +158,8 @@ class Decoder:
         self.buckets = b
         self._fixed = (self.cuda_graphs, self.static_step, self.buckets)   # checked above: fixed for the Decoder
         self.runner = ModelRunner(model, self.device, self.dtype, self.geo, static_step=self.static_step,
-                                  cuda_graphs=self.cuda_graphs, buckets=b)
+                                  cuda_graphs=self.cuda_graphs, buckets=b, tp=self.tp,
+                                  vocab_parallel=self.vocab_parallel)
         self.scheduler: Scheduler | None = None
         self.step_index = 0
 
@@ -221,6 +244,8 @@ class Decoder:
         t0 = time.perf_counter()
         desc = self.scheduler.schedule()
         read, masks_at = self.runner.run(desc)
+        if self.tp is not None and debug_enabled():   # a rank whose tokens diverged (one sync: debug only)
+            self.tp.check_read(read, self.step_index, self.device)
         self.step_index += 1
         self.scheduler.update_from_output(desc, read, masks_at, time.perf_counter() - t0)
 
@@ -254,6 +279,10 @@ class Decoder:
             if bud < 1:
                 raise ValueError(f"prompt {i} has {len(p)} tokens: no room left under max_length={cfg.max_length}")
         g = CallGeometry.of(cfg, prompts, budgets, self.max_batch)
+        if self.tp is not None:   # every rank must decode the same call: one fixed-size hash gathered
+            self.tp.agree("the Decoder call (its settings, config, prompts, forced plans or seeds)",
+                          (self._fixed, self.max_batch, self.backend, self.vocab_parallel, self.geo, cfg, prompts,
+                           forced_plans, seeds), self.device)
         self._call_id += 1   # from here on the state is this call's: an open stream of an earlier call ends
         budget_name = "max_length" if cfg.max_length is not None else "max_new_tokens"
         buffers = self.runner.prepare(cfg, self.backend, g, budget_name)
@@ -310,8 +339,8 @@ class Decoder:
 
 def generate(model, prompts, config=None, *, forced_plans=None, seeds=None, on_event=None, max_batch: int = 8,
              backend: str | None = None, on_step=None, cuda_graphs: bool = False, static_step: bool | None = None,
-             buckets=None) -> list[GenerationResult]:
+             buckets=None, vocab_parallel: bool | None = None) -> list[GenerationResult]:
     """Functional form of :meth:`Decoder.generate` (arguments as :class:`Decoder` and :meth:`Decoder.generate`)."""
-    return Decoder(model, config, max_batch=max_batch, backend=backend, on_step=on_step, cuda_graphs=cuda_graphs,
-                   static_step=static_step, buckets=buckets).generate(prompts, forced_plans, seeds=seeds,
-                                                                       on_event=on_event)
+    dec = Decoder(model, config, max_batch=max_batch, backend=backend, on_step=on_step, cuda_graphs=cuda_graphs,
+                  static_step=static_step, buckets=buckets, vocab_parallel=vocab_parallel)
+    return dec.generate(prompts, forced_plans, seeds=seeds, on_event=on_event)

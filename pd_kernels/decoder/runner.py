@@ -28,7 +28,7 @@ from ..paged_cache import PagedKVCache
 from .config import DecodeConfig
 from .graphs import Bucket, GraphManager
 from .inputs import check_cache_fits
-from .step import StepDesc, StepIO, choose_tokens, write_ar
+from .step import StepDesc, StepIO, choose_tokens, choose_tokens_vocab_parallel, write_ar
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,10 @@ class ModelRunner:
     ``dynamic``, ``static_eager``, ``replayed``, and graphs ``captured``."""
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype, geo: dict, *, static_step: bool,
-                 cuda_graphs: bool, buckets: tuple):
+                 cuda_graphs: bool, buckets: tuple, tp=None, vocab_parallel: bool = False):
         self.model, self.device, self.dtype, self.geo = model, device, dtype, geo
+        # tensor parallelism (pd_kernels.parallel.tp): None in one process; geo holds this rank's heads
+        self.tp, self.vocab_parallel = tp, vocab_parallel
         self.static_step = static_step
         self.counts = {"captured": 0, "replayed": 0, "static_eager": 0, "dynamic": 0}
         self.graphs = GraphManager(buckets, cuda_graphs, self.counts)
@@ -148,10 +150,25 @@ class ModelRunner:
         flat = b.tokens_flat
         ctx = StepContext(b.cache, io.layout, io.slots, io.block_table, self.backend)
         hidden = forward_hidden(self.model, flat.index_select(0, io.in_idx), io.layout.q_pos, ctx)
+        if self.tp is not None and type(hidden).__name__ == "DTensor":   # metadata only
+            from ..parallel.tp import TensorParallelError
+            raise TensorParallelError(f"the tensor-parallel model's final hidden states are a DTensor "
+                                      f"({hidden.placements}): a layout other than column/row-wise attention and MLP "
+                                      f"(sequence parallel?) is not implemented")
         R = io.rows.shape[0]
         if R:
-            logits = logits_for_rows(self.model, hidden, io.rows)
-            tok, conf = choose_tokens(logits, cfg, io.seed, io.offset, b.suppress, io.tok_conf, self.backend)
+            tp = self.tp
+            if tp is not None and tp.head_sharded:   # this rank's vocabulary slice (no [N, V] gather by the plan)
+                local = tp.local_logits(self.model, hidden, io.rows)
+                if self.vocab_parallel:
+                    tok, conf = choose_tokens_vocab_parallel(local, cfg, io.seed, io.offset, b.suppress, io.tok_conf,
+                                                             tp)
+                else:
+                    tok, conf = choose_tokens(tp.gather_logits(local), cfg, io.seed, io.offset, b.suppress,
+                                              io.tok_conf, self.backend)
+            else:
+                logits = logits_for_rows(self.model, hidden, io.rows)
+                tok, conf = choose_tokens(logits, cfg, io.seed, io.offset, b.suppress, io.tok_conf, self.backend)
             ar = None
             if io.forced.shape[0]:   # a bucket's non-AR rows write PAD into their scratch element
                 ar = write_ar(flat, io.ar_dst, io.forced, io.val, tok[io.ar], cfg.tags.pad)

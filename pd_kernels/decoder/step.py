@@ -181,6 +181,24 @@ def choose_tokens(logits, cfg, seed: torch.Tensor, offset: torch.Tensor, suppres
                             backend=backend)
 
 
+def choose_tokens_vocab_parallel(local_logits, cfg, seed: torch.Tensor, offset: torch.Tensor, suppress, out, tp):
+    """:func:`choose_tokens` on this rank's vocabulary slice of the logits (a tensor-parallel model's
+    vocabulary-sharded LM head, ``tp``: :class:`~pd_kernels.parallel.tp.TensorParallel`):
+    :func:`~pd_kernels.parallel.token_confidence_vocab_parallel`, every rank getting the tokens
+    :func:`choose_tokens` gives on the gathered logits. ``out``: written when given (the static step's buffers)."""
+    from ..parallel import token_confidence_vocab_parallel
+
+    tok, conf = token_confidence_vocab_parallel(local_logits, vocab_start=tp.vocab_start, vocab_size=tp.vocab_size,
+                                                group=tp.group, confidence=cfg.confidence,
+                                                temperature=cfg.temperature, seed=seed, offset=offset,
+                                                suppress_ids=suppress, top_k=cfg.top_k, top_p=cfg.top_p)
+    if out is None:
+        return tok, conf
+    out[0].copy_(tok)
+    out[1].copy_(conf)
+    return out
+
+
 def write_ar(tokens_flat: torch.Tensor, dst: torch.Tensor, forced: torch.Tensor, val: torch.Tensor,
              tok: torch.Tensor, pad: int) -> torch.Tensor:
     """The AR token write: each AR row's forced token (``forced`` 1: ``val``) or chosen one (``tok``) goes to its
