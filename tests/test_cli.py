@@ -202,9 +202,13 @@ def test_tag_ids_outside_the_model_vocabulary(capsys, tmp_path):
 # Ctrl-C and closed pipes (subprocesses)
 # ---------------------------------------------------------------------------------------------------
 def _popen(*args):
+    """The CLI in a child process whose SIGINT is the default one: a shell that starts a job in the background
+    (``.ci/run &``) makes SIGINT ignored, the child would inherit that, and Python then never raises
+    KeyboardInterrupt."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "pd_kernels", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ctrl_c_exits_130_quietly():
