@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pd_kernels as pk  # noqa: E402
 from pd_kernels import SeqQueries, SpanLayout, SpanState  # noqa: E402
+from pd_kernels._checks import cdiv  # noqa: E402
 
 MASK = 151666
 CASES = ("kv_write", "attention", "token_confidence", "commit_spans")
@@ -83,7 +84,7 @@ def _equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 def kv_write(cx: Ctx) -> None:
     L, T, Hkv, D, page, P = (2, 13, 2, 32, 4, 8) if cx.tiny else (4, 300, 4, 128, 16, 48)
     gen = cx.gen
-    pages = torch.randperm(P, generator=gen)[: -(-T // page)]
+    pages = torch.randperm(P, generator=gen)[: cdiv(T, page)]
     pos = torch.arange(T)
     slots = pages[pos // page] * page + pos % page
     slots[T // 3] = -1                                       # padding: writes nothing
@@ -111,7 +112,7 @@ def kv_write(cx: Ctx) -> None:
 # ---- span attention ----------------------------------------------------------------------------------------
 def _attention_inputs(cx: Ctx, seqs, Hq, Hkv, D, page):
     lens = [s.start + s.length if s.kind == "causal" else s.prefix + sum(s.span_lens) for s in seqs]
-    per = [-(-n // page) for n in lens]
+    per = [cdiv(n, page) for n in lens]
     P = sum(per) + 2
     perm = torch.randperm(P, generator=cx.gen)
     bt = torch.zeros(len(seqs), max(per), dtype=torch.int32)

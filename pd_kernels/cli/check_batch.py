@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .._checks import cdiv
 from ..decoder import ControlTags, Decoder, make_plan
 
 N_REQUESTS = 8
@@ -29,7 +30,7 @@ def scenario_prompts(prompt: list[int]) -> list[list[int]]:
     often as a length needs)."""
     if not prompt:
         raise ValueError("scenario_prompts: the prompt is empty")
-    return [(list(prompt) * -(-n // len(prompt)))[:n] for n in PROMPT_LENGTHS]
+    return [(list(prompt) * cdiv(n, len(prompt)))[:n] for n in PROMPT_LENGTHS]
 
 
 def scenario_plans(tags: ControlTags, words: tuple[int, ...] = PLAN_WORDS) -> list[list[list[int]]]:

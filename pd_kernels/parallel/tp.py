@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._checks import cdiv
+
 __all__ = ["TensorParallel", "TensorParallelError", "tensor_parallel"]
 
 #: transformers tensor-parallel styles the decoder runs (anything else in ``model._tp_plan`` is refused)
@@ -110,7 +112,7 @@ class TensorParallel:
         """``[N, V]`` from every rank's ``[N, vocab_local]`` slice (``Shard(0)`` split: ``ceil(V / world)`` columns
         per rank, padded): one ``all_gather``, no host read."""
         N, V, w = local.shape[0], self.vocab_size, self.world
-        chunk = -(-V // w)
+        chunk = cdiv(V, w)
         padded = torch.nn.functional.pad(local, (0, chunk - local.shape[1])).contiguous()
         out = torch.empty(w * N, chunk, dtype=local.dtype, device=local.device)
         _all_gather_into(out, padded, self.group)

@@ -52,7 +52,7 @@ import zlib
 
 import torch
 
-from .._checks import FLOAT_DTYPES, debug_enabled
+from .._checks import FLOAT_DTYPES, cdiv, debug_enabled
 # Not exported at package level yet: the one place this module reaches into the op's modules (the seed / offset,
 # temperature and suppressed-id checks, the kinds, and the counter-based hash, computed here for the shard's global
 # columns only).
@@ -78,7 +78,7 @@ def vocab_shard(vocab_size: int, world_size: int, rank: int) -> tuple[int, int]:
     if vocab_size < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"vocab_shard: need vocab_size >= 0 and 0 <= rank < world_size, got {vocab_size}, "
                          f"{world_size}, {rank}")
-    chunk = -(-vocab_size // world_size)
+    chunk = cdiv(vocab_size, world_size)
     start = min(vocab_size, chunk * rank)
     return start, min(vocab_size, start + chunk) - start
 

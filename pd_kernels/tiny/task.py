@@ -43,6 +43,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+from .._checks import cdiv
+
 LETTERS = tuple("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")   # in sort order
 _RANK = {c: i for i, c in enumerate(LETTERS)}
 OPS = ("rev", "sort")
@@ -233,7 +235,7 @@ class TaskGenerator:
 
 def plan_length(answer_words: int) -> int:
     """N of a plan entry for a span of ``answer_words`` tokens."""
-    return -(-answer_words // LENGTH_SCALE)
+    return cdiv(answer_words, LENGTH_SCALE)
 
 
 def max_answer_len() -> int:
